@@ -1,0 +1,133 @@
+//! Events: the append-only history of every instance.
+//!
+//! An event record is a stored format (it is what backups and replication
+//! carry), so it is versioned on purpose: `EVENT_FORMAT_VERSION` goes up when a
+//! field changes meaning, and readers of older versions keep working.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Version of the serialized event payload.
+pub const EVENT_FORMAT_VERSION: u32 = 1;
+
+/// An error as it travels through steps and instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// Machine-readable error type (`timeout`, `card_declined`, ...).
+    #[serde(rename = "type")]
+    pub error_type: String,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// One event of an instance's history, without its log position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    /// The instance was accepted.
+    InstanceStarted {
+        /// Definition name.
+        definition: String,
+        /// Definition version.
+        version: u32,
+        /// The instance's input.
+        input: Value,
+    },
+    /// An attempt of a step was scheduled (a task offered, a call made, a timer set).
+    StepScheduled {
+        /// The step.
+        step_id: String,
+        /// 1-based attempt number.
+        attempt: u32,
+        /// The evaluated input (tasks), or request (HTTP calls).
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        input: Option<Value>,
+    },
+    /// An attempt of a step completed; its output is now the step's output.
+    StepCompleted {
+        /// The step.
+        step_id: String,
+        /// The attempt that completed.
+        attempt: u32,
+        /// The step's output.
+        output: Value,
+    },
+    /// An attempt of a step failed.
+    StepFailed {
+        /// The step.
+        step_id: String,
+        /// The attempt that failed.
+        attempt: u32,
+        /// Why.
+        error: ErrorInfo,
+        /// Whether the failure could have been retried.
+        retryable: bool,
+    },
+    /// A failed step will be tried again at `at`.
+    StepRetryScheduled {
+        /// The step.
+        step_id: String,
+        /// The attempt that will run.
+        next_attempt: u32,
+        /// When it will run (ms since the Unix epoch).
+        fire_at: u64,
+    },
+    /// A `sleep` step started its durable timer.
+    TimerStarted {
+        /// The step.
+        step_id: String,
+        /// When it fires (ms since the Unix epoch).
+        fire_at: u64,
+    },
+    /// A `sleep` step's timer fired.
+    TimerFired {
+        /// The step.
+        step_id: String,
+    },
+    /// Every step completed.
+    InstanceCompleted {
+        /// The instance's output.
+        output: Value,
+    },
+    /// The instance failed.
+    InstanceFailed {
+        /// Why.
+        error: ErrorInfo,
+    },
+    /// The instance was cancelled.
+    InstanceCancelled {
+        /// Who asked.
+        by: String,
+    },
+}
+
+impl EventKind {
+    /// The event's type name, as stored and shown in histories.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            EventKind::InstanceStarted { .. } => "instance_started",
+            EventKind::StepScheduled { .. } => "step_scheduled",
+            EventKind::StepCompleted { .. } => "step_completed",
+            EventKind::StepFailed { .. } => "step_failed",
+            EventKind::StepRetryScheduled { .. } => "step_retry_scheduled",
+            EventKind::TimerStarted { .. } => "timer_started",
+            EventKind::TimerFired { .. } => "timer_fired",
+            EventKind::InstanceCompleted { .. } => "instance_completed",
+            EventKind::InstanceFailed { .. } => "instance_failed",
+            EventKind::InstanceCancelled { .. } => "instance_cancelled",
+        }
+    }
+}
+
+/// An event with its place in its partition's log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Position in the partition's log; contiguous, starting at 1.
+    pub seq: u64,
+    /// The instance it belongs to.
+    pub instance_id: String,
+    /// When it happened (ms since the Unix epoch).
+    pub at: u64,
+    /// What happened.
+    pub kind: EventKind,
+}

@@ -1,0 +1,251 @@
+//! weir's durable state, behind one trait.
+//!
+//! The store knows tables and transactions, never what a workflow step means:
+//! instance states, events and tasks are opaque text it keeps and returns.
+//! Every write for a partition is conditional on that partition's fencing
+//! epoch, so a node that lost a partition's lease can never commit for it.
+#![warn(missing_docs)]
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// Default number of partitions of a new store.
+pub const PARTITION_COUNT_DEFAULT: u32 = 64;
+
+/// Most partitions a store may have; partition ids fit comfortably in every index.
+pub const PARTITION_COUNT_MAX: u32 = 4096;
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database failed.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A file system operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Another process holds the data directory.
+    #[error("data directory {0} is in use by another weir process; stop it or pick another --data-dir")]
+    Locked(String),
+    /// The stored data is not what this version understands.
+    #[error("incompatible data: {0}")]
+    Incompatible(String),
+}
+
+/// A partition's lease: who may write for it, under which fencing epoch, until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The partition.
+    pub partition: u32,
+    /// The node holding it.
+    pub owner: String,
+    /// Fencing token; grows by one on every acquisition, never decreases.
+    pub epoch: u64,
+    /// Expiry, in ms since the Unix epoch.
+    pub expires_at: u64,
+}
+
+/// One event of a partition's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Partition.
+    pub partition: u32,
+    /// Position in the partition's log; contiguous from 1.
+    pub seq: u64,
+    /// Fencing epoch it was written under.
+    pub epoch: u64,
+    /// Instance it belongs to.
+    pub instance_id: String,
+    /// When (ms since the Unix epoch).
+    pub at: u64,
+    /// Event type name.
+    pub event_type: String,
+    /// Serialized event.
+    pub payload: String,
+}
+
+/// One instance's row: searchable columns plus its opaque state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceRecord {
+    /// Instance id.
+    pub id: String,
+    /// Partition.
+    pub partition: u32,
+    /// Definition name.
+    pub definition: String,
+    /// Definition version.
+    pub version: u32,
+    /// Status name.
+    pub status: String,
+    /// Whether the partition must load it at start (it has not ended).
+    pub active: bool,
+    /// Input (JSON text).
+    pub input: String,
+    /// Output (JSON text), once there is one.
+    pub output: Option<String>,
+    /// Error (JSON text), once there is one.
+    pub error: Option<String>,
+    /// Created (ms since the Unix epoch).
+    pub created_at: u64,
+    /// Last changed (ms since the Unix epoch).
+    pub updated_at: u64,
+    /// The engine's serialized state.
+    pub state: String,
+}
+
+/// A task waiting for a worker (offered or leased).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRecord {
+    /// Task id.
+    pub task_id: String,
+    /// Partition.
+    pub partition: u32,
+    /// Queue.
+    pub queue: String,
+    /// Instance it belongs to.
+    pub instance_id: String,
+    /// Serialized task.
+    pub payload: String,
+}
+
+/// A durable timer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimerRecord {
+    /// Partition.
+    pub partition: u32,
+    /// Instance it belongs to.
+    pub instance_id: String,
+    /// Key, unique within the instance.
+    pub key: String,
+    /// When it fires (ms since the Unix epoch).
+    pub fire_at: u64,
+}
+
+/// Everything one partition commits at once. Applied entirely or not at all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartitionBatch {
+    /// Partition.
+    pub partition: u32,
+    /// The epoch the writer believes it holds; the batch is refused otherwise.
+    pub epoch: u64,
+    /// The log's last sequence number before this batch (events continue from it).
+    pub seq_before: u64,
+    /// Events to append, seqs `seq_before + 1 ..`.
+    pub events: Vec<EventRecord>,
+    /// Instance rows to insert or replace.
+    pub instances: Vec<InstanceRecord>,
+    /// Tasks to insert or replace.
+    pub tasks_put: Vec<TaskRecord>,
+    /// Tasks to delete, by id.
+    pub tasks_delete: Vec<String>,
+    /// Timers to insert or replace.
+    pub timers_put: Vec<TimerRecord>,
+    /// Timers to delete, by (instance id, key).
+    pub timers_delete: Vec<(String, String)>,
+}
+
+/// Why a partition batch was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The writer's epoch is not the partition's current epoch: it lost the lease.
+    #[error("partition {partition} is fenced: epoch {epoch} is no longer current")]
+    Fenced {
+        /// Partition.
+        partition: u32,
+        /// The stale epoch.
+        epoch: u64,
+    },
+}
+
+/// What a partition needs to resume: its unfinished instances, tasks, timers and log end.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartitionSnapshot {
+    /// Active instance rows.
+    pub instances: Vec<InstanceRecord>,
+    /// Pending tasks.
+    pub tasks: Vec<TaskRecord>,
+    /// Armed timers.
+    pub timers: Vec<TimerRecord>,
+    /// Last sequence number of the log (0 when empty).
+    pub last_seq: u64,
+}
+
+/// A stored definition version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefinitionRecord {
+    /// Name.
+    pub name: String,
+    /// Version, from 1.
+    pub version: u32,
+    /// The source text as deployed.
+    pub source: String,
+    /// Deployed (ms since the Unix epoch).
+    pub created_at: u64,
+}
+
+/// Filter and page of an instance listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceQuery {
+    /// Only this status.
+    pub status: Option<String>,
+    /// Only this definition.
+    pub definition: Option<String>,
+    /// Only ids after this one (the cursor).
+    pub after_id: Option<String>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// The store: durable state of one weir deployment.
+///
+/// Methods block; the engine calls them from threads meant for it.
+pub trait Store: Send + Sync + 'static {
+    /// Number of partitions, fixed when the store was created.
+    fn partition_count(&self) -> u32;
+
+    /// Takes the lease of `partition` for `owner` if it is free, expired or already
+    /// `owner`'s, incrementing its epoch. Returns `None` if another owner holds it.
+    fn acquire_lease(&self, partition: u32, owner: &str, now: u64, ttl_ms: u64) -> Result<Option<Lease>, Error>;
+
+    /// Extends leases that `owner` still holds at the given epochs; returns the partitions renewed.
+    fn renew_leases(&self, owner: &str, leases: &[(u32, u64)], now: u64, ttl_ms: u64) -> Result<Vec<u32>, Error>;
+
+    /// Gives leases up at once (graceful shutdown).
+    fn release_leases(&self, owner: &str, leases: &[(u32, u64)]) -> Result<(), Error>;
+
+    /// Every partition's lease.
+    fn leases(&self) -> Result<Vec<Lease>, Error>;
+
+    /// Loads what a partition needs to resume.
+    fn load_partition(&self, partition: u32) -> Result<PartitionSnapshot, Error>;
+
+    /// Commits batches of several partitions; each is applied whole or refused.
+    fn commit(&self, batches: &[PartitionBatch]) -> Result<Vec<Result<(), Refusal>>, Error>;
+
+    /// Stores a new version of a definition; returns its version number.
+    fn put_definition(&self, name: &str, source: &str, now: u64) -> Result<u32, Error>;
+
+    /// A definition version, or the latest when `version` is `None`.
+    fn definition(&self, name: &str, version: Option<u32>) -> Result<Option<DefinitionRecord>, Error>;
+
+    /// The latest version of every definition, by name.
+    fn definitions(&self) -> Result<Vec<DefinitionRecord>, Error>;
+
+    /// One instance's row.
+    fn instance(&self, id: &str) -> Result<Option<InstanceRecord>, Error>;
+
+    /// Instance rows in id order.
+    fn instances(&self, query: &InstanceQuery) -> Result<Vec<InstanceRecord>, Error>;
+
+    /// One instance's events, in log order.
+    fn history(&self, instance_id: &str, partition: u32) -> Result<Vec<EventRecord>, Error>;
+
+    /// Events of a partition with `seq > after`, at most `limit`.
+    fn events_after(&self, partition: u32, after: u64, limit: u32) -> Result<Vec<EventRecord>, Error>;
+}

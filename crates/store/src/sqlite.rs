@@ -1,0 +1,813 @@
+//! The embedded SQLite backend: one data directory, one process.
+//!
+//! One connection writes (SQLite has a single writer anyway); a small pool of
+//! connections reads concurrently thanks to WAL. Every commit is fsynced
+//! (`synchronous=FULL`), so a commit that returned is durable.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::{
+    DefinitionRecord, Error, EventRecord, InstanceQuery, InstanceRecord, Lease, PartitionBatch,
+    PartitionSnapshot, Refusal, Store, TaskRecord, TimerRecord, PARTITION_COUNT_MAX,
+};
+
+/// Name of the database file inside the data directory.
+const DATABASE_FILE: &str = "weir.db";
+/// Name of the lock file that keeps a second process out.
+const LOCK_FILE: &str = "weir.lock";
+/// Most idle read connections kept open.
+const READERS_IDLE_MAX: usize = 8;
+
+/// Schema migrations, applied in order; the schema version is the count applied.
+/// Never edit one that has shipped: add a new one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE partitions (
+    partition INTEGER PRIMARY KEY,
+    owner TEXT NOT NULL DEFAULT '',
+    epoch INTEGER NOT NULL DEFAULT 0,
+    expires_at INTEGER NOT NULL DEFAULT 0,
+    last_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE definitions (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (name, version)
+) WITHOUT ROWID;
+CREATE TABLE instances (
+    id TEXT PRIMARY KEY,
+    partition INTEGER NOT NULL,
+    definition TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    active INTEGER NOT NULL,
+    input TEXT NOT NULL,
+    output TEXT,
+    error TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    state TEXT NOT NULL
+);
+CREATE INDEX instances_active ON instances (partition) WHERE active = 1;
+CREATE INDEX instances_status ON instances (status, id);
+CREATE INDEX instances_definition ON instances (definition, id);
+CREATE TABLE events (
+    partition INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    instance_id TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    PRIMARY KEY (partition, seq)
+) WITHOUT ROWID;
+CREATE INDEX events_instance ON events (instance_id);
+CREATE TABLE tasks (
+    task_id TEXT PRIMARY KEY,
+    partition INTEGER NOT NULL,
+    queue TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE INDEX tasks_partition ON tasks (partition);
+CREATE TABLE timers (
+    instance_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    fire_at INTEGER NOT NULL,
+    PRIMARY KEY (instance_id, key)
+) WITHOUT ROWID;
+CREATE INDEX timers_partition ON timers (partition);
+"#];
+
+/// The SQLite store of one data directory.
+pub struct SqliteStore {
+    path: PathBuf,
+    partition_count: u32,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    /// Held for the store's life: the exclusive lock on the data directory.
+    _lock: File,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `data_dir`, with `partition_count`
+    /// partitions if it is new. Refuses a directory another process holds.
+    pub fn open(data_dir: &Path, partition_count: u32) -> Result<SqliteStore, Error> {
+        assert!(partition_count > 0);
+        if partition_count > PARTITION_COUNT_MAX {
+            return Err(Error::Incompatible(format!(
+                "{partition_count} partitions is more than the maximum of {PARTITION_COUNT_MAX}"
+            )));
+        }
+        std::fs::create_dir_all(data_dir).map_err(|source| Error::Io {
+            context: format!("creating data directory {}", data_dir.display()),
+            source,
+        })?;
+        let lock = lock_data_dir(data_dir)?;
+        let path = data_dir.join(DATABASE_FILE);
+        let mut writer = open_connection(&path)?;
+        migrate(&mut writer)?;
+        let partition_count = init_partitions(&mut writer, partition_count)?;
+        Ok(SqliteStore {
+            path,
+            partition_count,
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+            _lock: lock,
+        })
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
+        let reader = self.readers.lock().expect("reader pool lock").pop();
+        let reader = match reader {
+            Some(reader) => reader,
+            None => open_connection(&self.path)?,
+        };
+        let result = f(&reader);
+        let mut pool = self.readers.lock().expect("reader pool lock");
+        if pool.len() < READERS_IDLE_MAX {
+            pool.push(reader);
+        }
+        result
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, Error>) -> Result<T, Error> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        f(&mut writer)
+    }
+}
+
+fn lock_data_dir(data_dir: &Path) -> Result<File, Error> {
+    let lock_path = data_dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| Error::Io {
+            context: format!("opening {}", lock_path.display()),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
+            let holder = holder.trim();
+            let who = if holder.is_empty() {
+                String::new()
+            } else {
+                format!(" (pid {holder})")
+            };
+            return Err(Error::Locked(format!("{}{who}", data_dir.display())));
+        }
+        Err(std::fs::TryLockError::Error(source)) => {
+            return Err(Error::Io {
+                context: format!("locking {}", lock_path.display()),
+                source,
+            })
+        }
+    }
+    // The pid is informational only: the lock, not the file's content, excludes.
+    let _ = file.set_len(0);
+    let _ = write!(file, "{}", std::process::id());
+    let _ = file.flush();
+    Ok(file)
+}
+
+fn open_connection(path: &Path) -> Result<Connection, Error> {
+    let connection = Connection::open(path)?;
+    // WAL lets readers run beside the writer; FULL fsyncs the WAL on every commit,
+    // which is what makes an acknowledged commit durable.
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    connection.pragma_update(None, "foreign_keys", "OFF")?;
+    connection.busy_timeout(std::time::Duration::from_secs(10))?;
+    Ok(connection)
+}
+
+fn migrate(connection: &mut Connection) -> Result<(), Error> {
+    let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        return Err(Error::Incompatible(format!(
+            "schema version {version} is newer than this weir understands ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version) {
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        transaction.execute_batch(migration)?;
+        transaction.pragma_update(None, "user_version", (index + 1) as i64)?;
+        transaction.commit()?;
+    }
+    Ok(())
+}
+
+fn init_partitions(connection: &mut Connection, partition_count: u32) -> Result<u32, Error> {
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let stored: Option<String> = transaction
+        .query_row("SELECT value FROM meta WHERE key = 'partition_count'", [], |row| row.get(0))
+        .optional()?;
+    let count = match stored {
+        Some(text) => text
+            .parse::<u32>()
+            .map_err(|_| Error::Incompatible(format!("bad partition_count `{text}`")))?,
+        None => {
+            transaction.execute(
+                "INSERT INTO meta (key, value) VALUES ('partition_count', ?1)",
+                params![partition_count.to_string()],
+            )?;
+            for partition in 0..partition_count {
+                transaction.execute("INSERT INTO partitions (partition) VALUES (?1)", params![partition])?;
+            }
+            partition_count
+        }
+    };
+    transaction.commit()?;
+    Ok(count)
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).expect("stored integers fit in i64")
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).expect("stored integers are not negative")
+}
+
+const INSTANCE_COLUMNS: &str =
+    "id, partition, definition, version, status, active, input, output, error, created_at, updated_at, state";
+
+fn instance_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRecord> {
+    Ok(InstanceRecord {
+        id: row.get(0)?,
+        partition: row.get(1)?,
+        definition: row.get(2)?,
+        version: row.get(3)?,
+        status: row.get(4)?,
+        active: row.get(5)?,
+        input: row.get(6)?,
+        output: row.get(7)?,
+        error: row.get(8)?,
+        created_at: to_u64(row.get(9)?),
+        updated_at: to_u64(row.get(10)?),
+        state: row.get(11)?,
+    })
+}
+
+fn event_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<EventRecord> {
+    Ok(EventRecord {
+        partition: row.get(0)?,
+        seq: to_u64(row.get(1)?),
+        epoch: to_u64(row.get(2)?),
+        instance_id: row.get(3)?,
+        at: to_u64(row.get(4)?),
+        event_type: row.get(5)?,
+        payload: row.get(6)?,
+    })
+}
+
+fn lease_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
+    Ok(Lease {
+        partition: row.get(0)?,
+        owner: row.get(1)?,
+        epoch: to_u64(row.get(2)?),
+        expires_at: to_u64(row.get(3)?),
+    })
+}
+
+/// Applies one partition's batch inside an open transaction. Returns `Ok(false)`
+/// when the partition's epoch or log end is not what the batch expects.
+fn apply_batch(transaction: &Connection, batch: &PartitionBatch) -> Result<bool, Error> {
+    let seq_after = batch.seq_before + batch.events.len() as u64;
+    // One statement both fences (epoch) and guards the log's contiguity (last_seq).
+    let changed = transaction
+        .prepare_cached(
+            "UPDATE partitions SET last_seq = ?1 WHERE partition = ?2 AND epoch = ?3 AND last_seq = ?4",
+        )?
+        .execute(params![
+            to_i64(seq_after),
+            batch.partition,
+            to_i64(batch.epoch),
+            to_i64(batch.seq_before)
+        ])?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    assert_eq!(changed, 1);
+    {
+        let mut insert = transaction.prepare_cached(
+            "INSERT INTO events (partition, seq, epoch, instance_id, at, type, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for (index, event) in batch.events.iter().enumerate() {
+            assert_eq!(event.partition, batch.partition);
+            assert_eq!(event.seq, batch.seq_before + 1 + index as u64, "event seqs are contiguous");
+            assert_eq!(event.epoch, batch.epoch);
+            insert.execute(params![
+                event.partition,
+                to_i64(event.seq),
+                to_i64(event.epoch),
+                event.instance_id,
+                to_i64(event.at),
+                event.event_type,
+                event.payload
+            ])?;
+        }
+    }
+    {
+        let mut upsert = transaction.prepare_cached(
+            "INSERT INTO instances (id, partition, definition, version, status, active, input, output, error, created_at, updated_at, state)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, active = excluded.active,
+                 output = excluded.output, error = excluded.error, updated_at = excluded.updated_at,
+                 state = excluded.state",
+        )?;
+        for instance in &batch.instances {
+            assert_eq!(instance.partition, batch.partition);
+            upsert.execute(params![
+                instance.id,
+                instance.partition,
+                instance.definition,
+                instance.version,
+                instance.status,
+                instance.active,
+                instance.input,
+                instance.output,
+                instance.error,
+                to_i64(instance.created_at),
+                to_i64(instance.updated_at),
+                instance.state
+            ])?;
+        }
+    }
+    {
+        let mut delete = transaction.prepare_cached("DELETE FROM tasks WHERE task_id = ?1")?;
+        for task_id in &batch.tasks_delete {
+            delete.execute(params![task_id])?;
+        }
+        let mut put = transaction.prepare_cached(
+            "INSERT OR REPLACE INTO tasks (task_id, partition, queue, instance_id, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for task in &batch.tasks_put {
+            assert_eq!(task.partition, batch.partition);
+            put.execute(params![task.task_id, task.partition, task.queue, task.instance_id, task.payload])?;
+        }
+    }
+    {
+        let mut delete = transaction.prepare_cached("DELETE FROM timers WHERE instance_id = ?1 AND key = ?2")?;
+        for (instance_id, key) in &batch.timers_delete {
+            delete.execute(params![instance_id, key])?;
+        }
+        let mut put = transaction.prepare_cached(
+            "INSERT OR REPLACE INTO timers (instance_id, key, partition, fire_at) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for timer in &batch.timers_put {
+            assert_eq!(timer.partition, batch.partition);
+            put.execute(params![timer.instance_id, timer.key, timer.partition, to_i64(timer.fire_at)])?;
+        }
+    }
+    Ok(true)
+}
+
+impl Store for SqliteStore {
+    fn partition_count(&self) -> u32 {
+        self.partition_count
+    }
+
+    fn acquire_lease(&self, partition: u32, owner: &str, now: u64, ttl_ms: u64) -> Result<Option<Lease>, Error> {
+        assert!(partition < self.partition_count);
+        self.write(|connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let current = transaction.query_row(
+                "SELECT partition, owner, epoch, expires_at FROM partitions WHERE partition = ?1",
+                params![partition],
+                lease_from_row,
+            )?;
+            let free = current.owner.is_empty() || current.owner == owner || current.expires_at <= now;
+            if !free {
+                return Ok(None);
+            }
+            let lease = Lease {
+                partition,
+                owner: owner.to_string(),
+                epoch: current.epoch + 1,
+                expires_at: now + ttl_ms,
+            };
+            transaction.execute(
+                "UPDATE partitions SET owner = ?1, epoch = ?2, expires_at = ?3 WHERE partition = ?4 AND epoch = ?5",
+                params![lease.owner, to_i64(lease.epoch), to_i64(lease.expires_at), partition, to_i64(current.epoch)],
+            )?;
+            transaction.commit()?;
+            assert!(lease.epoch > current.epoch, "epochs only move forward");
+            Ok(Some(lease))
+        })
+    }
+
+    fn renew_leases(&self, owner: &str, leases: &[(u32, u64)], now: u64, ttl_ms: u64) -> Result<Vec<u32>, Error> {
+        self.write(|connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut renewed = Vec::with_capacity(leases.len());
+            {
+                let mut update = transaction.prepare_cached(
+                    "UPDATE partitions SET expires_at = ?1 WHERE partition = ?2 AND owner = ?3 AND epoch = ?4",
+                )?;
+                for &(partition, epoch) in leases {
+                    if update.execute(params![to_i64(now + ttl_ms), partition, owner, to_i64(epoch)])? == 1 {
+                        renewed.push(partition);
+                    }
+                }
+            }
+            transaction.commit()?;
+            Ok(renewed)
+        })
+    }
+
+    fn release_leases(&self, owner: &str, leases: &[(u32, u64)]) -> Result<(), Error> {
+        self.write(|connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut update = transaction.prepare_cached(
+                    "UPDATE partitions SET owner = '', expires_at = 0 WHERE partition = ?1 AND owner = ?2 AND epoch = ?3",
+                )?;
+                for &(partition, epoch) in leases {
+                    update.execute(params![partition, owner, to_i64(epoch)])?;
+                }
+            }
+            transaction.commit()?;
+            Ok(())
+        })
+    }
+
+    fn leases(&self) -> Result<Vec<Lease>, Error> {
+        self.read(|connection| {
+            let mut statement = connection
+                .prepare_cached("SELECT partition, owner, epoch, expires_at FROM partitions ORDER BY partition")?;
+            let rows = statement.query_map([], lease_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn load_partition(&self, partition: u32) -> Result<PartitionSnapshot, Error> {
+        assert!(partition < self.partition_count);
+        self.read(|connection| {
+            // One read transaction, so the pieces are consistent with each other.
+            connection.execute_batch("BEGIN")?;
+            let result = (|| {
+                let instances = {
+                    let mut statement = connection.prepare_cached(&format!(
+                        "SELECT {INSTANCE_COLUMNS} FROM instances WHERE partition = ?1 AND active = 1"
+                    ))?;
+                    let rows = statement.query_map(params![partition], instance_from_row)?;
+                    rows.collect::<Result<Vec<_>, _>>()?
+                };
+                let tasks = {
+                    let mut statement = connection.prepare_cached(
+                        "SELECT task_id, partition, queue, instance_id, payload FROM tasks WHERE partition = ?1",
+                    )?;
+                    let rows = statement.query_map(params![partition], |row| {
+                        Ok(TaskRecord {
+                            task_id: row.get(0)?,
+                            partition: row.get(1)?,
+                            queue: row.get(2)?,
+                            instance_id: row.get(3)?,
+                            payload: row.get(4)?,
+                        })
+                    })?;
+                    rows.collect::<Result<Vec<_>, _>>()?
+                };
+                let timers = {
+                    let mut statement = connection.prepare_cached(
+                        "SELECT partition, instance_id, key, fire_at FROM timers WHERE partition = ?1",
+                    )?;
+                    let rows = statement.query_map(params![partition], |row| {
+                        Ok(TimerRecord {
+                            partition: row.get(0)?,
+                            instance_id: row.get(1)?,
+                            key: row.get(2)?,
+                            fire_at: to_u64(row.get(3)?),
+                        })
+                    })?;
+                    rows.collect::<Result<Vec<_>, _>>()?
+                };
+                let last_seq: i64 = connection.query_row(
+                    "SELECT last_seq FROM partitions WHERE partition = ?1",
+                    params![partition],
+                    |row| row.get(0),
+                )?;
+                Ok::<_, Error>(PartitionSnapshot {
+                    instances,
+                    tasks,
+                    timers,
+                    last_seq: to_u64(last_seq),
+                })
+            })();
+            connection.execute_batch("COMMIT")?;
+            result
+        })
+    }
+
+    fn commit(&self, batches: &[PartitionBatch]) -> Result<Vec<Result<(), Refusal>>, Error> {
+        self.write(|connection| {
+            let mut transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut outcomes = Vec::with_capacity(batches.len());
+            for batch in batches {
+                // A savepoint per partition: a fenced partition's writes are undone
+                // while the others in the same group commit go through.
+                let savepoint = transaction.savepoint()?;
+                if apply_batch(&savepoint, batch)? {
+                    savepoint.commit()?;
+                    outcomes.push(Ok(()));
+                } else {
+                    drop(savepoint);
+                    outcomes.push(Err(Refusal::Fenced {
+                        partition: batch.partition,
+                        epoch: batch.epoch,
+                    }));
+                }
+            }
+            transaction.commit()?;
+            Ok(outcomes)
+        })
+    }
+
+    fn put_definition(&self, name: &str, source: &str, now: u64) -> Result<u32, Error> {
+        self.write(|connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let latest: Option<u32> = transaction.query_row(
+                "SELECT max(version) FROM definitions WHERE name = ?1",
+                params![name],
+                |row| row.get(0),
+            )?;
+            let version = latest.unwrap_or(0) + 1;
+            transaction.execute(
+                "INSERT INTO definitions (name, version, source, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![name, version, source, to_i64(now)],
+            )?;
+            transaction.commit()?;
+            Ok(version)
+        })
+    }
+
+    fn definition(&self, name: &str, version: Option<u32>) -> Result<Option<DefinitionRecord>, Error> {
+        self.read(|connection| {
+            let map = |row: &rusqlite::Row<'_>| {
+                Ok(DefinitionRecord {
+                    name: row.get(0)?,
+                    version: row.get(1)?,
+                    source: row.get(2)?,
+                    created_at: to_u64(row.get(3)?),
+                })
+            };
+            let record = match version {
+                Some(version) => connection
+                    .prepare_cached(
+                        "SELECT name, version, source, created_at FROM definitions WHERE name = ?1 AND version = ?2",
+                    )?
+                    .query_row(params![name, version], map)
+                    .optional()?,
+                None => connection
+                    .prepare_cached(
+                        "SELECT name, version, source, created_at FROM definitions WHERE name = ?1 ORDER BY version DESC LIMIT 1",
+                    )?
+                    .query_row(params![name], map)
+                    .optional()?,
+            };
+            Ok(record)
+        })
+    }
+
+    fn definitions(&self) -> Result<Vec<DefinitionRecord>, Error> {
+        self.read(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT d.name, d.version, d.source, d.created_at FROM definitions d
+                 WHERE d.version = (SELECT max(version) FROM definitions WHERE name = d.name) ORDER BY d.name",
+            )?;
+            let rows = statement.query_map([], |row| {
+                Ok(DefinitionRecord {
+                    name: row.get(0)?,
+                    version: row.get(1)?,
+                    source: row.get(2)?,
+                    created_at: to_u64(row.get(3)?),
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn instance(&self, id: &str) -> Result<Option<InstanceRecord>, Error> {
+        self.read(|connection| {
+            Ok(connection
+                .prepare_cached(&format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = ?1"))?
+                .query_row(params![id], instance_from_row)
+                .optional()?)
+        })
+    }
+
+    fn instances(&self, query: &InstanceQuery) -> Result<Vec<InstanceRecord>, Error> {
+        self.read(|connection| {
+            let mut sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE 1 = 1");
+            let mut values: Vec<rusqlite::types::Value> = Vec::new();
+            if let Some(status) = &query.status {
+                values.push(status.clone().into());
+                sql.push_str(&format!(" AND status = ?{}", values.len()));
+            }
+            if let Some(definition) = &query.definition {
+                values.push(definition.clone().into());
+                sql.push_str(&format!(" AND definition = ?{}", values.len()));
+            }
+            if let Some(after) = &query.after_id {
+                values.push(after.clone().into());
+                sql.push_str(&format!(" AND id > ?{}", values.len()));
+            }
+            values.push(i64::from(query.limit).into());
+            sql.push_str(&format!(" ORDER BY id LIMIT ?{}", values.len()));
+            let mut statement = connection.prepare_cached(&sql)?;
+            let rows = statement.query_map(rusqlite::params_from_iter(values), instance_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn history(&self, instance_id: &str, partition: u32) -> Result<Vec<EventRecord>, Error> {
+        self.read(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT partition, seq, epoch, instance_id, at, type, payload FROM events
+                 WHERE instance_id = ?1 AND partition = ?2 ORDER BY seq",
+            )?;
+            let rows = statement.query_map(params![instance_id, partition], event_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn events_after(&self, partition: u32, after: u64, limit: u32) -> Result<Vec<EventRecord>, Error> {
+        self.read(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT partition, seq, epoch, instance_id, at, type, payload FROM events
+                 WHERE partition = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = statement.query_map(params![partition, to_i64(after), limit], event_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Store tests against real SQLite files in temporary directories.
+    use super::*;
+
+    fn event(partition: u32, seq: u64, epoch: u64) -> EventRecord {
+        EventRecord {
+            partition,
+            seq,
+            epoch,
+            instance_id: "i1".into(),
+            at: 5,
+            event_type: "t".into(),
+            payload: "{}".into(),
+        }
+    }
+
+    fn instance(status: &str, active: bool) -> InstanceRecord {
+        InstanceRecord {
+            id: "i1".into(),
+            partition: 0,
+            definition: "d".into(),
+            version: 1,
+            status: status.into(),
+            active,
+            input: "{}".into(),
+            output: None,
+            error: None,
+            created_at: 1,
+            updated_at: 2,
+            state: "s".into(),
+        }
+    }
+
+    #[test]
+    fn second_open_of_a_data_dir_is_refused() {
+        // Goal: two processes never share a data directory. Method: open twice in one process
+        // (file locks are per open file description, so this exercises the same path).
+        let dir = tempfile::tempdir().unwrap();
+        let _first = SqliteStore::open(dir.path(), 4).unwrap();
+        let second = SqliteStore::open(dir.path(), 4);
+        assert!(matches!(second, Err(Error::Locked(_))), "{:?}", second.err());
+    }
+
+    #[test]
+    fn partition_count_is_fixed_at_creation() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SqliteStore::open(dir.path(), 4).unwrap());
+        let store = SqliteStore::open(dir.path(), 64).unwrap();
+        assert_eq!(store.partition_count(), 4);
+    }
+
+    #[test]
+    fn fenced_batches_change_nothing_and_epochs_grow() {
+        // Goal: a writer that lost its lease commits nothing; a current writer commits
+        // contiguous seqs. Method: take the lease twice, commit under both epochs.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), 2).unwrap();
+        let first = store.acquire_lease(0, "a", 0, 1000).unwrap().unwrap();
+        assert_eq!(first.epoch, 1);
+        assert_eq!(store.acquire_lease(0, "b", 10, 1000).unwrap(), None, "held by a");
+        let second = store.acquire_lease(0, "b", 2000, 1000).unwrap().unwrap();
+        assert_eq!(second.epoch, 2);
+
+        let stale = PartitionBatch {
+            partition: 0,
+            epoch: 1,
+            seq_before: 0,
+            events: vec![event(0, 1, 1)],
+            instances: vec![instance("running", true)],
+            ..Default::default()
+        };
+        let fresh = PartitionBatch {
+            partition: 0,
+            epoch: 2,
+            seq_before: 0,
+            events: vec![event(0, 1, 2), event(0, 2, 2)],
+            instances: vec![instance("running", true)],
+            ..Default::default()
+        };
+        let outcomes = store.commit(&[stale.clone(), fresh]).unwrap();
+        assert_eq!(outcomes[0], Err(Refusal::Fenced { partition: 0, epoch: 1 }));
+        assert_eq!(outcomes[1], Ok(()));
+        let history = store.history("i1", 0).unwrap();
+        assert_eq!(history.iter().map(|e| (e.seq, e.epoch)).collect::<Vec<_>>(), vec![(1, 2), (2, 2)]);
+
+        // A batch that does not continue the log is refused too (a lost race on seqs).
+        let gap = PartitionBatch {
+            partition: 0,
+            epoch: 2,
+            seq_before: 0,
+            events: vec![event(0, 1, 2)],
+            ..Default::default()
+        };
+        assert!(store.commit(&[gap]).unwrap()[0].is_err());
+        assert_eq!(store.load_partition(0).unwrap().last_seq, 2);
+    }
+
+    #[test]
+    fn committed_state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SqliteStore::open(dir.path(), 2).unwrap();
+            let lease = store.acquire_lease(1, "a", 0, 1000).unwrap().unwrap();
+            let batch = PartitionBatch {
+                partition: 1,
+                epoch: lease.epoch,
+                seq_before: 0,
+                events: vec![event(1, 1, lease.epoch)],
+                instances: vec![InstanceRecord {
+                    partition: 1,
+                    ..instance("running", true)
+                }],
+                tasks_put: vec![TaskRecord {
+                    task_id: "i1:a:1".into(),
+                    partition: 1,
+                    queue: "q".into(),
+                    instance_id: "i1".into(),
+                    payload: "{}".into(),
+                }],
+                timers_put: vec![TimerRecord {
+                    partition: 1,
+                    instance_id: "i1".into(),
+                    key: "sleep:0".into(),
+                    fire_at: 99,
+                }],
+                ..Default::default()
+            };
+            assert_eq!(store.commit(&[batch]).unwrap(), vec![Ok(())]);
+        }
+        let store = SqliteStore::open(dir.path(), 2).unwrap();
+        let snapshot = store.load_partition(1).unwrap();
+        assert_eq!(snapshot.instances.len(), 1);
+        assert_eq!(snapshot.tasks.len(), 1);
+        assert_eq!(snapshot.timers[0].fire_at, 99);
+        assert_eq!(snapshot.last_seq, 1);
+        // The next owner's epoch continues from the stored one.
+        assert_eq!(store.acquire_lease(1, "b", 5000, 1000).unwrap().unwrap().epoch, 2);
+    }
+
+    #[test]
+    fn definitions_get_increasing_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), 1).unwrap();
+        assert_eq!(store.put_definition("d", "v1", 1).unwrap(), 1);
+        assert_eq!(store.put_definition("d", "v2", 2).unwrap(), 2);
+        assert_eq!(store.definition("d", None).unwrap().unwrap().source, "v2");
+        assert_eq!(store.definition("d", Some(1)).unwrap().unwrap().source, "v1");
+        assert_eq!(store.definitions().unwrap().len(), 1);
+        assert!(store.definition("e", None).unwrap().is_none());
+    }
+}
