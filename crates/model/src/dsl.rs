@@ -4,10 +4,15 @@
 //! Parsing reports every problem found, each with a line and a column, rather
 //! than stopping at the first.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::expr::Template;
-use crate::retry::RetryPolicy;
+use saphyr_parser::{Event, Parser, ScalarStyle, Tag};
+use serde_json::Value;
+
+use crate::duration;
+use crate::expr::{self, Expr, Template};
+use crate::retry::{Backoff, Jitter, RetryPolicy};
 
 /// Largest definition source accepted, in bytes.
 ///
@@ -17,6 +22,40 @@ pub const DEFINITION_SIZE_MAX: usize = 1024 * 1024;
 
 /// Most steps one definition may contain, so that an instance's state stays small.
 pub const STEPS_COUNT_MAX: usize = 1000;
+
+/// Longest name (of a definition, a step or a queue), in characters.
+pub const NAME_LENGTH_MAX: usize = 128;
+
+/// Deepest nesting of YAML collections, aliases expanded.
+///
+/// Templates are built and evaluated recursively; a bound keeps a hostile document
+/// from overflowing the stack.
+pub const YAML_DEPTH_MAX: usize = 64;
+
+/// Most YAML nodes in a definition, aliases expanded, so that a small document of
+/// nested aliases (a "billion laughs") cannot expand to gigabytes.
+pub const YAML_NODES_MAX: usize = 100_000;
+
+/// The HTTP methods an `http` step may use.
+pub const HTTP_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+/// The kinds of step, each the key that introduces it.
+pub const STEP_KINDS: [&str; 3] = ["task", "http", "sleep"];
+
+const DEFINITION_KEYS: [&str; 6] = ["name", "description", "timeout", "retry", "steps", "output"];
+const STEP_KEYS: [&str; 7] = ["id", "task", "http", "sleep", "input", "timeout", "retry"];
+const HTTP_KEYS: [&str; 4] = ["method", "url", "headers", "body"];
+const RETRY_KEYS: [&str; 9] = [
+    "max_attempts",
+    "backoff",
+    "interval",
+    "initial_interval",
+    "multiplier",
+    "max_interval",
+    "jitter",
+    "max_duration",
+    "non_retryable",
+];
 
 /// A validated workflow definition, ready to run.
 #[derive(Debug, Clone)]
@@ -104,5 +143,1598 @@ impl Definition {
     }
 }
 
-// `parse` (below, written by the parser) turns source text into a `Definition`
-// or every `Problem` it found.
+/// Whether `text` is a valid definition name, step id or queue name:
+/// `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`.
+pub fn is_valid_name(text: &str) -> bool {
+    let mut bytes = text.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && text.len() <= NAME_LENGTH_MAX
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+}
+
+/// Parses and validates a definition written in YAML or JSON.
+///
+/// On failure, returns every problem found, ordered by position, so that a user
+/// fixes them in one round. Callers prefix a file name when they have one.
+pub fn parse(source: &str) -> Result<Definition, Vec<Problem>> {
+    if source.len() > DEFINITION_SIZE_MAX {
+        return Err(vec![Problem {
+            line: 0,
+            column: 0,
+            message: format!(
+                "definition is {} bytes, more than the {DEFINITION_SIZE_MAX} allowed",
+                source.len()
+            ),
+        }]);
+    }
+    let mut checker = Checker::default();
+    let Some(root) = load(source, &mut checker.problems) else {
+        if checker.problems.is_empty() {
+            checker.problems.push(Problem {
+                line: 0,
+                column: 0,
+                message: "empty definition".to_string(),
+            });
+        }
+        return Err(checker.problems);
+    };
+    let definition = checker.definition(&root);
+    let mut problems = checker.problems;
+    if problems.is_empty() {
+        return Ok(definition);
+    }
+    // Stable: problems at one position keep the order they were found in.
+    problems.sort_by_key(|p| (p.line, p.column));
+    Err(problems)
+}
+
+// ---------------------------------------------------------------------------
+// YAML to a tree of positioned nodes
+// ---------------------------------------------------------------------------
+
+/// A YAML node with the 1-based position where it starts.
+///
+/// Built from the parser's events rather than taken from a YAML library's document
+/// type so that every key keeps its position and duplicate keys are seen, not merged.
+#[derive(Debug, Clone)]
+struct Node {
+    line: usize,
+    column: usize,
+    data: Data,
+}
+
+#[derive(Debug, Clone)]
+enum Data {
+    Null,
+    Bool(bool),
+    /// Wide enough for every i64 and u64, which JSON numbers can hold exactly.
+    Int(i128),
+    Float(f64),
+    Str(String),
+    Seq(Vec<Node>),
+    Map(Vec<(Node, Node)>),
+}
+
+impl Node {
+    /// What the node is, for "expected …, found …".
+    fn describe(&self) -> &'static str {
+        match self.data {
+            Data::Null => "null",
+            Data::Bool(_) => "a boolean",
+            Data::Int(_) => "an integer",
+            Data::Float(_) => "a number",
+            Data::Str(_) => "a string",
+            Data::Seq(_) => "a sequence",
+            Data::Map(_) => "a mapping",
+        }
+    }
+
+    /// The node as plain JSON (no expressions).
+    fn to_json(&self) -> Value {
+        match &self.data {
+            Data::Null => Value::Null,
+            Data::Bool(b) => Value::Bool(*b),
+            Data::Int(i) => int_json(*i),
+            Data::Float(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+            Data::Str(s) => Value::String(s.clone()),
+            Data::Seq(items) => Value::Array(items.iter().map(Node::to_json).collect()),
+            Data::Map(entries) => Value::Object(
+                entries
+                    .iter()
+                    .filter_map(|(k, v)| Some((scalar_text(k)?, v.to_json())))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Nodes in this subtree, and its depth.
+    fn measure(&self) -> (usize, usize) {
+        match &self.data {
+            Data::Seq(items) => items.iter().fold((1, 1), |(n, d), item| {
+                let (n2, d2) = item.measure();
+                (n + n2, d.max(d2 + 1))
+            }),
+            Data::Map(entries) => entries.iter().fold((1, 1), |(n, d), (k, v)| {
+                let (nk, dk) = k.measure();
+                let (nv, dv) = v.measure();
+                (n + nk + nv, d.max(dk.max(dv) + 1))
+            }),
+            _ => (1, 1),
+        }
+    }
+}
+
+fn int_json(i: i128) -> Value {
+    if let Ok(i) = i64::try_from(i) {
+        Value::from(i)
+    } else if let Ok(u) = u64::try_from(i) {
+        Value::from(u)
+    } else {
+        serde_json::Number::from_f64(i as f64).map_or(Value::Null, Value::Number)
+    }
+}
+
+/// The text of a scalar used as a mapping key; JSON keys are strings, so `1: x` has key `1`.
+fn scalar_text(node: &Node) -> Option<String> {
+    match &node.data {
+        Data::Str(s) => Some(s.clone()),
+        Data::Null => Some("null".to_string()),
+        Data::Bool(b) => Some(b.to_string()),
+        Data::Int(i) => Some(i.to_string()),
+        Data::Float(f) => Some(f.to_string()),
+        Data::Seq(_) | Data::Map(_) => None,
+    }
+}
+
+enum Frame {
+    Seq(Node, usize),
+    /// The mapping, its anchor, and a key waiting for its value.
+    Map(Node, usize, Option<Node>),
+}
+
+fn problem(line: usize, column: usize, message: impl Into<String>) -> Problem {
+    Problem {
+        line,
+        column,
+        message: message.into(),
+    }
+}
+
+/// Builds the tree of the source's single document, recording problems. `None`
+/// when there is no document or it cannot be read at all.
+fn load(source: &str, problems: &mut Vec<Problem>) -> Option<Node> {
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut anchors: HashMap<usize, (Node, usize, usize)> = HashMap::new();
+    let mut root: Option<Node> = None;
+    let mut documents = 0;
+    let mut nodes = 0usize;
+    for event in Parser::new_from_str(source) {
+        let (event, span) = match event {
+            Ok(event) => event,
+            Err(error) => {
+                let at = error.marker();
+                problems.push(problem(
+                    at.line(),
+                    at.col() + 1,
+                    format!("invalid yaml: {}", error.info()),
+                ));
+                return None;
+            }
+        };
+        let (line, column) = (span.start.line(), span.start.col() + 1);
+        let new = |data| Node { line, column, data };
+        let (node, anchor) = match event {
+            Event::DocumentStart(_) => {
+                documents += 1;
+                if documents > 1 {
+                    problems.push(problem(line, column, "only one yaml document is allowed"));
+                    return None;
+                }
+                continue;
+            }
+            Event::Scalar(text, style, anchor, tag) => {
+                let data = match scalar(&text, style, tag.as_deref()) {
+                    Ok(data) => data,
+                    Err(message) => {
+                        problems.push(problem(line, column, message));
+                        Data::Str(text.into_owned())
+                    }
+                };
+                nodes += 1;
+                (new(data), anchor)
+            }
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                if stack.len() >= YAML_DEPTH_MAX {
+                    problems.push(problem(
+                        line,
+                        column,
+                        format!("yaml nests deeper than {YAML_DEPTH_MAX} levels"),
+                    ));
+                    return None;
+                }
+                nodes += 1;
+                stack.push(if matches!(event, Event::SequenceStart(..)) {
+                    Frame::Seq(new(Data::Seq(Vec::new())), anchor)
+                } else {
+                    Frame::Map(new(Data::Map(Vec::new())), anchor, None)
+                });
+                continue;
+            }
+            Event::SequenceEnd | Event::MappingEnd => match stack.pop() {
+                Some(Frame::Seq(node, anchor) | Frame::Map(node, anchor, _)) => (node, anchor),
+                None => continue,
+            },
+            Event::Alias(id) => {
+                let Some((node, size, depth)) = anchors.get(&id) else {
+                    problems.push(problem(line, column, "unknown yaml alias"));
+                    return None;
+                };
+                if stack.len() + depth > YAML_DEPTH_MAX {
+                    problems.push(problem(
+                        line,
+                        column,
+                        format!("yaml nests deeper than {YAML_DEPTH_MAX} levels"),
+                    ));
+                    return None;
+                }
+                nodes += size;
+                (node.clone(), 0)
+            }
+            _ => continue,
+        };
+        if nodes > YAML_NODES_MAX {
+            problems.push(problem(
+                line,
+                column,
+                format!("yaml has more than {YAML_NODES_MAX} nodes, aliases expanded"),
+            ));
+            return None;
+        }
+        if anchor != 0 {
+            let (size, depth) = node.measure();
+            anchors.insert(anchor, (node.clone(), size, depth));
+        }
+        match stack.last_mut() {
+            Some(Frame::Seq(parent, _)) => {
+                if let Data::Seq(items) = &mut parent.data {
+                    items.push(node);
+                }
+            }
+            Some(Frame::Map(parent, _, pending)) => match pending.take() {
+                None => *pending = Some(node),
+                Some(key) => {
+                    if let Data::Map(entries) = &mut parent.data {
+                        entries.push((key, node));
+                    }
+                }
+            },
+            None => root = Some(node),
+        }
+    }
+    root
+}
+
+/// Resolves a scalar by the YAML 1.2 core schema: quoted scalars are strings, plain
+/// ones may be null, booleans or numbers.
+fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>) -> Result<Data, String> {
+    if let Some(tag) = tag {
+        return match (tag.is_yaml_core_schema(), tag.suffix.as_str()) {
+            (true, "str") => Ok(Data::Str(text.to_string())),
+            (true, "null" | "bool" | "int" | "float") => Ok(plain(text)),
+            // The non-specific tag `!`: a string.
+            (false, "") if tag.handle == "!" => Ok(Data::Str(text.to_string())),
+            (true, suffix) => Err(format!("unsupported yaml tag `!!{suffix}`")),
+            _ => Err(format!(
+                "unsupported yaml tag `{}{}`",
+                tag.handle, tag.suffix
+            )),
+        };
+    }
+    if style != ScalarStyle::Plain {
+        return Ok(Data::Str(text.to_string()));
+    }
+    Ok(plain(text))
+}
+
+fn plain(text: &str) -> Data {
+    match text {
+        "" | "~" | "null" | "Null" | "NULL" => return Data::Null,
+        "true" | "True" | "TRUE" => return Data::Bool(true),
+        "false" | "False" | "FALSE" => return Data::Bool(false),
+        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" => {
+            return Data::Float(f64::INFINITY)
+        }
+        "-.inf" | "-.Inf" | "-.INF" => return Data::Float(f64::NEG_INFINITY),
+        ".nan" | ".NaN" | ".NAN" => return Data::Float(f64::NAN),
+        _ => {}
+    }
+    let unsigned = text.strip_prefix(['-', '+']).unwrap_or(text);
+    if !unsigned.is_empty() && unsigned.bytes().all(|b| b.is_ascii_digit()) {
+        return match text.parse::<i128>() {
+            Ok(i) => Data::Int(i),
+            Err(_) => Data::Float(text.parse().unwrap_or(f64::NAN)),
+        };
+    }
+    if let Some(hex) = text.strip_prefix("0x") {
+        if let Ok(i) = i128::from_str_radix(hex, 16) {
+            return Data::Int(i);
+        }
+    }
+    if let Some(octal) = text.strip_prefix("0o") {
+        if let Ok(i) = i128::from_str_radix(octal, 8) {
+            return Data::Int(i);
+        }
+    }
+    if is_float(unsigned) {
+        if let Ok(f) = text.parse::<f64>() {
+            return Data::Float(f);
+        }
+    }
+    Data::Str(text.to_string())
+}
+
+/// `(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?`, the core schema's float without sign.
+fn is_float(text: &str) -> bool {
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(at) => (&text[..at], Some(&text[at + 1..])),
+        None => (text, None),
+    };
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    let mantissa_ok = match mantissa.split_once('.') {
+        Some((whole, fraction)) => {
+            digits(whole) && digits(fraction) && !(whole.is_empty() && fraction.is_empty())
+        }
+        None => !mantissa.is_empty() && digits(mantissa),
+    };
+    let exponent_ok = exponent.is_none_or(|e| {
+        let e = e.strip_prefix(['-', '+']).unwrap_or(e);
+        !e.is_empty() && digits(e)
+    });
+    mantissa_ok && exponent_ok
+}
+
+// ---------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------
+
+/// A mapping entry whose key is a scalar.
+struct Entry<'n> {
+    key: String,
+    key_node: &'n Node,
+    value: &'n Node,
+}
+
+fn get<'a, 'n>(entries: &'a [Entry<'n>], key: &str) -> Option<&'a Entry<'n>> {
+    entries.iter().find(|e| e.key == key)
+}
+
+/// A literal `.steps.<id>` path in an expression, checked once all ids are known.
+struct Reference {
+    line: usize,
+    column: usize,
+    step: String,
+    /// Index of the step whose expression it is; `None` for the definition's output.
+    from: Option<usize>,
+}
+
+#[derive(Default)]
+struct Checker {
+    problems: Vec<Problem>,
+    references: Vec<Reference>,
+}
+
+impl Checker {
+    fn report(&mut self, node: &Node, message: impl Into<String>) {
+        self.problems.push(problem(node.line, node.column, message));
+    }
+
+    fn expected(&mut self, node: &Node, what: &str) {
+        self.report(node, format!("expected {what}, found {}", node.describe()));
+    }
+
+    /// The entries of a mapping; reports a non-mapping, non-scalar keys and duplicate
+    /// keys (keeping the first).
+    fn mapping<'n>(&mut self, node: &'n Node) -> Option<Vec<Entry<'n>>> {
+        let Data::Map(pairs) = &node.data else {
+            self.expected(node, "a mapping");
+            return None;
+        };
+        let mut entries: Vec<Entry<'n>> = Vec::with_capacity(pairs.len());
+        for (key_node, value) in pairs {
+            let Some(key) = scalar_text(key_node) else {
+                self.report(key_node, "mapping keys must be scalars");
+                continue;
+            };
+            if let Some(first) = get(&entries, &key) {
+                let line = first.key_node.line;
+                self.report(
+                    key_node,
+                    format!("duplicate key `{key}` (first at line {line})"),
+                );
+                continue;
+            }
+            entries.push(Entry {
+                key,
+                key_node,
+                value,
+            });
+        }
+        Some(entries)
+    }
+
+    fn unknown_keys(&mut self, entries: &[Entry<'_>], known: &[&str]) {
+        for entry in entries {
+            if !known.contains(&entry.key.as_str()) {
+                let hint = suggest(&entry.key, known);
+                self.report(entry.key_node, format!("unknown key `{}`{hint}", entry.key));
+            }
+        }
+    }
+
+    fn require<'a, 'n>(
+        &mut self,
+        node: &Node,
+        entries: &'a [Entry<'n>],
+        key: &str,
+    ) -> Option<&'a Entry<'n>> {
+        let entry = get(entries, key);
+        if entry.is_none() {
+            self.report(node, format!("missing key `{key}`"));
+        }
+        entry
+    }
+
+    fn string<'n>(&mut self, node: &'n Node) -> Option<&'n str> {
+        match &node.data {
+            Data::Str(s) => Some(s),
+            _ => {
+                self.expected(node, "a string");
+                None
+            }
+        }
+    }
+
+    /// A name, step id or queue name.
+    fn name(&mut self, node: &Node, what: &str) -> Option<String> {
+        let text = self.string(node)?;
+        if text.is_empty() {
+            self.report(node, format!("empty {what}"));
+            return None;
+        }
+        if !is_valid_name(text) {
+            self.report(
+                node,
+                format!(
+                    "bad {what} `{text}`: use letters, digits, `_`, `.` and `-`, \
+                     starting with a letter or digit, at most {NAME_LENGTH_MAX} characters"
+                ),
+            );
+            return None;
+        }
+        Some(text.to_string())
+    }
+
+    fn duration(&mut self, node: &Node) -> Option<Duration> {
+        let Data::Str(text) = &node.data else {
+            self.expected(node, "a duration such as `30s`");
+            return None;
+        };
+        match duration::parse(text) {
+            Ok(d) => Some(d),
+            Err(reason) => {
+                self.report(node, reason);
+                None
+            }
+        }
+    }
+
+    /// A timeout: a duration that is not zero.
+    fn timeout(&mut self, node: &Node) -> Option<Duration> {
+        let d = self.duration(node)?;
+        if d.is_zero() {
+            self.report(node, "timeout must be more than zero");
+            return None;
+        }
+        Some(d)
+    }
+
+    /// Builds a template, compiling expressions and noting their step references.
+    fn template(&mut self, node: &Node, from: Option<usize>) -> Template {
+        match &node.data {
+            Data::Str(text) => match expr::embedded(text) {
+                Some(source) => self.expression(node, source, from).map_or_else(
+                    // Never used: the definition is rejected.
+                    || Template::Literal(Value::Null),
+                    Template::Expr,
+                ),
+                None => Template::Literal(Value::String(text.clone())),
+            },
+            Data::Seq(items) => {
+                Template::array(items.iter().map(|item| self.template(item, from)).collect())
+            }
+            Data::Map(_) => {
+                let entries = self.mapping(node).unwrap_or_default();
+                Template::object(
+                    entries
+                        .iter()
+                        .map(|e| (e.key.clone(), self.template(e.value, from)))
+                        .collect(),
+                )
+            }
+            _ => Template::Literal(node.to_json()),
+        }
+    }
+
+    fn expression(&mut self, node: &Node, source: &str, from: Option<usize>) -> Option<Expr> {
+        match Expr::compile(source) {
+            Ok(expr) => {
+                for step in expr.step_references() {
+                    self.references.push(Reference {
+                        line: node.line,
+                        column: node.column,
+                        step,
+                        from,
+                    });
+                }
+                Some(expr)
+            }
+            Err(reason) => {
+                self.report(node, format!("bad expression `{source}`: {reason}"));
+                // `.steps.cool-off` fails as `.steps.cool - off`; the reference check
+                // explains why.
+                for step in expr::step_references(source) {
+                    self.references.push(Reference {
+                        line: node.line,
+                        column: node.column,
+                        step,
+                        from,
+                    });
+                }
+                None
+            }
+        }
+    }
+
+    fn definition(&mut self, root: &Node) -> Definition {
+        let mut definition = Definition {
+            name: String::new(),
+            timeout: None,
+            retry: None,
+            steps: Vec::new(),
+            output: None,
+        };
+        let Data::Map(_) = root.data else {
+            self.report(
+                root,
+                format!(
+                    "expected a mapping at the top level, found {}",
+                    root.describe()
+                ),
+            );
+            return definition;
+        };
+        let entries = self.mapping(root).unwrap_or_default();
+        self.unknown_keys(&entries, &DEFINITION_KEYS);
+        if let Some(entry) = self.require(root, &entries, "name") {
+            definition.name = self.name(entry.value, "name").unwrap_or_default();
+        }
+        if let Some(entry) = get(&entries, "description") {
+            self.string(entry.value);
+        }
+        if let Some(entry) = get(&entries, "timeout") {
+            definition.timeout = self.timeout(entry.value);
+        }
+        if let Some(entry) = get(&entries, "retry") {
+            definition.retry = self.retry(entry.value);
+        }
+        // Step ids with the index and line of their first declaration.
+        let mut ids: HashMap<String, (usize, usize)> = HashMap::new();
+        if let Some(entry) = self.require(root, &entries, "steps") {
+            definition.steps = self.steps(entry.value, &mut ids);
+        }
+        if let Some(entry) = get(&entries, "output") {
+            definition.output = Some(self.template(entry.value, None));
+        }
+        self.check_references(&ids, &definition.steps);
+        definition
+    }
+
+    fn steps(&mut self, node: &Node, ids: &mut HashMap<String, (usize, usize)>) -> Vec<Step> {
+        let Data::Seq(items) = &node.data else {
+            self.expected(node, "a sequence of steps");
+            return Vec::new();
+        };
+        if items.is_empty() {
+            self.report(node, "`steps` is empty");
+        }
+        if items.len() > STEPS_COUNT_MAX {
+            self.report(
+                node,
+                format!(
+                    "{} steps, more than the {STEPS_COUNT_MAX} allowed",
+                    items.len()
+                ),
+            );
+        }
+        let mut steps = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let step = self.step(item, index);
+            if let Some((id, id_node)) = &step.1 {
+                match ids.get(id) {
+                    Some((_, line)) => self.report(
+                        id_node,
+                        format!("duplicate step id `{id}` (first at line {line})"),
+                    ),
+                    None => {
+                        ids.insert(id.clone(), (index, id_node.line));
+                    }
+                }
+            }
+            steps.push(step.0);
+        }
+        steps
+    }
+
+    /// A step, and its id with the id's node when valid. Invalid steps come back as
+    /// placeholders so that step indexes stay those of the source.
+    fn step<'n>(&mut self, node: &'n Node, index: usize) -> (Step, Option<(String, &'n Node)>) {
+        let mut step = Step {
+            id: String::new(),
+            kind: StepKind::Sleep {
+                duration: Duration::ZERO,
+            },
+            timeout: None,
+            retry: None,
+        };
+        let Some(entries) = self.mapping(node) else {
+            return (step, None);
+        };
+        let kinds: Vec<&Entry<'_>> = entries
+            .iter()
+            .filter(|e| STEP_KINDS.contains(&e.key.as_str()))
+            .collect();
+        let known_kinds = "`task`, `http` or `sleep`";
+        if kinds.is_empty() {
+            // Without a kind, a stray key is most likely a kind weir does not know.
+            let mut unknown = 0;
+            for entry in &entries {
+                if !STEP_KEYS.contains(&entry.key.as_str()) {
+                    unknown += 1;
+                    let hint = suggest(&entry.key, &STEP_KEYS);
+                    self.report(
+                        entry.key_node,
+                        format!(
+                            "unknown step kind `{}`{hint}: a step needs one of {known_kinds}",
+                            entry.key
+                        ),
+                    );
+                }
+            }
+            if unknown == 0 {
+                self.report(node, format!("step has no kind: add one of {known_kinds}"));
+            }
+        } else {
+            self.unknown_keys(&entries, &STEP_KEYS);
+            for extra in &kinds[1..] {
+                self.report(
+                    extra.key_node,
+                    format!(
+                        "step has two kinds, `{}` and `{}`: keep one",
+                        kinds[0].key, extra.key
+                    ),
+                );
+            }
+        }
+        let id = match self.require(node, &entries, "id") {
+            Some(entry) => self
+                .name(entry.value, "step id")
+                .map(|id| (id, entry.value)),
+            None => None,
+        };
+        if let Some((id, _)) = &id {
+            step.id = id.clone();
+        }
+        if let Some(entry) = get(&entries, "timeout") {
+            step.timeout = self.timeout(entry.value);
+        }
+        if let Some(entry) = get(&entries, "retry") {
+            step.retry = self.retry(entry.value);
+        }
+        let kind = kinds.first().map(|e| e.key.as_str());
+        if let Some(entry) = get(&entries, "input") {
+            if kind.is_some_and(|k| k != "task") {
+                self.report(entry.key_node, "`input` applies only to `task` steps");
+            }
+        }
+        if let Some(kind) = kinds.first() {
+            let value = kind.value;
+            match kind.key.as_str() {
+                "task" => {
+                    let queue = self.name(value, "queue name").unwrap_or_default();
+                    let input = match get(&entries, "input") {
+                        Some(entry) => self.template(entry.value, Some(index)),
+                        None => Template::Literal(Value::Object(serde_json::Map::new())),
+                    };
+                    step.kind = StepKind::Task { queue, input };
+                }
+                "http" => {
+                    if let Some(http) = self.http(value, index) {
+                        step.kind = http;
+                    }
+                }
+                _ => {
+                    if let Some(duration) = self.duration(value) {
+                        step.kind = StepKind::Sleep { duration };
+                    }
+                }
+            }
+        }
+        (step, id)
+    }
+
+    fn http(&mut self, node: &Node, index: usize) -> Option<StepKind> {
+        let entries = self.mapping(node)?;
+        self.unknown_keys(&entries, &HTTP_KEYS);
+        let mut method = "GET".to_string();
+        if let Some(entry) = get(&entries, "method") {
+            if let Some(text) = self.string(entry.value) {
+                method = text.to_ascii_uppercase();
+                if !HTTP_METHODS.contains(&method.as_str()) {
+                    self.report(
+                        entry.value,
+                        format!(
+                            "unknown http method `{text}` (expected {})",
+                            HTTP_METHODS.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        let mut url = Template::Literal(Value::Null);
+        if let Some(entry) = self.require(node, &entries, "url") {
+            if let Some(text) = self.string(entry.value) {
+                let is_expression = expr::embedded(text).is_some();
+                let is_http = text.starts_with("http://") || text.starts_with("https://");
+                if !(is_expression || is_http) {
+                    self.report(entry.value, "url must start with http:// or https://");
+                }
+                url = self.template(entry.value, Some(index));
+            }
+        }
+        let mut headers = Vec::new();
+        if let Some(entry) = get(&entries, "headers") {
+            for header in self.mapping(entry.value).unwrap_or_default() {
+                if !is_header_name(&header.key) {
+                    self.report(header.key_node, format!("bad header name `{}`", header.key));
+                }
+                if self.string(header.value).is_some() {
+                    headers.push((header.key.clone(), self.template(header.value, Some(index))));
+                }
+            }
+        }
+        let body = get(&entries, "body").map(|entry| self.template(entry.value, Some(index)));
+        Some(StepKind::Http {
+            method,
+            url,
+            headers,
+            body,
+        })
+    }
+
+    fn retry(&mut self, node: &Node) -> Option<RetryPolicy> {
+        let entries = self.mapping(node)?;
+        self.unknown_keys(&entries, &RETRY_KEYS);
+        let mut policy = RetryPolicy::default();
+        let before = self.problems.len();
+        if let Some(entry) = get(&entries, "max_attempts") {
+            match entry.value.data {
+                Data::Int(n) if n < 1 => {
+                    self.report(entry.value, "max_attempts must be at least 1")
+                }
+                Data::Int(n) => match u32::try_from(n) {
+                    Ok(n) => policy.max_attempts = n,
+                    Err(_) => self.report(entry.value, "max_attempts is too large"),
+                },
+                _ => self.expected(entry.value, "an integer"),
+            }
+        }
+        if let Some(entry) = get(&entries, "backoff") {
+            if let Some(text) = self.string(entry.value) {
+                match text {
+                    "fixed" => policy.backoff = Backoff::Fixed,
+                    "exponential" => policy.backoff = Backoff::Exponential,
+                    "linear" => policy.backoff = Backoff::Linear,
+                    _ => self.report(
+                        entry.value,
+                        format!(
+                            "unknown backoff `{text}` (expected `fixed`, `exponential` or `linear`)"
+                        ),
+                    ),
+                }
+            }
+        }
+        // `initial_interval` reads better for exponential backoff; both set one field.
+        match (get(&entries, "interval"), get(&entries, "initial_interval")) {
+            (Some(_), Some(second)) => self.report(
+                second.key_node,
+                "`interval` and `initial_interval` are the same setting: keep one",
+            ),
+            (Some(entry), None) | (None, Some(entry)) => {
+                if let Some(d) = self.duration(entry.value) {
+                    policy.interval = d;
+                }
+            }
+            (None, None) => {}
+        }
+        if let Some(entry) = get(&entries, "multiplier") {
+            let value = match entry.value.data {
+                Data::Int(i) => Some(i as f64),
+                Data::Float(f) => Some(f),
+                _ => None,
+            };
+            match value {
+                Some(m) if m.is_finite() && m >= 1.0 => policy.multiplier = m,
+                Some(_) => self.report(entry.value, "multiplier must be a number of at least 1"),
+                None => self.expected(entry.value, "a number"),
+            }
+        }
+        if let Some(entry) = get(&entries, "max_interval") {
+            policy.max_interval = self.duration(entry.value);
+        }
+        if let Some(entry) = get(&entries, "jitter") {
+            if let Some(text) = self.string(entry.value) {
+                match text {
+                    "none" => policy.jitter = Jitter::None,
+                    "full" => policy.jitter = Jitter::Full,
+                    "equal" => policy.jitter = Jitter::Equal,
+                    _ => self.report(
+                        entry.value,
+                        format!("unknown jitter `{text}` (expected `none`, `full` or `equal`)"),
+                    ),
+                }
+            }
+        }
+        if let Some(entry) = get(&entries, "max_duration") {
+            policy.max_duration = self.duration(entry.value);
+        }
+        if let Some(entry) = get(&entries, "non_retryable") {
+            match &entry.value.data {
+                Data::Seq(items) => {
+                    for item in items {
+                        match self.string(item) {
+                            Some("") => self.report(item, "empty error type"),
+                            Some(text) => policy.non_retryable.push(text.to_string()),
+                            None => {}
+                        }
+                    }
+                }
+                _ => self.expected(entry.value, "a sequence of error types"),
+            }
+        }
+        (self.problems.len() == before).then_some(policy)
+    }
+
+    fn check_references(&mut self, ids: &HashMap<String, (usize, usize)>, steps: &[Step]) {
+        for reference in std::mem::take(&mut self.references) {
+            let name = &reference.step;
+            let message = match (ids.get(name), reference.from) {
+                (None, _) => {
+                    let candidates: Vec<&str> = ids.keys().map(String::as_str).collect();
+                    let mut hint = suggest(name, &candidates);
+                    // `.steps.cool-off` reads as `.steps.cool - off` in jq.
+                    let mut longer: Vec<&&str> = candidates
+                        .iter()
+                        .filter(|id| {
+                            id.strip_prefix(name.as_str())
+                                .is_some_and(|rest| rest.starts_with(['-', '.']))
+                        })
+                        .collect();
+                    longer.sort();
+                    if let Some(id) = longer.first() {
+                        hint = format!(" (write `.steps[\"{id}\"]` for an id with `-` or `.`)");
+                    }
+                    format!("reference to unknown step `{name}`{hint}")
+                }
+                (Some(&(target, _)), Some(from)) if target == from => {
+                    format!("step `{name}` cannot refer to its own output")
+                }
+                (Some(&(target, _)), Some(from)) if target > from => format!(
+                    "step `{name}` runs after step `{}`, so its output is not there yet",
+                    steps[from].id
+                ),
+                _ => continue,
+            };
+            self.problems
+                .push(problem(reference.line, reference.column, message));
+        }
+    }
+}
+
+/// RFC 9110 token characters.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// ` (did you mean `x`?)` for the closest candidate, if one is close.
+fn suggest(word: &str, candidates: &[&str]) -> String {
+    let mut best: Option<(usize, &str)> = None;
+    for candidate in candidates {
+        let distance = edit_distance(word, candidate);
+        // About a third of the word may be wrong (`tiemout` is one swap away from
+        // `timeout`), but never all of it: `x` is not a typo of `a`.
+        let length = word.chars().count();
+        let close = distance < length && distance <= (length / 3).max(1);
+        if close && best.is_none_or(|(d, c)| (distance, *candidate) < (d, c)) {
+            best = Some((distance, candidate));
+        }
+    }
+    best.map(|(_, c)| format!(" (did you mean `{c}`?)"))
+        .unwrap_or_default()
+}
+
+/// Edit distance counting a swap of neighbours as one edit (optimal string alignment).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in rows.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in rows[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut d = (rows[i - 1][j] + 1)
+                .min(rows[i][j - 1] + 1)
+                .min(rows[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d = d.min(rows[i - 2][j - 2] + 1);
+            }
+            rows[i][j] = d;
+        }
+    }
+    rows[a.len()][b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Parses `source` and compares the rendered problems (`line:column: message`).
+    fn check(source: &str, expected: &[&str]) {
+        let rendered: Vec<String> = match parse(source) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems.iter().map(Problem::to_string).collect(),
+        };
+        assert_eq!(rendered, expected, "\n{source}");
+    }
+
+    /// A valid definition around `steps` (a YAML sequence, indented by two).
+    fn with_steps(steps: &str) -> String {
+        format!("name: w\nsteps:\n{steps}")
+    }
+
+    const SKETCH: &str = r#"name: order-fulfilment
+timeout: 1h                         # relative to the start
+retry: { max_attempts: 5, backoff: exponential, initial_interval: 1s, multiplier: 2, max_interval: 1m, jitter: full }
+steps:
+  - id: reserve
+    task: inventory                 # a worker queue
+    input: { sku: "${ .input.sku }", qty: "${ .input.qty }" }
+    timeout: 30s                    # per attempt
+  - id: charge
+    task: payments
+    retry: { max_attempts: 3, backoff: fixed, interval: 2s, non_retryable: [card_declined] }
+  - id: cool-off
+    sleep: 10s
+  - id: notify
+    http: { method: POST, url: "http://127.0.0.1:9000/hooks/shipped", body: "${ .steps.charge.output }" }
+output: { reservation: "${ .steps.reserve.output }", receipt: "${ .steps.charge.output }" }
+"#;
+
+    fn assert_sketch(definition: &Definition) {
+        assert_eq!(definition.name, "order-fulfilment");
+        assert_eq!(definition.timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            definition.retry,
+            Some(RetryPolicy {
+                max_attempts: 5,
+                backoff: Backoff::Exponential,
+                interval: Duration::from_secs(1),
+                multiplier: 2.0,
+                max_interval: Some(Duration::from_secs(60)),
+                jitter: Jitter::Full,
+                max_duration: None,
+                non_retryable: vec![],
+            })
+        );
+        let ids: Vec<&str> = definition.steps.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["reserve", "charge", "cool-off", "notify"]);
+        assert_eq!(definition.step_index("cool-off"), Some(2));
+
+        let context = json!({"input": {"sku": "A-1", "qty": 2}, "steps": {
+            "reserve": {"output": {"id": "r-1"}}, "charge": {"output": {"receipt": 9}}}});
+        let reserve = &definition.steps[0];
+        assert_eq!(reserve.timeout, Some(Duration::from_secs(30)));
+        assert_eq!(reserve.retry, None);
+        let StepKind::Task { queue, input } = &reserve.kind else {
+            panic!("{:?}", reserve.kind)
+        };
+        assert_eq!(queue, "inventory");
+        assert_eq!(
+            input.eval(&context).unwrap(),
+            json!({"sku": "A-1", "qty": 2})
+        );
+
+        let charge = definition.step("charge").unwrap();
+        let StepKind::Task { queue, input } = &charge.kind else {
+            panic!("{:?}", charge.kind)
+        };
+        assert_eq!(queue, "payments");
+        assert_eq!(input.eval(&context).unwrap(), json!({}));
+        assert_eq!(
+            charge.retry,
+            Some(RetryPolicy {
+                max_attempts: 3,
+                backoff: Backoff::Fixed,
+                interval: Duration::from_secs(2),
+                non_retryable: vec!["card_declined".to_string()],
+                ..RetryPolicy::default()
+            })
+        );
+
+        assert!(matches!(
+            definition.steps[2].kind,
+            StepKind::Sleep { duration } if duration == Duration::from_secs(10)
+        ));
+
+        let StepKind::Http {
+            method,
+            url,
+            headers,
+            body,
+        } = &definition.steps[3].kind
+        else {
+            panic!("{:?}", definition.steps[3].kind)
+        };
+        assert_eq!(method, "POST");
+        assert_eq!(
+            url.eval(&context).unwrap(),
+            json!("http://127.0.0.1:9000/hooks/shipped")
+        );
+        assert!(headers.is_empty());
+        assert_eq!(
+            body.as_ref().unwrap().eval(&context).unwrap(),
+            json!({"receipt": 9})
+        );
+
+        let output = definition.output.as_ref().unwrap();
+        assert_eq!(
+            output.eval(&context).unwrap(),
+            json!({"reservation": {"id": "r-1"}, "receipt": {"receipt": 9}})
+        );
+    }
+
+    #[test]
+    fn parses_the_design_sketch() {
+        assert_sketch(&parse(SKETCH).unwrap());
+    }
+
+    #[test]
+    fn parses_json() {
+        let source = serde_json::to_string_pretty(&json!({
+            "name": "order-fulfilment",
+            "timeout": "1h",
+            "retry": {"max_attempts": 5, "backoff": "exponential", "initial_interval": "1s",
+                      "multiplier": 2, "max_interval": "1m", "jitter": "full"},
+            "steps": [
+                {"id": "reserve", "task": "inventory", "timeout": "30s",
+                 "input": {"sku": "${ .input.sku }", "qty": "${ .input.qty }"}},
+                {"id": "charge", "task": "payments",
+                 "retry": {"max_attempts": 3, "backoff": "fixed", "interval": "2s",
+                           "non_retryable": ["card_declined"]}},
+                {"id": "cool-off", "sleep": "10s"},
+                {"id": "notify", "http": {"method": "POST",
+                 "url": "http://127.0.0.1:9000/hooks/shipped", "body": "${ .steps.charge.output }"}}
+            ],
+            "output": {"reservation": "${ .steps.reserve.output }", "receipt": "${ .steps.charge.output }"}
+        }))
+        .unwrap();
+        assert_sketch(&parse(&source).unwrap());
+        // Tabs are JSON whitespace; inside flow collections YAML accepts them too.
+        let tabbed = "{\n\t\"name\": \"w\",\n\t\"steps\": [{\"id\": \"a\", \"sleep\": \"1s\"}]\n}";
+        check(tabbed, &[]);
+        check(
+            "{\"name\": \"w\", \"steps\": [{\"id\": \"a\", \"sleep\": 1}]}",
+            &["1:46: expected a duration such as `30s`, found an integer"],
+        );
+    }
+
+    #[test]
+    fn http_details_and_literals() {
+        let source = with_steps(
+            r#"  - id: call
+    http:
+      method: put
+      url: "${ \"http://svc/items/\\(.input.id)\" }"
+      headers: { X-Request-Id: "${ .input.id | tostring }", Accept: application/json }
+      body: [1, 2.5, true, null, ~, 0x1f, 1e3, "x", { k: "${ .input.id }" }]
+  - id: plain
+    http: { url: "https://example.com" }
+"#,
+        );
+        let definition = parse(&source).unwrap();
+        let context = json!({"input": {"id": 7}});
+        let StepKind::Http {
+            method,
+            url,
+            headers,
+            body,
+        } = &definition.steps[0].kind
+        else {
+            panic!()
+        };
+        assert_eq!(method, "PUT");
+        assert_eq!(url.eval(&context).unwrap(), json!("http://svc/items/7"));
+        let headers: Vec<(String, Value)> = headers
+            .iter()
+            .map(|(k, t)| (k.clone(), t.eval(&context).unwrap()))
+            .collect();
+        assert_eq!(
+            headers,
+            [
+                ("X-Request-Id".to_string(), json!("7")),
+                ("Accept".to_string(), json!("application/json"))
+            ]
+        );
+        assert_eq!(
+            body.as_ref().unwrap().eval(&context).unwrap(),
+            json!([1, 2.5, true, null, null, 31, 1000.0, "x", {"k": 7}])
+        );
+        let StepKind::Http { method, body, .. } = &definition.steps[1].kind else {
+            panic!()
+        };
+        assert_eq!(method, "GET");
+        assert!(body.is_none());
+    }
+
+    #[test]
+    fn yaml_problems() {
+        check("", &["0:0: empty definition"]);
+        check("# only a comment\n", &["0:0: empty definition"]);
+        check(
+            "name: w\nsteps: [\n",
+            &["3:1: invalid yaml: while parsing a node, did not find expected node content"],
+        );
+        check(
+            "name: w\n  bad: indent\n",
+            &["2:6: invalid yaml: mapping values are not allowed in this context"],
+        );
+        check(
+            "name: a\n---\nname: b\n",
+            &["2:1: only one yaml document is allowed"],
+        );
+        check(
+            "- a\n- b\n",
+            &["1:1: expected a mapping at the top level, found a sequence"],
+        );
+        check(
+            "just text\n",
+            &["1:1: expected a mapping at the top level, found a string"],
+        );
+        check(
+            "name: w\nname: v\nsteps:\n  - { id: a, sleep: 1s, sleep: 2s }\n",
+            &[
+                "2:1: duplicate key `name` (first at line 1)",
+                "4:25: duplicate key `sleep` (first at line 4)",
+            ],
+        );
+        check(
+            &with_steps(
+                "  - id: a\n    sleep: !!binary 1s\n  - id: b\n    task: q\n    input: !custom q\n",
+            ),
+            &[
+                "4:12: unsupported yaml tag `!!binary`",
+                "7:12: unsupported yaml tag `!custom`",
+            ],
+        );
+        check(&with_steps("  - id: a\n    sleep: !!str 1s\n"), &[]);
+        check(
+            &with_steps("  - id: a\n    task: q\n    input: { [1]: 2 }\n"),
+            &["5:14: mapping keys must be scalars"],
+        );
+    }
+
+    #[test]
+    fn size_limits() {
+        let big = format!(
+            "name: w\ndescription: \"{}\"\n",
+            "x".repeat(DEFINITION_SIZE_MAX)
+        );
+        check(
+            &big,
+            &["0:0: definition is 1048600 bytes, more than the 1048576 allowed"],
+        );
+        let deep = format!("name: w\nsteps: {}{}\n", "[".repeat(70), "]".repeat(70));
+        check(&deep, &["2:71: yaml nests deeper than 64 levels"]);
+        let mut laughs = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..8 {
+            let prev = format!("*a{}", i - 1);
+            laughs.push_str(&format!(
+                "a{i}: &a{i} [{}]\n",
+                [prev.as_str(); 10].join(", ")
+            ));
+        }
+        check(
+            &laughs,
+            &["5:45: yaml has more than 100000 nodes, aliases expanded"],
+        );
+        let many: String = (0..=STEPS_COUNT_MAX)
+            .map(|i| format!("  - {{ id: s{i}, sleep: 1s }}\n"))
+            .collect();
+        check(
+            &with_steps(&many),
+            &["3:3: 1001 steps, more than the 1000 allowed"],
+        );
+    }
+
+    #[test]
+    fn name_problems() {
+        check(
+            "steps:\n  - { id: a, sleep: 1s }\n",
+            &["1:1: missing key `name`"],
+        );
+        check(
+            "name: \"\"\nsteps: [{ id: a, sleep: 1s }]\n",
+            &["1:7: empty name"],
+        );
+        check(
+            "name: a b\nsteps: [{ id: a, sleep: 1s }]\n",
+            &["1:7: bad name `a b`: use letters, digits, `_`, `.` and `-`, starting with a letter or digit, at most 128 characters"],
+        );
+        check(
+            &format!("name: {}\nsteps: [{{ id: a, sleep: 1s }}]\n", "a".repeat(129)),
+            &[&format!("1:7: bad name `{}`: use letters, digits, `_`, `.` and `-`, starting with a letter or digit, at most 128 characters", "a".repeat(129))],
+        );
+        check(
+            &format!(
+                "name: {}\nsteps: [{{ id: a, sleep: 1s }}]\n",
+                "a".repeat(128)
+            ),
+            &[],
+        );
+        check(
+            "name: 5\nsteps: [{ id: a, sleep: 1s }]\n",
+            &["1:7: expected a string, found an integer"],
+        );
+        check(
+            "name: w\ndescription: [x]\nsteps: [{ id: a, sleep: 1s }]\n",
+            &["2:14: expected a string, found a sequence"],
+        );
+    }
+
+    #[test]
+    fn steps_problems() {
+        check("name: w\n", &["1:1: missing key `steps`"]);
+        check("name: w\nsteps: []\n", &["2:8: `steps` is empty"]);
+        check(
+            "name: w\nsteps:\n",
+            &["2:6: expected a sequence of steps, found null"],
+        );
+        check(
+            "name: w\nsteps: 5\n",
+            &["2:8: expected a sequence of steps, found an integer"],
+        );
+        check(
+            &with_steps("  - just-a-string\n"),
+            &["3:5: expected a mapping, found a string"],
+        );
+        check(&with_steps("  - sleep: 1s\n"), &["3:5: missing key `id`"]);
+        check(
+            &with_steps("  - id: -a\n    sleep: 1s\n  - id: 7\n    sleep: 1s\n"),
+            &[
+                "3:9: bad step id `-a`: use letters, digits, `_`, `.` and `-`, starting with a letter or digit, at most 128 characters",
+                "5:9: expected a string, found an integer",
+            ],
+        );
+        check(
+            &with_steps(
+                "  - id: a\n    sleep: 1s\n  - id: b\n    sleep: 1s\n  - id: a\n    sleep: 1s\n",
+            ),
+            &["7:9: duplicate step id `a` (first at line 3)"],
+        );
+    }
+
+    #[test]
+    fn step_kind_problems() {
+        check(
+            &with_steps("  - id: a\n    wait: 5s\n"),
+            &["4:5: unknown step kind `wait`: a step needs one of `task`, `http` or `sleep`"],
+        );
+        check(
+            &with_steps("  - id: a\n    tsak: q\n"),
+            &["4:5: unknown step kind `tsak` (did you mean `task`?): a step needs one of `task`, `http` or `sleep`"],
+        );
+        check(
+            &with_steps("  - id: a\n    timeout: 5s\n"),
+            &["3:5: step has no kind: add one of `task`, `http` or `sleep`"],
+        );
+        check(
+            &with_steps("  - id: a\n    task: q\n    sleep: 5s\n    http: { url: http://x }\n"),
+            &[
+                "5:5: step has two kinds, `task` and `sleep`: keep one",
+                "6:5: step has two kinds, `task` and `http`: keep one",
+            ],
+        );
+        check(
+            &with_steps("  - id: a\n    task: bad queue\n"),
+            &["4:11: bad queue name `bad queue`: use letters, digits, `_`, `.` and `-`, starting with a letter or digit, at most 128 characters"],
+        );
+        check(
+            &with_steps("  - id: a\n    sleep: 1s\n    input: {}\n"),
+            &["5:5: `input` applies only to `task` steps"],
+        );
+    }
+
+    #[test]
+    fn unknown_keys() {
+        check(
+            "name: w\ntiemout: 1h\nsteps:\n  - id: a\n    task: q\n    tiemout: 5s\n    compensate: { task: q }\n    retry: { max_attempt: 2, backof: fixed, colour: red }\ncatch: []\n",
+            &[
+                "2:1: unknown key `tiemout` (did you mean `timeout`?)",
+                "6:5: unknown key `tiemout` (did you mean `timeout`?)",
+                "7:5: unknown key `compensate`",
+                "8:14: unknown key `max_attempt` (did you mean `max_attempts`?)",
+                "8:30: unknown key `backof` (did you mean `backoff`?)",
+                "8:45: unknown key `colour`",
+                "9:1: unknown key `catch`",
+            ],
+        );
+        check(
+            &with_steps("  - id: a\n    http: { url: \"http://x\", metod: GET, parallel: 2 }\n"),
+            &[
+                "4:30: unknown key `metod` (did you mean `method`?)",
+                "4:42: unknown key `parallel`",
+            ],
+        );
+    }
+
+    #[test]
+    fn duration_problems() {
+        check(
+            "name: w\ntimeout: 5x\nsteps:\n  - id: a\n    sleep: 10\n    timeout: [1]\n  - id: b\n    sleep: 1s\n    timeout: 0s\n  - id: c\n    sleep: -1s\n",
+            &[
+                "2:10: bad duration `5x`: unknown unit `x` (expected ms, s, m, h or d)",
+                "5:12: expected a duration such as `30s`, found an integer",
+                "6:14: expected a duration such as `30s`, found a sequence",
+                "9:14: timeout must be more than zero",
+                "11:12: negative duration `-1s`",
+            ],
+        );
+    }
+
+    #[test]
+    fn retry_problems() {
+        check(
+            &with_steps(
+                "  - id: a\n    task: q\n    retry:\n      max_attempts: 0\n      backoff: random\n      multiplier: 0.5\n      jitter: some\n      interval: 1x\n      max_interval: [1]\n      non_retryable: card_declined\n",
+            ),
+            &[
+                "6:21: max_attempts must be at least 1",
+                "7:16: unknown backoff `random` (expected `fixed`, `exponential` or `linear`)",
+                "8:19: multiplier must be a number of at least 1",
+                "9:15: unknown jitter `some` (expected `none`, `full` or `equal`)",
+                "10:17: bad duration `1x`: unknown unit `x` (expected ms, s, m, h or d)",
+                "11:21: expected a duration such as `30s`, found a sequence",
+                "12:22: expected a sequence of error types, found a string",
+            ],
+        );
+        check(
+            "name: w\nretry: { max_attempts: \"3\", multiplier: x, non_retryable: [1, \"\"], interval: 1s, initial_interval: 2s }\nsteps: [{ id: a, sleep: 1s }]\nretry: 5\n",
+            &[
+                "2:24: expected an integer, found a string",
+                "2:41: expected a number, found a string",
+                "2:60: expected a string, found an integer",
+                "2:63: empty error type",
+                "2:82: `interval` and `initial_interval` are the same setting: keep one",
+                "4:1: duplicate key `retry` (first at line 2)",
+            ],
+        );
+        check(
+            "name: w\nretry: { max_attempts: 99999999999 }\nsteps: [{ id: a, sleep: 1s, retry: [] }]\n",
+            &[
+                "2:24: max_attempts is too large",
+                "3:36: expected a mapping, found a sequence",
+            ],
+        );
+        // Missing fields take the defaults.
+        let definition = parse(
+            "name: w\nretry: { jitter: equal, multiplier: 1.5 }\nsteps: [{ id: a, sleep: 1s }]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            definition.retry,
+            Some(RetryPolicy {
+                jitter: Jitter::Equal,
+                multiplier: 1.5,
+                ..RetryPolicy::default()
+            })
+        );
+    }
+
+    #[test]
+    fn http_problems() {
+        check(
+            &with_steps(
+                "  - id: a\n    http:\n      method: FETCH\n      headers: { \"Bad Header\": x, X-Num: 5 }\n      body: \"${ .x + }\"\n  - id: b\n    http: { url: ftp://x }\n  - id: c\n    http: https://x\n  - id: d\n    http: { url: [1] }\n",
+            ),
+            &[
+                "5:7: missing key `url`",
+                "5:15: unknown http method `FETCH` (expected GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS)",
+                "6:18: bad header name `Bad Header`",
+                "6:42: expected a string, found an integer",
+                "7:13: bad expression `.x +`: expected term at the end",
+                "9:18: url must start with http:// or https://",
+                "11:11: expected a mapping, found a string",
+                "13:18: expected a string, found a sequence",
+            ],
+        );
+    }
+
+    #[test]
+    fn expression_problems() {
+        check(
+            &with_steps(
+                "  - id: a\n    task: q\n    input:\n      x: \"${ .input.x +  }\"\n      y: [\"${ now }\", \"${ nosuch(1) }\"]\n      z: \"${ (.a }\"\n",
+            ),
+            &[
+                "6:10: bad expression `.input.x +`: expected term at the end",
+                "7:11: bad expression `now`: `now/0` is not available: expressions must be deterministic",
+                "7:23: bad expression `nosuch(1)`: undefined filter `nosuch/1`",
+                "8:10: bad expression `(.a`: unclosed `(`",
+            ],
+        );
+    }
+
+    #[test]
+    fn reference_problems() {
+        check(
+            &with_steps(
+                "  - id: a\n    task: q\n    input: { me: \"${ .steps.a.output }\", later: \"${ .steps.b.output }\" }\n  - id: b\n    task: q\n    input:\n      earlier: \"${ .steps.a.output.id }\"\n      nobody: \"${ .steps.nobody.output }\"\n      typo: \"${ [.steps.aa, .steps[\\\"cool\\\"]] }\"\n      dash: \"${ .steps.cool-off.output }\"\n  - id: cool-off\n    sleep: 1s\noutput: \"${ [.steps.a, .steps[\\\"cool-off\\\"], .steps.zz] }\"\n",
+            ),
+            &[
+                "5:18: step `a` cannot refer to its own output",
+                "5:49: step `b` runs after step `a`, so its output is not there yet",
+                "10:15: reference to unknown step `nobody`",
+                "11:13: reference to unknown step `aa` (did you mean `a`?)",
+                "11:13: reference to unknown step `cool` (write `.steps[\"cool-off\"]` for an id with `-` or `.`)",
+                "12:13: bad expression `.steps.cool-off.output`: undefined filter `off/0`",
+                "12:13: reference to unknown step `cool` (write `.steps[\"cool-off\"]` for an id with `-` or `.`)",
+                "15:9: reference to unknown step `zz`",
+            ],
+        );
+    }
+
+    #[test]
+    fn many_problems_at_once() {
+        check(
+            "name: bad name\nsteps:\n  - id: a\n    task: q\n    timeout: soon\n  - id: a\n    wait: 1s\n  - task: q\n    input: \"${ .steps.x }\"\n",
+            &[
+                "1:7: bad name `bad name`: use letters, digits, `_`, `.` and `-`, starting with a letter or digit, at most 128 characters",
+                "5:14: bad duration `soon`: expected a number such as `30s`",
+                "6:9: duplicate step id `a` (first at line 3)",
+                "7:5: unknown step kind `wait`: a step needs one of `task`, `http` or `sleep`",
+                "8:5: missing key `id`",
+                "9:12: reference to unknown step `x`",
+            ],
+        );
+    }
+
+    #[test]
+    fn names_and_suggestions() {
+        assert!(is_valid_name("order-fulfilment"));
+        assert!(is_valid_name("a.b_c-9"));
+        assert!(is_valid_name("9"));
+        assert!(!is_valid_name(""));
+        assert!(!is_valid_name("_a"));
+        assert!(!is_valid_name("a/b"));
+        assert!(!is_valid_name("é"));
+        assert_eq!(edit_distance("tiemout", "timeout"), 1);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(
+            suggest("tiemout", &DEFINITION_KEYS),
+            " (did you mean `timeout`?)"
+        );
+        assert_eq!(suggest("xyz", &DEFINITION_KEYS), "");
+        assert_eq!(suggest("x", &["a"]), "");
+        assert_eq!(suggest("aa", &["a"]), " (did you mean `a`?)");
+    }
+
+    #[test]
+    fn yaml_scalars() {
+        let cases = [
+            ("~", json!(null)),
+            ("null", json!(null)),
+            ("true", json!(true)),
+            ("False", json!(false)),
+            ("yes", json!("yes")),
+            ("12", json!(12)),
+            ("-12", json!(-12)),
+            ("+12", json!(12)),
+            ("0x1F", json!(31)),
+            ("0xZZ", json!("0xZZ")),
+            ("0x1f", json!(31)),
+            ("0o17", json!(15)),
+            ("1.5", json!(1.5)),
+            (".5", json!(0.5)),
+            ("1e3", json!(1000.0)),
+            ("1.", json!(1.0)),
+            ("18446744073709551615", json!(18446744073709551615u64)),
+            ("1.2.3", json!("1.2.3")),
+            ("1e", json!("1e")),
+            (".", json!(".")),
+            ("\"12\"", json!("12")),
+            ("'true'", json!("true")),
+            ("30s", json!("30s")),
+        ];
+        for (text, expected) in cases {
+            let source = format!("name: w\nsteps: [{{ id: a, task: q, input: {text} }}]\n");
+            let definition = parse(&source).unwrap();
+            let StepKind::Task { input, .. } = &definition.steps[0].kind else {
+                panic!()
+            };
+            assert_eq!(input.eval(&json!({})).unwrap(), expected, "{text}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the text, parsing reports problems rather than panicking.
+        #[test]
+        fn never_panics(source in "[a-z:{}\\[\\],\\- \n\"'$.&*!|#0-9]{0,80}") {
+            let _ = parse(&source);
+        }
+
+        #[test]
+        fn never_panics_inside_a_valid_shape(
+            value in "[a-z:{}\\[\\],\\- \"'$.&*!|#0-9()+]{0,30}",
+        ) {
+            let source = format!(
+                "name: w\nsteps:\n  - id: a\n    task: q\n    input: {value}\n    timeout: {value}\n"
+            );
+            let _ = parse(&source);
+            let _ = parse(&format!("name: w\nsteps:\n  - id: a\n    task: q\n    input: \"${{ {value} }}\"\n"));
+        }
+    }
+
+    #[test]
+    fn anchors_and_block_scalars() {
+        let source = r#"name: w
+retry: &policy { max_attempts: 4 }
+steps:
+  - id: a
+    task: q
+    retry: *policy
+    input:
+      shared: &shared { k: "${ .input.k }" }
+      again: *shared
+      text: |
+        ${ .input.k
+           | tostring }
+"#;
+        let definition = parse(source).unwrap();
+        assert_eq!(definition.steps[0].retry.as_ref().unwrap().max_attempts, 4);
+        let StepKind::Task { input, .. } = &definition.steps[0].kind else {
+            panic!()
+        };
+        assert_eq!(
+            input.eval(&json!({"input": {"k": 1}})).unwrap(),
+            json!({"shared": {"k": 1}, "again": {"k": 1}, "text": "1"})
+        );
+    }
+}

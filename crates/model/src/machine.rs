@@ -14,8 +14,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::dsl::{Definition, StepKind};
+use crate::dsl::{Definition, Step, StepKind};
 use crate::event::{ErrorInfo, EventKind};
+use crate::expr::EvalError;
 use crate::retry::RetryPolicy;
 
 /// Error type of a step attempt or instance that ran out of time.
@@ -347,7 +348,10 @@ pub fn start(
     input: Value,
     now: u64,
 ) -> (InstanceState, Transition) {
-    assert!(!definition.steps.is_empty(), "a validated definition has steps");
+    assert!(
+        !definition.steps.is_empty(),
+        "a validated definition has steps"
+    );
     let mut state = InstanceState {
         id: id.to_string(),
         definition: definition.name.clone(),
@@ -392,12 +396,23 @@ pub fn handle(
     if state.status.is_terminal() {
         return Err(Rejection::InstanceEnded(state.status.as_str()));
     }
-    assert!(state.cursor < definition.steps.len(), "a running instance has a current step");
+    assert!(
+        state.cursor < definition.steps.len(),
+        "a running instance has a current step"
+    );
     let mut transition = Transition::default();
     match command {
         Command::CompleteTask { task_id, output } => {
             let (attempt, step_id) = current_task(state, definition, &task_id)?;
-            complete_step(state, definition, step_id, attempt, output, now, &mut transition);
+            complete_step(
+                state,
+                definition,
+                step_id,
+                attempt,
+                output,
+                now,
+                &mut transition,
+            );
         }
         Command::FailTask {
             task_id,
@@ -405,7 +420,16 @@ pub fn handle(
             retryable,
         } => {
             let (attempt, step_id) = current_task(state, definition, &task_id)?;
-            fail_attempt(state, definition, step_id, attempt, error, retryable, now, &mut transition);
+            fail_attempt(
+                state,
+                definition,
+                step_id,
+                attempt,
+                error,
+                retryable,
+                now,
+                &mut transition,
+            );
         }
         Command::HttpResult {
             step_id,
@@ -417,9 +441,15 @@ pub fn handle(
                 return Err(Rejection::NotCurrent);
             }
             match result {
-                Ok(output) => {
-                    complete_step(state, definition, step_id, attempt, output, now, &mut transition)
-                }
+                Ok(output) => complete_step(
+                    state,
+                    definition,
+                    step_id,
+                    attempt,
+                    output,
+                    now,
+                    &mut transition,
+                ),
                 Err(failure) => fail_attempt(
                     state,
                     definition,
@@ -442,7 +472,15 @@ pub fn handle(
                     step_id: step_id.clone(),
                 });
                 let attempt = state.attempt;
-                complete_step(state, definition, step_id, attempt, Value::Null, now, &mut transition);
+                complete_step(
+                    state,
+                    definition,
+                    step_id,
+                    attempt,
+                    Value::Null,
+                    now,
+                    &mut transition,
+                );
             }
             TimerId::Retry { step, attempt } => {
                 if step != state.cursor || state.wait != Wait::Retry || attempt != state.attempt {
@@ -460,7 +498,16 @@ pub fn handle(
                     error_type: ERROR_TYPE_TIMEOUT.to_string(),
                     message: format!("attempt {attempt} of step `{step_id}` timed out"),
                 };
-                fail_attempt(state, definition, step_id, attempt, error, true, now, &mut transition);
+                fail_attempt(
+                    state,
+                    definition,
+                    step_id,
+                    attempt,
+                    error,
+                    true,
+                    now,
+                    &mut transition,
+                );
             }
             TimerId::InstanceTimeout => {
                 let error = ErrorInfo {
@@ -555,7 +602,9 @@ fn complete_step(
     cancel_instance_timeout(definition, transition);
     finish(state, InstanceStatus::Completed, transition, now);
     state.output = Some(output.clone());
-    transition.events.push(EventKind::InstanceCompleted { output });
+    transition
+        .events
+        .push(EventKind::InstanceCompleted { output });
 }
 
 /// Handles the failure of the current attempt: retry after a delay, or fail the instance.
@@ -636,7 +685,9 @@ fn schedule_attempt(
         StepKind::Task { queue, input } => {
             let input = match input.eval(&state.context) {
                 Ok(value) => value,
-                Err(err) => return expression_failed(state, definition, &err.message, now, transition),
+                Err(err) => {
+                    return expression_failed(state, definition, &err.message, now, transition)
+                }
             };
             let task_id = task_id(&state.id, &step.id, attempt);
             transition.events.push(EventKind::StepScheduled {
@@ -655,46 +706,21 @@ fn schedule_attempt(
             transition.effects.extend(timeout_timer);
             state.wait = Wait::Task { task_id };
         }
-        StepKind::Http {
-            method,
-            url,
-            headers,
-            body,
-        } => {
-            let request = (|| {
-                let url = match url.eval(&state.context)? {
-                    Value::String(url) => url,
-                    other => other.to_string(),
-                };
-                let mut evaluated = Vec::with_capacity(headers.len());
-                for (name, value) in headers {
-                    let value = match value.eval(&state.context)? {
-                        Value::String(text) => text,
-                        other => other.to_string(),
-                    };
-                    evaluated.push((name.clone(), value));
+        StepKind::Http { .. } => {
+            let request = match http_request(step, attempt, &state.context) {
+                Ok(request) => request,
+                Err(err) => {
+                    return expression_failed(state, definition, &err.message, now, transition)
                 }
-                let body = body.as_ref().map(|b| b.eval(&state.context)).transpose()?;
-                Ok::<_, crate::expr::EvalError>((url, evaluated, body))
-            })();
-            let (url, headers, body) = match request {
-                Ok(parts) => parts,
-                Err(err) => return expression_failed(state, definition, &err.message, now, transition),
             };
             transition.events.push(EventKind::StepScheduled {
                 step_id: step.id.clone(),
                 attempt,
-                input: Some(json!({ "method": method, "url": url, "body": body })),
+                input: Some(
+                    json!({ "method": request.method, "url": request.url, "body": request.body }),
+                ),
             });
-            transition.effects.push(Effect::CallHttp(HttpRequest {
-                step_id: step.id.clone(),
-                attempt,
-                method: method.clone(),
-                url,
-                headers,
-                body,
-                timeout: step.timeout,
-            }));
+            transition.effects.push(Effect::CallHttp(request));
             transition.effects.extend(timeout_timer);
             state.wait = Wait::Http;
         }
@@ -715,6 +741,53 @@ fn schedule_attempt(
             });
             state.wait = Wait::Sleep;
         }
+    }
+}
+
+/// Evaluates an HTTP step's request for `attempt` against `context`.
+fn http_request(step: &Step, attempt: u32, context: &Value) -> Result<HttpRequest, EvalError> {
+    let StepKind::Http {
+        method,
+        url,
+        headers,
+        body,
+    } = &step.kind
+    else {
+        unreachable!("only HTTP steps have requests")
+    };
+    let text = |value: Value| match value {
+        Value::String(text) => text,
+        other => other.to_string(),
+    };
+    let mut evaluated = Vec::with_capacity(headers.len());
+    for (name, value) in headers {
+        evaluated.push((name.clone(), text(value.eval(context)?)));
+    }
+    Ok(HttpRequest {
+        step_id: step.id.clone(),
+        attempt,
+        method: method.clone(),
+        url: text(url.eval(context)?),
+        headers: evaluated,
+        body: body.as_ref().map(|b| b.eval(context)).transpose()?,
+        timeout: step.timeout,
+    })
+}
+
+/// Effects a running instance needs again after its partition is loaded from the
+/// store: those not kept in the store's task and timer tables (HTTP calls in flight).
+pub fn resume_effects(state: &InstanceState, definition: &Definition) -> Vec<Effect> {
+    if state.status.is_terminal() || state.wait != Wait::Http {
+        return Vec::new();
+    }
+    match http_request(
+        &definition.steps[state.cursor],
+        state.attempt,
+        &state.context,
+    ) {
+        Ok(request) => vec![Effect::CallHttp(request)],
+        // It evaluated when the attempt was scheduled and the context has not changed since.
+        Err(err) => unreachable!("an HTTP request that evaluated once fails now: {err}"),
     }
 }
 
@@ -767,7 +840,11 @@ fn end_current_step(state: &InstanceState, definition: &Definition, transition: 
     }
 }
 
-fn cancel_attempt_timeout(state: &InstanceState, definition: &Definition, transition: &mut Transition) {
+fn cancel_attempt_timeout(
+    state: &InstanceState,
+    definition: &Definition,
+    transition: &mut Transition,
+) {
     if definition.steps[state.cursor].timeout.is_some() {
         transition.effects.push(Effect::CancelTimer {
             timer: TimerId::AttemptTimeout {
@@ -786,7 +863,12 @@ fn cancel_instance_timeout(definition: &Definition, transition: &mut Transition)
     }
 }
 
-fn finish(state: &mut InstanceState, status: InstanceStatus, _transition: &mut Transition, now: u64) {
+fn finish(
+    state: &mut InstanceState,
+    status: InstanceStatus,
+    _transition: &mut Transition,
+    now: u64,
+) {
     assert!(!state.status.is_terminal(), "an instance ends once");
     assert!(status.is_terminal());
     state.status = status;
@@ -823,3 +905,6 @@ fn jitter_sample(instance_id: &str, step_id: &str, attempt: u32) -> u64 {
     hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     hash ^ (hash >> 31)
 }
+
+#[cfg(test)]
+mod tests;

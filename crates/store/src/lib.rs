@@ -31,7 +31,9 @@ pub enum Error {
         source: std::io::Error,
     },
     /// Another process holds the data directory.
-    #[error("data directory {0} is in use by another weir process; stop it or pick another --data-dir")]
+    #[error(
+        "data directory {0} is in use by another weir process; stop it or pick another --data-dir"
+    )]
     Locked(String),
     /// The stored data is not what this version understands.
     #[error("incompatible data: {0}")]
@@ -211,10 +213,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// Takes the lease of `partition` for `owner` if it is free, expired or already
     /// `owner`'s, incrementing its epoch. Returns `None` if another owner holds it.
-    fn acquire_lease(&self, partition: u32, owner: &str, now: u64, ttl_ms: u64) -> Result<Option<Lease>, Error>;
+    fn acquire_lease(
+        &self,
+        partition: u32,
+        owner: &str,
+        now: u64,
+        ttl_ms: u64,
+    ) -> Result<Option<Lease>, Error>;
 
     /// Extends leases that `owner` still holds at the given epochs; returns the partitions renewed.
-    fn renew_leases(&self, owner: &str, leases: &[(u32, u64)], now: u64, ttl_ms: u64) -> Result<Vec<u32>, Error>;
+    fn renew_leases(
+        &self,
+        owner: &str,
+        leases: &[(u32, u64)],
+        now: u64,
+        ttl_ms: u64,
+    ) -> Result<Vec<u32>, Error>;
 
     /// Gives leases up at once (graceful shutdown).
     fn release_leases(&self, owner: &str, leases: &[(u32, u64)]) -> Result<(), Error>;
@@ -232,7 +246,11 @@ pub trait Store: Send + Sync + 'static {
     fn put_definition(&self, name: &str, source: &str, now: u64) -> Result<u32, Error>;
 
     /// A definition version, or the latest when `version` is `None`.
-    fn definition(&self, name: &str, version: Option<u32>) -> Result<Option<DefinitionRecord>, Error>;
+    fn definition(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Option<DefinitionRecord>, Error>;
 
     /// The latest version of every definition, by name.
     fn definitions(&self) -> Result<Vec<DefinitionRecord>, Error>;
@@ -247,5 +265,10 @@ pub trait Store: Send + Sync + 'static {
     fn history(&self, instance_id: &str, partition: u32) -> Result<Vec<EventRecord>, Error>;
 
     /// Events of a partition with `seq > after`, at most `limit`.
-    fn events_after(&self, partition: u32, after: u64, limit: u32) -> Result<Vec<EventRecord>, Error>;
+    fn events_after(
+        &self,
+        partition: u32,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, Error>;
 }

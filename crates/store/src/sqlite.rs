@@ -215,7 +215,11 @@ fn migrate(connection: &mut Connection) -> Result<(), Error> {
 fn init_partitions(connection: &mut Connection, partition_count: u32) -> Result<u32, Error> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let stored: Option<String> = transaction
-        .query_row("SELECT value FROM meta WHERE key = 'partition_count'", [], |row| row.get(0))
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'partition_count'",
+            [],
+            |row| row.get(0),
+        )
         .optional()?;
     let count = match stored {
         Some(text) => text
@@ -227,7 +231,10 @@ fn init_partitions(connection: &mut Connection, partition_count: u32) -> Result<
                 params![partition_count.to_string()],
             )?;
             for partition in 0..partition_count {
-                transaction.execute("INSERT INTO partitions (partition) VALUES (?1)", params![partition])?;
+                transaction.execute(
+                    "INSERT INTO partitions (partition) VALUES (?1)",
+                    params![partition],
+                )?;
             }
             partition_count
         }
@@ -310,7 +317,11 @@ fn apply_batch(transaction: &Connection, batch: &PartitionBatch) -> Result<bool,
         )?;
         for (index, event) in batch.events.iter().enumerate() {
             assert_eq!(event.partition, batch.partition);
-            assert_eq!(event.seq, batch.seq_before + 1 + index as u64, "event seqs are contiguous");
+            assert_eq!(
+                event.seq,
+                batch.seq_before + 1 + index as u64,
+                "event seqs are contiguous"
+            );
             assert_eq!(event.epoch, batch.epoch);
             insert.execute(params![
                 event.partition,
@@ -359,11 +370,18 @@ fn apply_batch(transaction: &Connection, batch: &PartitionBatch) -> Result<bool,
         )?;
         for task in &batch.tasks_put {
             assert_eq!(task.partition, batch.partition);
-            put.execute(params![task.task_id, task.partition, task.queue, task.instance_id, task.payload])?;
+            put.execute(params![
+                task.task_id,
+                task.partition,
+                task.queue,
+                task.instance_id,
+                task.payload
+            ])?;
         }
     }
     {
-        let mut delete = transaction.prepare_cached("DELETE FROM timers WHERE instance_id = ?1 AND key = ?2")?;
+        let mut delete =
+            transaction.prepare_cached("DELETE FROM timers WHERE instance_id = ?1 AND key = ?2")?;
         for (instance_id, key) in &batch.timers_delete {
             delete.execute(params![instance_id, key])?;
         }
@@ -372,7 +390,12 @@ fn apply_batch(transaction: &Connection, batch: &PartitionBatch) -> Result<bool,
         )?;
         for timer in &batch.timers_put {
             assert_eq!(timer.partition, batch.partition);
-            put.execute(params![timer.instance_id, timer.key, timer.partition, to_i64(timer.fire_at)])?;
+            put.execute(params![
+                timer.instance_id,
+                timer.key,
+                timer.partition,
+                to_i64(timer.fire_at)
+            ])?;
         }
     }
     Ok(true)
@@ -383,7 +406,13 @@ impl Store for SqliteStore {
         self.partition_count
     }
 
-    fn acquire_lease(&self, partition: u32, owner: &str, now: u64, ttl_ms: u64) -> Result<Option<Lease>, Error> {
+    fn acquire_lease(
+        &self,
+        partition: u32,
+        owner: &str,
+        now: u64,
+        ttl_ms: u64,
+    ) -> Result<Option<Lease>, Error> {
         assert!(partition < self.partition_count);
         self.write(|connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -412,7 +441,13 @@ impl Store for SqliteStore {
         })
     }
 
-    fn renew_leases(&self, owner: &str, leases: &[(u32, u64)], now: u64, ttl_ms: u64) -> Result<Vec<u32>, Error> {
+    fn renew_leases(
+        &self,
+        owner: &str,
+        leases: &[(u32, u64)],
+        now: u64,
+        ttl_ms: u64,
+    ) -> Result<Vec<u32>, Error> {
         self.write(|connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut renewed = Vec::with_capacity(leases.len());
@@ -449,8 +484,9 @@ impl Store for SqliteStore {
 
     fn leases(&self) -> Result<Vec<Lease>, Error> {
         self.read(|connection| {
-            let mut statement = connection
-                .prepare_cached("SELECT partition, owner, epoch, expires_at FROM partitions ORDER BY partition")?;
+            let mut statement = connection.prepare_cached(
+                "SELECT partition, owner, epoch, expires_at FROM partitions ORDER BY partition",
+            )?;
             let rows = statement.query_map([], lease_from_row)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
@@ -517,7 +553,8 @@ impl Store for SqliteStore {
 
     fn commit(&self, batches: &[PartitionBatch]) -> Result<Vec<Result<(), Refusal>>, Error> {
         self.write(|connection| {
-            let mut transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut transaction =
+                connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut outcomes = Vec::with_capacity(batches.len());
             for batch in batches {
                 // A savepoint per partition: a fenced partition's writes are undone
@@ -557,7 +594,11 @@ impl Store for SqliteStore {
         })
     }
 
-    fn definition(&self, name: &str, version: Option<u32>) -> Result<Option<DefinitionRecord>, Error> {
+    fn definition(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Option<DefinitionRecord>, Error> {
         self.read(|connection| {
             let map = |row: &rusqlite::Row<'_>| {
                 Ok(DefinitionRecord {
@@ -606,7 +647,9 @@ impl Store for SqliteStore {
     fn instance(&self, id: &str) -> Result<Option<InstanceRecord>, Error> {
         self.read(|connection| {
             Ok(connection
-                .prepare_cached(&format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = ?1"))?
+                .prepare_cached(&format!(
+                    "SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = ?1"
+                ))?
                 .query_row(params![id], instance_from_row)
                 .optional()?)
         })
@@ -631,7 +674,8 @@ impl Store for SqliteStore {
             values.push(i64::from(query.limit).into());
             sql.push_str(&format!(" ORDER BY id LIMIT ?{}", values.len()));
             let mut statement = connection.prepare_cached(&sql)?;
-            let rows = statement.query_map(rusqlite::params_from_iter(values), instance_from_row)?;
+            let rows =
+                statement.query_map(rusqlite::params_from_iter(values), instance_from_row)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
     }
@@ -647,13 +691,19 @@ impl Store for SqliteStore {
         })
     }
 
-    fn events_after(&self, partition: u32, after: u64, limit: u32) -> Result<Vec<EventRecord>, Error> {
+    fn events_after(
+        &self,
+        partition: u32,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, Error> {
         self.read(|connection| {
             let mut statement = connection.prepare_cached(
                 "SELECT partition, seq, epoch, instance_id, at, type, payload FROM events
                  WHERE partition = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             )?;
-            let rows = statement.query_map(params![partition, to_i64(after), limit], event_from_row)?;
+            let rows =
+                statement.query_map(params![partition, to_i64(after), limit], event_from_row)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
     }
@@ -700,7 +750,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _first = SqliteStore::open(dir.path(), 4).unwrap();
         let second = SqliteStore::open(dir.path(), 4);
-        assert!(matches!(second, Err(Error::Locked(_))), "{:?}", second.err());
+        assert!(
+            matches!(second, Err(Error::Locked(_))),
+            "{:?}",
+            second.err()
+        );
     }
 
     #[test]
@@ -719,7 +773,11 @@ mod tests {
         let store = SqliteStore::open(dir.path(), 2).unwrap();
         let first = store.acquire_lease(0, "a", 0, 1000).unwrap().unwrap();
         assert_eq!(first.epoch, 1);
-        assert_eq!(store.acquire_lease(0, "b", 10, 1000).unwrap(), None, "held by a");
+        assert_eq!(
+            store.acquire_lease(0, "b", 10, 1000).unwrap(),
+            None,
+            "held by a"
+        );
         let second = store.acquire_lease(0, "b", 2000, 1000).unwrap().unwrap();
         assert_eq!(second.epoch, 2);
 
@@ -740,10 +798,19 @@ mod tests {
             ..Default::default()
         };
         let outcomes = store.commit(&[stale.clone(), fresh]).unwrap();
-        assert_eq!(outcomes[0], Err(Refusal::Fenced { partition: 0, epoch: 1 }));
+        assert_eq!(
+            outcomes[0],
+            Err(Refusal::Fenced {
+                partition: 0,
+                epoch: 1
+            })
+        );
         assert_eq!(outcomes[1], Ok(()));
         let history = store.history("i1", 0).unwrap();
-        assert_eq!(history.iter().map(|e| (e.seq, e.epoch)).collect::<Vec<_>>(), vec![(1, 2), (2, 2)]);
+        assert_eq!(
+            history.iter().map(|e| (e.seq, e.epoch)).collect::<Vec<_>>(),
+            vec![(1, 2), (2, 2)]
+        );
 
         // A batch that does not continue the log is refused too (a lost race on seqs).
         let gap = PartitionBatch {
@@ -796,7 +863,14 @@ mod tests {
         assert_eq!(snapshot.timers[0].fire_at, 99);
         assert_eq!(snapshot.last_seq, 1);
         // The next owner's epoch continues from the stored one.
-        assert_eq!(store.acquire_lease(1, "b", 5000, 1000).unwrap().unwrap().epoch, 2);
+        assert_eq!(
+            store
+                .acquire_lease(1, "b", 5000, 1000)
+                .unwrap()
+                .unwrap()
+                .epoch,
+            2
+        );
     }
 
     #[test]
@@ -806,7 +880,10 @@ mod tests {
         assert_eq!(store.put_definition("d", "v1", 1).unwrap(), 1);
         assert_eq!(store.put_definition("d", "v2", 2).unwrap(), 2);
         assert_eq!(store.definition("d", None).unwrap().unwrap().source, "v2");
-        assert_eq!(store.definition("d", Some(1)).unwrap().unwrap().source, "v1");
+        assert_eq!(
+            store.definition("d", Some(1)).unwrap().unwrap().source,
+            "v1"
+        );
         assert_eq!(store.definitions().unwrap().len(), 1);
         assert!(store.definition("e", None).unwrap().is_none());
     }

@@ -1,0 +1,66 @@
+//! weir's HTTP API (v1): a thin face over the engine.
+//!
+//! Only this crate knows the JSON shapes of requests and responses; it converts
+//! them by hand to and from the engine's types. Every error answers with
+//! `{"error": {"code", "message", ...}}` and a status that says its kind; the
+//! codes are explained in `docs/errors.md`.
+
+mod error;
+mod extract;
+mod routes;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use weir_engine::Engine;
+
+pub use error::ApiError;
+
+/// Limits on what a client may send.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body, in bytes; larger ones are refused with 413.
+    pub body_size_max: usize,
+    /// Largest definition body, in bytes.
+    pub definition_size_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            body_size_max: 1024 * 1024,
+            definition_size_max: weir_model::dsl::DEFINITION_SIZE_MAX,
+        }
+    }
+}
+
+/// What handlers share.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub engine: Engine,
+    pub limits: Limits,
+}
+
+/// The API's router, for serving or for tests.
+pub fn router(engine: Engine, limits: Limits) -> axum::Router {
+    routes::router(AppState { engine, limits })
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then drains open
+/// requests for at most `drain`.
+pub async fn serve(
+    listener: TcpListener,
+    engine: Engine,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let address: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?address, "API listening");
+    axum::serve(listener, router(engine, limits))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// How long a long poll may be held, at most, when the client asks for more.
+pub const POLL_WAIT_MAX: Duration = weir_engine::POLL_WAIT_MAX;

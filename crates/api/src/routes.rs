@@ -1,0 +1,446 @@
+//! The v1 routes and their JSON shapes.
+
+use std::collections::HashMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use weir_engine::{HistoryEvent, InstanceView, StartOutcome, StartRequest, TaskOffer};
+use weir_model::event::ErrorInfo;
+use weir_model::machine::InstanceStatus;
+use weir_store::InstanceQuery;
+
+use crate::error::ApiError;
+use crate::extract::{parse_json, read_body};
+use crate::AppState;
+
+/// Most queues one poll may name.
+const POLL_QUEUES_MAX: usize = 64;
+/// Default page size of listings.
+const LIST_LIMIT_DEFAULT: u32 = 100;
+
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/definitions", post(deploy).get(list_definitions))
+        .route("/v1/definitions/{name}", get(get_definition))
+        .route("/v1/instances", post(start).get(list_instances))
+        .route("/v1/instances/{id}", get(get_instance))
+        .route("/v1/instances/{id}/history", get(history))
+        .route("/v1/instances/{id}/cancel", post(cancel))
+        .route("/v1/tasks/poll", post(poll))
+        .route("/v1/tasks/{task_id}/complete", post(complete))
+        .route("/v1/tasks/{task_id}/fail", post(fail))
+        .route("/v1/tasks/{task_id}/heartbeat", post(heartbeat))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint",
+    )
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.engine.ready() {
+        Json(json!({ "status": "ready", "partitions": state.engine.partition_count() }))
+            .into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "not every partition is owned yet",
+        )
+        .into_response()
+    }
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn instance_json(view: &InstanceView) -> Value {
+    json!({
+        "id": view.id,
+        "definition": view.definition,
+        "version": view.version,
+        "status": view.status,
+        "input": view.input,
+        "output": view.output,
+        "error": view.error,
+        "created_at": rfc3339(view.created_at),
+        "updated_at": rfc3339(view.updated_at),
+    })
+}
+
+fn event_json(event: HistoryEvent) -> Value {
+    let mut object = Map::new();
+    object.insert("seq".into(), event.seq.into());
+    if let Value::Object(fields) = event.event {
+        // `type` first after `seq`, then the event's own fields.
+        if let Some(kind) = fields.get("type") {
+            object.insert("type".into(), kind.clone());
+        }
+        object.insert("at".into(), rfc3339(event.at).into());
+        object.insert("epoch".into(), event.epoch.into());
+        for (key, value) in fields {
+            if key != "type" {
+                object.insert(key, value);
+            }
+        }
+    }
+    Value::Object(object)
+}
+
+fn offer_json(offer: TaskOffer) -> Value {
+    json!({
+        "task_id": offer.task_id,
+        "lease_token": offer.lease_token,
+        "queue": offer.queue,
+        "instance_id": offer.instance_id,
+        "step_id": offer.step_id,
+        "attempt": offer.attempt,
+        "input": offer.input,
+        "idempotency_key": offer.idempotency_key,
+    })
+}
+
+async fn deploy(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(body, state.limits.definition_size_max).await?;
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/yaml");
+    let known = [
+        "application/yaml",
+        "application/x-yaml",
+        "text/yaml",
+        "application/json",
+        "text/plain",
+    ];
+    if !known.iter().any(|k| content_type.starts_with(k)) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("definitions are YAML or JSON, not {content_type}"),
+        ));
+    }
+    let source =
+        std::str::from_utf8(&bytes).map_err(|_| ApiError::invalid("definition is not UTF-8"))?;
+    // JSON is a subset of YAML: one parser reports positions for both.
+    let (name, version) = state.engine.deploy(source).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "name": name, "version": version })),
+    )
+        .into_response())
+}
+
+async fn list_definitions(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let definitions = state.engine.definitions().await?;
+    let items: Vec<Value> = definitions
+        .into_iter()
+        .map(|d| json!({ "name": d.name, "version": d.version, "created_at": rfc3339(d.created_at) }))
+        .collect();
+    Ok(Json(json!({ "definitions": items })))
+}
+
+async fn get_definition(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let version = match query.get("version") {
+        None => None,
+        Some(text) => Some(text.parse::<u32>().map_err(|_| {
+            ApiError::invalid("version must be a positive integer")
+                .with("parameter", "version".into())
+        })?),
+    };
+    let definition = state.engine.definition(&name, version).await?;
+    Ok(Json(json!({
+        "name": definition.name,
+        "version": definition.version,
+        "source": definition.source,
+        "created_at": rfc3339(definition.created_at),
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartBody {
+    definition: String,
+    #[serde(default)]
+    version: Option<u32>,
+    #[serde(default)]
+    input: Option<Value>,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+async fn start(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let bytes = read_body(body, state.limits.body_size_max).await?;
+    let body: StartBody = parse_json(&bytes)?;
+    let (view, outcome) = state
+        .engine
+        .start_instance(StartRequest {
+            definition: body.definition,
+            version: body.version,
+            input: body.input.unwrap_or_else(|| json!({})),
+            id: body.id,
+        })
+        .await?;
+    let status = match outcome {
+        StartOutcome::Created => StatusCode::CREATED,
+        StartOutcome::Existing => StatusCode::OK,
+    };
+    let mut object = instance_json(&view);
+    object["created"] = Value::Bool(outcome == StartOutcome::Created);
+    Ok((status, Json(object)).into_response())
+}
+
+async fn get_instance(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let view = state.engine.instance(&id).await?;
+    let view = view.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("instance {id} does not exist"),
+        )
+    })?;
+    Ok(Json(instance_json(&view)))
+}
+
+async fn list_instances(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    for key in query.keys() {
+        if !["status", "definition", "limit", "cursor"].contains(&key.as_str()) {
+            return Err(
+                ApiError::invalid(format!("unknown query parameter `{key}`"))
+                    .with("parameter", key.clone().into()),
+            );
+        }
+    }
+    if let Some(status) = query.get("status") {
+        if InstanceStatus::parse(status).is_none() {
+            return Err(ApiError::invalid(format!("unknown status `{status}`"))
+                .with("parameter", "status".into()));
+        }
+    }
+    let limit = match query.get("limit") {
+        None => LIST_LIMIT_DEFAULT,
+        Some(text) => match text.parse::<u32>() {
+            Ok(limit) if (1..=weir_engine::LIST_LIMIT_MAX).contains(&limit) => limit,
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "limit must be an integer from 1 to {}",
+                    weir_engine::LIST_LIMIT_MAX
+                ))
+                .with("parameter", "limit".into()))
+            }
+        },
+    };
+    let views = state
+        .engine
+        .instances(InstanceQuery {
+            status: query.get("status").cloned(),
+            definition: query.get("definition").cloned(),
+            after_id: query.get("cursor").cloned(),
+            limit,
+        })
+        .await?;
+    let next_cursor = if views.len() == limit as usize {
+        views
+            .last()
+            .map(|v| Value::String(v.id.clone()))
+            .unwrap_or(Value::Null)
+    } else {
+        Value::Null
+    };
+    let items: Vec<Value> = views.iter().map(instance_json).collect();
+    Ok(Json(
+        json!({ "instances": items, "next_cursor": next_cursor }),
+    ))
+}
+
+async fn history(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let events = state.engine.history(&id).await?;
+    let events: Vec<Value> = events.into_iter().map(event_json).collect();
+    Ok(Json(json!({ "events": events })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    #[serde(default)]
+    by: Option<String>,
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let bytes = read_body(body, state.limits.body_size_max).await?;
+    let body: CancelBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        CancelBody::default()
+    } else {
+        parse_json(&bytes)?
+    };
+    let view = state
+        .engine
+        .cancel(&id, body.by.as_deref().unwrap_or("api"))
+        .await?;
+    Ok(Json(instance_json(&view)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PollBody {
+    queues: Vec<String>,
+    #[serde(default)]
+    worker_id: Option<String>,
+    #[serde(default)]
+    max_tasks: Option<u32>,
+    #[serde(default)]
+    wait_ms: Option<u64>,
+}
+
+async fn poll(State(state): State<AppState>, body: Body) -> Result<Json<Value>, ApiError> {
+    let bytes = read_body(body, state.limits.body_size_max).await?;
+    let body: PollBody = parse_json(&bytes)?;
+    if body.queues.is_empty() || body.queues.len() > POLL_QUEUES_MAX {
+        return Err(
+            ApiError::invalid(format!("queues must name 1 to {POLL_QUEUES_MAX} queues"))
+                .with("pointer", "/queues".into()),
+        );
+    }
+    let max_tasks = body.max_tasks.unwrap_or(1) as usize;
+    if max_tasks == 0 || max_tasks > weir_engine::POLL_TASKS_MAX {
+        return Err(ApiError::invalid(format!(
+            "max_tasks must be from 1 to {}",
+            weir_engine::POLL_TASKS_MAX
+        ))
+        .with("pointer", "/max_tasks".into()));
+    }
+    let wait = Duration::from_millis(body.wait_ms.unwrap_or(0)).min(crate::POLL_WAIT_MAX);
+    let _ = body.worker_id;
+    let offers = state.engine.poll(&body.queues, max_tasks, wait).await;
+    let tasks: Vec<Value> = offers.into_iter().map(offer_json).collect();
+    Ok(Json(json!({ "tasks": tasks })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompleteBody {
+    lease_token: String,
+    #[serde(default)]
+    output: Value,
+}
+
+async fn complete(
+    State(state): State<AppState>,
+    Path(task_id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let bytes = read_body(body, state.limits.body_size_max).await?;
+    let body: CompleteBody = parse_json(&bytes)?;
+    state
+        .engine
+        .complete_task(&task_id, &body.lease_token, body.output)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailBody {
+    lease_token: String,
+    error: FailError,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailError {
+    #[serde(rename = "type")]
+    error_type: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default = "retryable_default")]
+    retryable: bool,
+}
+
+fn retryable_default() -> bool {
+    true
+}
+
+async fn fail(
+    State(state): State<AppState>,
+    Path(task_id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let bytes = read_body(body, state.limits.body_size_max).await?;
+    let body: FailBody = parse_json(&bytes)?;
+    if body.error.error_type.is_empty() {
+        return Err(
+            ApiError::invalid("error type must not be empty").with("pointer", "/error/type".into())
+        );
+    }
+    let error = ErrorInfo {
+        error_type: body.error.error_type,
+        message: body.error.message,
+    };
+    state
+        .engine
+        .fail_task(&task_id, &body.lease_token, error, body.error.retryable)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeartbeatBody {
+    lease_token: String,
+}
+
+async fn heartbeat(
+    State(state): State<AppState>,
+    Path(task_id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let bytes = read_body(body, state.limits.body_size_max).await?;
+    let body: HeartbeatBody = parse_json(&bytes)?;
+    state.engine.heartbeat_task(&task_id, &body.lease_token)?;
+    Ok(Json(json!({})))
+}

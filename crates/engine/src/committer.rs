@@ -1,0 +1,94 @@
+//! Group commit: one thread merges the batches of every partition into few
+//! store transactions.
+//!
+//! SQLite has a single writer, so merging is what makes many small commits
+//! cheap: one fsync covers every partition's batch that was waiting.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use weir_store::{PartitionBatch, Refusal, Store};
+
+/// Most partition batches merged into one transaction.
+pub const COMMIT_BATCHES_MAX: usize = 256;
+/// Most batches waiting for the committer; partitions wait beyond that (backpressure).
+pub const COMMIT_QUEUE_MAX: usize = 1024;
+
+/// The outcome of one partition batch.
+pub(crate) type CommitResult = Result<Result<(), Refusal>, Arc<weir_store::Error>>;
+
+pub(crate) struct CommitRequest {
+    pub batch: PartitionBatch,
+    pub reply: oneshot::Sender<CommitResult>,
+}
+
+/// Handle to the committer thread.
+#[derive(Clone)]
+pub(crate) struct Committer {
+    sender: mpsc::Sender<CommitRequest>,
+}
+
+impl Committer {
+    /// Starts the committer thread; it stops once every handle is dropped.
+    pub fn start(store: Arc<dyn Store>) -> Committer {
+        let (sender, receiver) = mpsc::channel(COMMIT_QUEUE_MAX);
+        std::thread::Builder::new()
+            .name("weir-committer".into())
+            .spawn(move || run(store, receiver))
+            .expect("spawning the committer thread");
+        Committer { sender }
+    }
+
+    /// Commits one partition's batch; returns once it is durable (or refused).
+    pub async fn commit(&self, batch: PartitionBatch) -> CommitResult {
+        let (reply, receiver) = oneshot::channel();
+        if self
+            .sender
+            .send(CommitRequest { batch, reply })
+            .await
+            .is_err()
+        {
+            return Err(Arc::new(weir_store::Error::Incompatible(
+                "committer stopped".into(),
+            )));
+        }
+        match receiver.await {
+            Ok(result) => result,
+            Err(_) => Err(Arc::new(weir_store::Error::Incompatible(
+                "committer stopped".into(),
+            ))),
+        }
+    }
+}
+
+fn run(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<CommitRequest>) {
+    // Runs until every sender is gone (engine shutdown).
+    while let Some(first) = receiver.blocking_recv() {
+        let mut requests = vec![first];
+        while requests.len() < COMMIT_BATCHES_MAX {
+            match receiver.try_recv() {
+                Ok(request) => requests.push(request),
+                Err(_) => break,
+            }
+        }
+        let batches: Vec<PartitionBatch> = requests
+            .iter_mut()
+            .map(|r| std::mem::take(&mut r.batch))
+            .collect();
+        match store.commit(&batches) {
+            Ok(outcomes) => {
+                assert_eq!(outcomes.len(), requests.len());
+                for (request, outcome) in requests.into_iter().zip(outcomes) {
+                    let _ = request.reply.send(Ok(outcome));
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, batches = requests.len(), "group commit failed");
+                let err = Arc::new(err);
+                for request in requests {
+                    let _ = request.reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,792 @@
+//! weir's runtime.
+//!
+//! An `Engine` owns partitions (each behind a lease with a fencing epoch), one
+//! actor per owned partition, the group committer, durable timers, the task
+//! board workers poll, and the HTTP step executor. Callers reach it through a
+//! cheap-to-clone `Engine` handle; it never sees an HTTP server type.
+
+mod clock;
+mod committer;
+mod definitions;
+mod http_call;
+mod partition;
+mod taskboard;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use weir_model::event::ErrorInfo;
+use weir_model::machine::{self, Command};
+use weir_model::Problem;
+use weir_store::{EventRecord, InstanceQuery, InstanceRecord, Store};
+
+pub use clock::{Clock, TokioClock};
+pub use partition::StartOutcome;
+pub use taskboard::{TaskOffer, POLL_TASKS_MAX};
+
+use committer::Committer;
+use definitions::Definitions;
+use partition::{Message, PartitionActor, MAILBOX_CAPACITY};
+use taskboard::TaskBoard;
+
+/// Longest a poll may wait for a task.
+pub const POLL_WAIT_MAX: Duration = Duration::from_secs(60);
+/// Longest instance, step and definition name or id.
+pub const ID_LENGTH_MAX: usize = 128;
+/// Most instances one listing returns.
+pub const LIST_LIMIT_MAX: u32 = 1000;
+
+/// Engine errors, each mapping to one kind of answer for the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The definition is invalid.
+    #[error("definition is invalid ({} problems)", .0.len())]
+    InvalidDefinition(Vec<Problem>),
+    /// Something asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request makes no sense in the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// A lease token that is not the task's current one.
+    #[error("{0}")]
+    StaleLease(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Temporarily unable (shutting down, partition not owned, store failed): retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Stored data could not be read back.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] weir_store::Error),
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's name (lease owner).
+    pub node_id: String,
+    /// How long a partition lease lasts without renewal.
+    pub partition_lease: Duration,
+    /// How long a worker holds a task without heartbeat before it is offered again.
+    pub task_lease: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: "node-1".into(),
+            partition_lease: Duration::from_secs(10),
+            task_lease: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An instance as callers see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceView {
+    /// Id.
+    pub id: String,
+    /// Definition name.
+    pub definition: String,
+    /// Definition version.
+    pub version: u32,
+    /// Status name.
+    pub status: String,
+    /// Input.
+    pub input: Value,
+    /// Output, once completed.
+    pub output: Option<Value>,
+    /// Error, once failed: `{"type","message"}`.
+    pub error: Option<Value>,
+    /// Created (ms since the epoch).
+    pub created_at: u64,
+    /// Last changed (ms since the epoch).
+    pub updated_at: u64,
+}
+
+/// One event of a history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryEvent {
+    /// Position in the partition's log.
+    pub seq: u64,
+    /// Fencing epoch it was written under.
+    pub epoch: u64,
+    /// When (ms since the epoch).
+    pub at: u64,
+    /// The event, as its stored JSON object (`type` plus fields).
+    pub event: Value,
+}
+
+/// A definition version as callers see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DefinitionView {
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: u32,
+    /// Source as deployed.
+    pub source: String,
+    /// Deployed (ms since the epoch).
+    pub created_at: u64,
+}
+
+/// A request to start an instance.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    /// Definition name.
+    pub definition: String,
+    /// Version; the latest when `None`.
+    pub version: Option<u32>,
+    /// Input.
+    pub input: Value,
+    /// Id; generated when `None`.
+    pub id: Option<String>,
+}
+
+/// State shared by the engine's parts.
+pub(crate) struct Shared {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub board: TaskBoard,
+    pub definitions: Definitions,
+    pub http: reqwest::Client,
+}
+
+struct Owned {
+    epoch: u64,
+    sender: mpsc::Sender<Message>,
+    task: JoinHandle<()>,
+}
+
+struct Inner {
+    config: Config,
+    shared: Arc<Shared>,
+    committer: Committer,
+    partition_count: u32,
+    partitions: Mutex<HashMap<u32, Owned>>,
+    shutdown: watch::Sender<bool>,
+    background: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Handle to a running engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Starts an engine on `store`: takes every partition's lease, loads the
+    /// partitions and starts their actors, the lease keeper and the task reaper.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Engine, Error> {
+        let partition_count = store.partition_count();
+        let http = reqwest::Client::builder()
+            .build()
+            .map_err(|err| Error::Unavailable(format!("http client: {err}")))?;
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            clock: clock.clone(),
+            board: TaskBoard::new(clock.clone(), config.task_lease),
+            definitions: Definitions::new(store.clone()),
+            http,
+        });
+        let (shutdown, _) = watch::channel(false);
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                config,
+                committer: Committer::start(store),
+                shared,
+                partition_count,
+                partitions: Mutex::new(HashMap::new()),
+                shutdown,
+                background: Mutex::new(Vec::new()),
+            }),
+        };
+        for partition in 0..partition_count {
+            engine.acquire(partition).await?;
+        }
+        engine.spawn_background();
+        tracing::info!(
+            node = %engine.inner.config.node_id,
+            partitions = partition_count,
+            "engine started; all partitions owned"
+        );
+        Ok(engine)
+    }
+
+    /// Takes a partition's lease and starts its actor.
+    async fn acquire(&self, partition: u32) -> Result<bool, Error> {
+        let inner = &self.inner;
+        let store = inner.shared.store.clone();
+        let owner = inner.config.node_id.clone();
+        let now = inner.shared.clock.now_ms();
+        let ttl = inner.config.partition_lease.as_millis() as u64;
+        let lease =
+            tokio::task::spawn_blocking(move || store.acquire_lease(partition, &owner, now, ttl))
+                .await
+                .map_err(|err| Error::Unavailable(err.to_string()))??;
+        let Some(lease) = lease else {
+            return Ok(false);
+        };
+        tracing::info!(partition, epoch = lease.epoch, "lease taken");
+        let (sender, mailbox) = mpsc::channel(MAILBOX_CAPACITY);
+        let actor = PartitionActor::load(
+            partition,
+            lease.epoch,
+            inner.shared.clone(),
+            inner.committer.clone(),
+            mailbox,
+            sender.clone(),
+        )
+        .await?;
+        let task = tokio::spawn(actor.run(inner.shutdown.subscribe()));
+        let previous = inner.partitions.lock().expect("partitions lock").insert(
+            partition,
+            Owned {
+                epoch: lease.epoch,
+                sender,
+                task,
+            },
+        );
+        assert!(previous.is_none(), "a partition has one actor at a time");
+        Ok(true)
+    }
+
+    fn spawn_background(&self) {
+        let mut background = self.inner.background.lock().expect("background lock");
+        // Lease keeper: renews every third of the lease; drops partitions it failed to renew.
+        let engine = self.clone();
+        let mut shutdown = self.inner.shutdown.subscribe();
+        background.push(tokio::spawn(async move {
+            let period = engine.inner.config.partition_lease / 3;
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    _ = tokio::time::sleep(period) => {}
+                }
+                if let Err(err) = engine.renew().await {
+                    tracing::warn!(error = %err, "lease renewal failed");
+                }
+            }
+        }));
+        // Task reaper: offers again tasks whose worker stopped heartbeating.
+        let engine = self.clone();
+        let mut shutdown = self.inner.shutdown.subscribe();
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+                let expired = engine.inner.shared.board.expire_leases();
+                if expired > 0 {
+                    tracing::info!(expired, "task leases expired; tasks offered again");
+                }
+            }
+        }));
+    }
+
+    async fn renew(&self) -> Result<(), Error> {
+        let inner = &self.inner;
+        let held: Vec<(u32, u64)> = {
+            let mut partitions = inner.partitions.lock().expect("partitions lock");
+            // Actors that stopped (fenced, store failure) give their partition up here.
+            partitions.retain(|partition, owned| {
+                let alive = !owned.task.is_finished();
+                if !alive {
+                    tracing::warn!(
+                        partition,
+                        epoch = owned.epoch,
+                        "partition actor stopped; lease lost"
+                    );
+                }
+                alive
+            });
+            partitions.iter().map(|(p, o)| (*p, o.epoch)).collect()
+        };
+        let store = inner.shared.store.clone();
+        let owner = inner.config.node_id.clone();
+        let now = inner.shared.clock.now_ms();
+        let ttl = inner.config.partition_lease.as_millis() as u64;
+        let renewed =
+            tokio::task::spawn_blocking(move || store.renew_leases(&owner, &held, now, ttl))
+                .await
+                .map_err(|err| Error::Unavailable(err.to_string()))??;
+        let lost: Vec<u32> = {
+            let partitions = inner.partitions.lock().expect("partitions lock");
+            partitions
+                .keys()
+                .filter(|p| !renewed.contains(p))
+                .copied()
+                .collect()
+        };
+        for partition in lost {
+            if let Some(owned) = inner
+                .partitions
+                .lock()
+                .expect("partitions lock")
+                .remove(&partition)
+            {
+                tracing::warn!(
+                    partition,
+                    epoch = owned.epoch,
+                    "lease lost; stopping partition"
+                );
+                owned.task.abort();
+                inner.shared.board.remove_partition(partition);
+            }
+        }
+        // Take back any partition not owned (after a lost lease or a failed actor).
+        for partition in 0..inner.partition_count {
+            let owned = inner
+                .partitions
+                .lock()
+                .expect("partitions lock")
+                .contains_key(&partition);
+            if !owned {
+                if let Err(err) = self.acquire(partition).await {
+                    tracing::warn!(partition, error = %err, "taking the partition failed");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every partition has a running actor.
+    pub fn ready(&self) -> bool {
+        let partitions = self.inner.partitions.lock().expect("partitions lock");
+        partitions.len() == self.inner.partition_count as usize
+            && partitions.values().all(|o| !o.task.is_finished())
+    }
+
+    /// Number of partitions.
+    pub fn partition_count(&self) -> u32 {
+        self.inner.partition_count
+    }
+
+    /// Stops actors after their current batch and gives the leases up.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.shutdown.send(true);
+        let owned: Vec<(u32, Owned)> = self
+            .inner
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .drain()
+            .collect();
+        let mut leases = Vec::with_capacity(owned.len());
+        for (partition, owned) in owned {
+            let _ = owned.task.await;
+            leases.push((partition, owned.epoch));
+        }
+        for task in self
+            .inner
+            .background
+            .lock()
+            .expect("background lock")
+            .drain(..)
+        {
+            task.abort();
+        }
+        let store = self.inner.shared.store.clone();
+        let owner = self.inner.config.node_id.clone();
+        let released =
+            tokio::task::spawn_blocking(move || store.release_leases(&owner, &leases)).await;
+        if let Ok(Err(err)) = released {
+            tracing::warn!(error = %err, "releasing leases failed");
+        }
+        tracing::info!("engine stopped");
+    }
+
+    fn now(&self) -> u64 {
+        self.inner.shared.clock.now_ms()
+    }
+
+    fn sender(&self, partition: u32) -> Result<mpsc::Sender<Message>, Error> {
+        let partitions = self.inner.partitions.lock().expect("partitions lock");
+        match partitions.get(&partition) {
+            Some(owned) if !owned.task.is_finished() => Ok(owned.sender.clone()),
+            _ => Err(Error::Unavailable(format!(
+                "partition {partition} is not owned by this node; retry"
+            ))),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T, weir_store::Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let store = self.inner.shared.store.clone();
+        Ok(tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|err| Error::Unavailable(err.to_string()))??)
+    }
+
+    /// Validates and stores a new version of a definition.
+    pub async fn deploy(&self, source: &str) -> Result<(String, u32), Error> {
+        let definition = weir_model::dsl::parse(source).map_err(Error::InvalidDefinition)?;
+        let name = definition.name.clone();
+        let now = self.now();
+        let owned_source = source.to_string();
+        let owned_name = name.clone();
+        let version = self
+            .blocking(move |store| store.put_definition(&owned_name, &owned_source, now))
+            .await?;
+        self.inner
+            .shared
+            .definitions
+            .insert(version, Arc::new(definition));
+        tracing::info!(%name, version, "definition deployed");
+        Ok((name, version))
+    }
+
+    /// A definition version, or the latest.
+    pub async fn definition(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<DefinitionView, Error> {
+        let owned = name.to_string();
+        let record = self
+            .blocking(move |store| store.definition(&owned, version))
+            .await?;
+        let record =
+            record.ok_or_else(|| Error::NotFound(format!("definition {name} does not exist")))?;
+        Ok(DefinitionView {
+            name: record.name,
+            version: record.version,
+            source: record.source,
+            created_at: record.created_at,
+        })
+    }
+
+    /// The latest version of every definition.
+    pub async fn definitions(&self) -> Result<Vec<DefinitionView>, Error> {
+        let records = self.blocking(|store| store.definitions()).await?;
+        Ok(records
+            .into_iter()
+            .map(|record| DefinitionView {
+                name: record.name,
+                version: record.version,
+                source: record.source,
+                created_at: record.created_at,
+            })
+            .collect())
+    }
+
+    /// Starts an instance, or finds the one that already has the requested id.
+    pub async fn start_instance(
+        &self,
+        request: StartRequest,
+    ) -> Result<(InstanceView, StartOutcome), Error> {
+        let id = match request.id {
+            Some(id) => {
+                check_id("instance id", &id)?;
+                if let Some(existing) = self.instance(&id).await? {
+                    return Ok((existing, StartOutcome::Existing));
+                }
+                id
+            }
+            None => generate_id(),
+        };
+        let (version, definition) = self
+            .inner
+            .shared
+            .definitions
+            .resolve(&request.definition, request.version)
+            .await?;
+        let partition = partition_of(&id, self.inner.partition_count);
+        let (reply, receiver) = oneshot::channel();
+        let message = Message::Start {
+            definition: definition.clone(),
+            version,
+            id: id.clone(),
+            input: request.input.clone(),
+            reply,
+        };
+        self.send(partition, message).await?;
+        let outcome = receiver
+            .await
+            .map_err(|_| Error::Unavailable("partition stopped; retry".into()))??;
+        match outcome {
+            StartOutcome::Created => {
+                let now = self.now();
+                Ok((
+                    InstanceView {
+                        id,
+                        definition: definition.name.clone(),
+                        version,
+                        status: "running".into(),
+                        input: request.input,
+                        output: None,
+                        error: None,
+                        created_at: now,
+                        updated_at: now,
+                    },
+                    outcome,
+                ))
+            }
+            StartOutcome::Existing => {
+                // Committed by an earlier request: read it back.
+                let existing = self.instance(&id).await?;
+                let existing = existing
+                    .ok_or_else(|| Error::Unavailable("instance is being started; retry".into()))?;
+                Ok((existing, outcome))
+            }
+        }
+    }
+
+    async fn send(&self, partition: u32, message: Message) -> Result<(), Error> {
+        let sender = self.sender(partition)?;
+        sender
+            .send(message)
+            .await
+            .map_err(|_| Error::Unavailable(format!("partition {partition} stopped; retry")))
+    }
+
+    /// One instance.
+    pub async fn instance(&self, id: &str) -> Result<Option<InstanceView>, Error> {
+        let owned = id.to_string();
+        let record = self.blocking(move |store| store.instance(&owned)).await?;
+        record.map(instance_view).transpose()
+    }
+
+    /// Instances in id order, filtered; `after_id` is the cursor.
+    pub async fn instances(&self, mut query: InstanceQuery) -> Result<Vec<InstanceView>, Error> {
+        query.limit = query.limit.clamp(1, LIST_LIMIT_MAX);
+        let records = self.blocking(move |store| store.instances(&query)).await?;
+        records.into_iter().map(instance_view).collect()
+    }
+
+    /// An instance's events, in order.
+    pub async fn history(&self, id: &str) -> Result<Vec<HistoryEvent>, Error> {
+        if self.instance(id).await?.is_none() {
+            return Err(Error::NotFound(format!("instance {id} does not exist")));
+        }
+        let partition = partition_of(id, self.inner.partition_count);
+        let owned = id.to_string();
+        let records = self
+            .blocking(move |store| store.history(&owned, partition))
+            .await?;
+        records.into_iter().map(history_event).collect()
+    }
+
+    /// Events of a partition after `seq`, for followers of the log.
+    pub async fn partition_events(
+        &self,
+        partition: u32,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<HistoryEvent>, Error> {
+        if partition >= self.inner.partition_count {
+            return Err(Error::NotFound(format!(
+                "partition {partition} does not exist"
+            )));
+        }
+        let records = self
+            .blocking(move |store| store.events_after(partition, after, limit))
+            .await?;
+        records.into_iter().map(history_event).collect()
+    }
+
+    /// Cancels a running instance.
+    pub async fn cancel(&self, id: &str, by: &str) -> Result<InstanceView, Error> {
+        self.apply(id, Command::Cancel { by: by.to_string() })
+            .await?;
+        self.instance(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("instance {id} does not exist")))
+    }
+
+    async fn apply(&self, id: &str, command: Command) -> Result<(), Error> {
+        let partition = partition_of(id, self.inner.partition_count);
+        let (reply, receiver) = oneshot::channel();
+        let message = Message::Apply {
+            instance_id: id.to_string(),
+            command,
+            reply: Some(reply),
+        };
+        self.send(partition, message).await?;
+        match receiver.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(Error::NotFound(message))) => {
+                // Not in memory: either it never existed or it ended.
+                match self.instance(id).await? {
+                    Some(view) => Err(Error::Conflict(format!(
+                        "instance {id} has already ended ({})",
+                        view.status
+                    ))),
+                    None => Err(Error::NotFound(
+                        message.replace("is not running", "does not exist"),
+                    )),
+                }
+            }
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(Error::Unavailable("partition stopped; retry".into())),
+        }
+    }
+
+    /// Takes up to `max_tasks` tasks from `queues`, waiting up to `wait` for one.
+    pub async fn poll(
+        &self,
+        queues: &[String],
+        max_tasks: usize,
+        wait: Duration,
+    ) -> Vec<TaskOffer> {
+        let wait = wait.min(POLL_WAIT_MAX);
+        let mut shutdown = self.inner.shutdown.subscribe();
+        tokio::select! {
+            offers = self.inner.shared.board.poll(queues, max_tasks, wait) => offers,
+            _ = shutdown.changed() => Vec::new(),
+        }
+    }
+
+    /// A worker completed a task.
+    pub async fn complete_task(
+        &self,
+        task_id: &str,
+        lease_token: &str,
+        output: Value,
+    ) -> Result<(), Error> {
+        let instance_id = self.check_lease(task_id, lease_token)?;
+        self.apply(
+            &instance_id,
+            Command::CompleteTask {
+                task_id: task_id.to_string(),
+                output,
+            },
+        )
+        .await
+        .map_err(conflict_is_stale)
+    }
+
+    /// A worker failed a task.
+    pub async fn fail_task(
+        &self,
+        task_id: &str,
+        lease_token: &str,
+        error: ErrorInfo,
+        retryable: bool,
+    ) -> Result<(), Error> {
+        let instance_id = self.check_lease(task_id, lease_token)?;
+        self.apply(
+            &instance_id,
+            Command::FailTask {
+                task_id: task_id.to_string(),
+                error,
+                retryable,
+            },
+        )
+        .await
+        .map_err(conflict_is_stale)
+    }
+
+    /// A worker is still on a task.
+    pub fn heartbeat_task(&self, task_id: &str, lease_token: &str) -> Result<(), Error> {
+        self.inner
+            .shared
+            .board
+            .heartbeat(task_id, lease_token)
+            .map_err(|_| Error::StaleLease(format!("lease of task {task_id} is not current")))
+    }
+
+    fn check_lease(&self, task_id: &str, lease_token: &str) -> Result<String, Error> {
+        let Some((instance_id, _, _)) = machine::parse_task_id(task_id) else {
+            return Err(Error::StaleLease(format!("unknown task {task_id}")));
+        };
+        self.inner
+            .shared
+            .board
+            .check(task_id, lease_token)
+            .map_err(|_| Error::StaleLease(format!("lease of task {task_id} is not current")))?;
+        Ok(instance_id.to_string())
+    }
+
+    /// Tasks on the board (offered or leased).
+    pub fn tasks_pending(&self) -> usize {
+        self.inner.shared.board.len()
+    }
+}
+
+/// A completion for an instance that ended is a stale lease for the worker.
+fn conflict_is_stale(err: Error) -> Error {
+    match err {
+        Error::Conflict(message) | Error::NotFound(message) => Error::StaleLease(message),
+        other => other,
+    }
+}
+
+/// The partition an instance belongs to for life: FNV-1a of its id modulo the count.
+///
+/// This function is part of the stored format: changing it would move instances.
+pub fn partition_of(instance_id: &str, partition_count: u32) -> u32 {
+    assert!(partition_count > 0);
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in instance_id.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % u64::from(partition_count)) as u32
+}
+
+/// Checks a user-given id: 1 to `ID_LENGTH_MAX` of `[A-Za-z0-9_.-]`.
+pub fn check_id(what: &str, id: &str) -> Result<(), Error> {
+    let valid = !id.is_empty()
+        && id.len() <= ID_LENGTH_MAX
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if !valid {
+        return Err(Error::BadRequest(format!(
+            "{what} must be 1 to {ID_LENGTH_MAX} characters of A-Z, a-z, 0-9, `_`, `-` and `.`"
+        )));
+    }
+    Ok(())
+}
+
+fn generate_id() -> String {
+    let bits: u128 = rand::random();
+    format!("{bits:032x}")
+}
+
+fn instance_view(record: InstanceRecord) -> Result<InstanceView, Error> {
+    let parse = |text: &str| {
+        serde_json::from_str::<Value>(text)
+            .map_err(|err| Error::Corrupt(format!("instance {}: {err}", record.id)))
+    };
+    Ok(InstanceView {
+        input: parse(&record.input)?,
+        output: record.output.as_deref().map(parse).transpose()?,
+        error: record.error.as_deref().map(parse).transpose()?,
+        id: record.id.clone(),
+        definition: record.definition,
+        version: record.version,
+        status: record.status,
+        created_at: record.created_at,
+        updated_at: record.updated_at,
+    })
+}
+
+fn history_event(record: EventRecord) -> Result<HistoryEvent, Error> {
+    let event = serde_json::from_str(&record.payload).map_err(|err| {
+        Error::Corrupt(format!("event {}/{}: {err}", record.partition, record.seq))
+    })?;
+    Ok(HistoryEvent {
+        seq: record.seq,
+        epoch: record.epoch,
+        at: record.at,
+        event,
+    })
+}

@@ -1,0 +1,591 @@
+//! The partition actor: one task per owned partition, the only writer of its state.
+//!
+//! It drains its mailbox (starts, completions, failures, cancels) and its due
+//! timers, runs the pure state machine for each, commits the resulting events,
+//! instance states, tasks and timers as one batch, and only then replies to
+//! callers and releases effects (tasks onto the board, timers armed, HTTP calls
+//! made). Acknowledged means durable.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+use weir_model::machine::{self, Command, Effect, InstanceState, Rejection, TaskSpec, TimerId};
+use weir_model::Definition;
+use weir_store::{EventRecord, InstanceRecord, PartitionBatch, Refusal, TaskRecord, TimerRecord};
+
+use crate::committer::Committer;
+use crate::taskboard::BoardTask;
+use crate::{http_call, Error, Shared};
+
+/// Most commands one batch takes from the mailbox.
+pub const BATCH_COMMANDS_MAX: usize = 2048;
+/// Most commands waiting in a partition's mailbox; senders wait beyond that.
+pub const MAILBOX_CAPACITY: usize = 4096;
+/// Ended instance ids remembered per partition, so that a start with a known id
+/// that raced with the instance's end is still answered with that instance.
+const ENDED_REMEMBERED_MAX: usize = 4096;
+
+/// A message to a partition actor.
+pub(crate) enum Message {
+    Start {
+        definition: Arc<Definition>,
+        version: u32,
+        id: String,
+        input: Value,
+        reply: oneshot::Sender<Result<StartOutcome, Error>>,
+    },
+    Apply {
+        instance_id: String,
+        command: Command,
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    },
+}
+
+/// What a start did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartOutcome {
+    /// A new instance was created.
+    Created,
+    /// An instance with that id existed; nothing was started.
+    Existing,
+}
+
+struct Active {
+    state: InstanceState,
+    definition: Arc<Definition>,
+}
+
+type Reply = Box<dyn FnOnce(Result<(), Error>) + Send>;
+
+/// What one batch accumulates before its commit.
+#[derive(Default)]
+struct Pending {
+    events: Vec<EventRecord>,
+    /// Instances touched, in first-touch order.
+    touched: Vec<String>,
+    touched_set: HashSet<String>,
+    /// Task rows: `Some` to put, `None` to delete; the last word wins.
+    tasks: HashMap<String, Option<TaskRecord>>,
+    /// Timer rows by (instance, key): `Some(fire_at)` to put, `None` to delete.
+    timers: HashMap<(String, String), Option<u64>>,
+    effects: Vec<(String, Effect)>,
+    /// Tasks finished by this batch (completed or failed): off the board after commit.
+    finished_tasks: Vec<String>,
+    replies: Vec<(Reply, Result<(), Error>)>,
+}
+
+pub(crate) struct PartitionActor {
+    partition: u32,
+    epoch: u64,
+    last_seq: u64,
+    shared: Arc<Shared>,
+    committer: Committer,
+    instances: HashMap<String, Active>,
+    /// Armed timers, by due time.
+    timers: BTreeSet<(u64, String, String)>,
+    timer_due: HashMap<(String, String), u64>,
+    ended: HashSet<String>,
+    ended_order: VecDeque<String>,
+    mailbox: mpsc::Receiver<Message>,
+    /// Where HTTP results come back to.
+    sender: mpsc::Sender<Message>,
+}
+
+impl PartitionActor {
+    /// Loads a partition from the store and builds its actor.
+    pub async fn load(
+        partition: u32,
+        epoch: u64,
+        shared: Arc<Shared>,
+        committer: Committer,
+        mailbox: mpsc::Receiver<Message>,
+        sender: mpsc::Sender<Message>,
+    ) -> Result<PartitionActor, Error> {
+        let store = shared.store.clone();
+        let snapshot = tokio::task::spawn_blocking(move || store.load_partition(partition))
+            .await
+            .map_err(|err| Error::Unavailable(format!("loading partition {partition}: {err}")))??;
+        let mut actor = PartitionActor {
+            partition,
+            epoch,
+            last_seq: snapshot.last_seq,
+            shared: shared.clone(),
+            committer,
+            instances: HashMap::with_capacity(snapshot.instances.len()),
+            timers: BTreeSet::new(),
+            timer_due: HashMap::new(),
+            ended: HashSet::new(),
+            ended_order: VecDeque::new(),
+            mailbox,
+            sender,
+        };
+        let mut resume = Vec::new();
+        for record in snapshot.instances {
+            let state: InstanceState = serde_json::from_str(&record.state)
+                .map_err(|err| Error::Corrupt(format!("instance {}: {err}", record.id)))?;
+            let definition = shared
+                .definitions
+                .get(&state.definition, state.version)
+                .await?;
+            for effect in machine::resume_effects(&state, &definition) {
+                resume.push((state.id.clone(), effect));
+            }
+            actor
+                .instances
+                .insert(state.id.clone(), Active { state, definition });
+        }
+        for task in snapshot.tasks {
+            let offer: StoredTask = StoredTask::parse(&task.payload)
+                .ok_or_else(|| Error::Corrupt(format!("task {}", task.task_id)))?;
+            shared.board.offer(
+                task.task_id,
+                offer.into_board_task(partition, task.instance_id),
+            );
+        }
+        for timer in snapshot.timers {
+            actor.arm_timer(timer.instance_id, timer.key, timer.fire_at);
+        }
+        for (instance_id, effect) in resume {
+            actor.release(instance_id, effect);
+        }
+        tracing::debug!(
+            partition,
+            epoch,
+            instances = actor.instances.len(),
+            "partition loaded"
+        );
+        Ok(actor)
+    }
+
+    /// Runs until shutdown or until the partition is fenced.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut messages = Vec::with_capacity(64);
+        loop {
+            let next_timer = self.timers.first().map(|(due, _, _)| *due);
+            let sleep = match next_timer {
+                Some(due) => Duration::from_millis(due.saturating_sub(self.shared.clock.now_ms())),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                received = self.mailbox.recv_many(&mut messages, BATCH_COMMANDS_MAX) => {
+                    if received == 0 {
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep(sleep) => {}
+            }
+            let pending = self.process(std::mem::take(&mut messages));
+            if !self.commit(pending).await {
+                tracing::warn!(
+                    partition = self.partition,
+                    epoch = self.epoch,
+                    "partition fenced; stopping its actor"
+                );
+                break;
+            }
+        }
+        self.shared.board.remove_partition(self.partition);
+    }
+
+    fn process(&mut self, messages: Vec<Message>) -> Pending {
+        let now = self.shared.clock.now_ms();
+        let mut pending = Pending::default();
+        for message in messages {
+            match message {
+                Message::Start {
+                    definition,
+                    version,
+                    id,
+                    input,
+                    reply,
+                } => {
+                    if self.instances.contains_key(&id) || self.ended.contains(&id) {
+                        let _ = reply.send(Ok(StartOutcome::Existing));
+                        continue;
+                    }
+                    let (state, transition) = machine::start(&definition, version, &id, input, now);
+                    self.instances
+                        .insert(id.clone(), Active { state, definition });
+                    self.record(&mut pending, &id, transition, now);
+                    pending.replies.push((
+                        Box::new(move |result: Result<(), Error>| {
+                            let _ = reply.send(result.map(|()| StartOutcome::Created));
+                        }),
+                        Ok(()),
+                    ));
+                }
+                Message::Apply {
+                    instance_id,
+                    command,
+                    reply,
+                } => {
+                    let finished_task = match &command {
+                        Command::CompleteTask { task_id, .. }
+                        | Command::FailTask { task_id, .. } => Some(task_id.clone()),
+                        _ => None,
+                    };
+                    let outcome = match self.instances.get_mut(&instance_id) {
+                        None => {
+                            if self.ended.contains(&instance_id) {
+                                Err(Error::Conflict("instance has already ended".into()))
+                            } else {
+                                Err(Error::NotFound(format!(
+                                    "instance {instance_id} is not running"
+                                )))
+                            }
+                        }
+                        Some(active) => {
+                            machine::handle(&mut active.state, &active.definition, command, now)
+                                .map_err(rejection_error)
+                        }
+                    };
+                    let result = match outcome {
+                        Ok(transition) => {
+                            if let Some(task_id) = finished_task {
+                                pending.tasks.insert(task_id.clone(), None);
+                                pending.finished_tasks.push(task_id);
+                            }
+                            self.record(&mut pending, &instance_id, transition, now);
+                            Ok(())
+                        }
+                        Err(err) => Err(err),
+                    };
+                    if let Some(reply) = reply {
+                        pending.replies.push((
+                            Box::new(move |result| {
+                                let _ = reply.send(result);
+                            }),
+                            result,
+                        ));
+                    }
+                }
+            }
+        }
+        // Due timers, oldest first.
+        while let Some((due, _, _)) = self.timers.first() {
+            if *due > now {
+                break;
+            }
+            let (_, instance_id, key) = self.timers.pop_first().expect("checked non-empty");
+            self.timer_due.remove(&(instance_id.clone(), key.clone()));
+            pending
+                .timers
+                .insert((instance_id.clone(), key.clone()), None);
+            let Some(timer) = TimerId::parse(&key) else {
+                tracing::error!(%instance_id, %key, "unknown timer key; dropping it");
+                continue;
+            };
+            if let Some(active) = self.instances.get_mut(&instance_id) {
+                if let Ok(transition) = machine::handle(
+                    &mut active.state,
+                    &active.definition,
+                    Command::FireTimer { timer },
+                    now,
+                ) {
+                    self.record(&mut pending, &instance_id, transition, now);
+                }
+            }
+        }
+        pending
+    }
+
+    /// Adds a transition's events, state and effects to the batch.
+    fn record(
+        &mut self,
+        pending: &mut Pending,
+        instance_id: &str,
+        transition: machine::Transition,
+        now: u64,
+    ) {
+        for event in transition.events {
+            self.last_seq += 1;
+            pending.events.push(EventRecord {
+                partition: self.partition,
+                seq: self.last_seq,
+                epoch: self.epoch,
+                instance_id: instance_id.to_string(),
+                at: now,
+                event_type: event.type_name().to_string(),
+                payload: serde_json::to_string(&event).expect("events serialize"),
+            });
+        }
+        for effect in transition.effects {
+            match &effect {
+                Effect::OfferTask(spec) => {
+                    pending.tasks.insert(
+                        spec.task_id.clone(),
+                        Some(TaskRecord {
+                            task_id: spec.task_id.clone(),
+                            partition: self.partition,
+                            queue: spec.queue.clone(),
+                            instance_id: instance_id.to_string(),
+                            payload: StoredTask::render(spec),
+                        }),
+                    );
+                }
+                Effect::WithdrawTask { task_id } => {
+                    pending.tasks.insert(task_id.clone(), None);
+                }
+                Effect::StartTimer { timer, fire_at } => {
+                    pending
+                        .timers
+                        .insert((instance_id.to_string(), timer.key()), Some(*fire_at));
+                }
+                Effect::CancelTimer { timer } => {
+                    pending
+                        .timers
+                        .insert((instance_id.to_string(), timer.key()), None);
+                }
+                Effect::CallHttp(_) => {}
+            }
+            pending.effects.push((instance_id.to_string(), effect));
+        }
+        if pending.touched_set.insert(instance_id.to_string()) {
+            pending.touched.push(instance_id.to_string());
+        }
+    }
+
+    /// Commits the batch, then releases effects and replies. Returns false if fenced.
+    async fn commit(&mut self, pending: Pending) -> bool {
+        if pending.touched.is_empty() && pending.tasks.is_empty() && pending.timers.is_empty() {
+            for (reply, result) in pending.replies {
+                reply(result);
+            }
+            return true;
+        }
+        let seq_before = self.last_seq - pending.events.len() as u64;
+        let mut batch = PartitionBatch {
+            partition: self.partition,
+            epoch: self.epoch,
+            seq_before,
+            events: pending.events,
+            ..PartitionBatch::default()
+        };
+        for id in &pending.touched {
+            let active = self
+                .instances
+                .get(id)
+                .expect("touched instances are in memory");
+            batch
+                .instances
+                .push(instance_record(self.partition, &active.state));
+        }
+        for (task_id, row) in pending.tasks {
+            match row {
+                Some(row) => batch.tasks_put.push(row),
+                None => batch.tasks_delete.push(task_id),
+            }
+        }
+        for ((instance_id, key), fire_at) in pending.timers {
+            match fire_at {
+                Some(fire_at) => batch.timers_put.push(TimerRecord {
+                    partition: self.partition,
+                    instance_id,
+                    key,
+                    fire_at,
+                }),
+                None => batch.timers_delete.push((instance_id, key)),
+            }
+        }
+        let result = self.committer.commit(batch).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(Refusal::Fenced { .. })) => {
+                for (reply, _) in pending.replies {
+                    reply(Err(Error::Unavailable(format!(
+                        "partition {} moved to another node; retry",
+                        self.partition
+                    ))));
+                }
+                return false;
+            }
+            Err(err) => {
+                // The store failed: nothing of this batch is durable. The in-memory state
+                // is ahead of the store now, so the only safe course is to reload it.
+                tracing::error!(partition = self.partition, error = %err, "commit failed; stopping partition");
+                for (reply, _) in pending.replies {
+                    reply(Err(Error::Unavailable(format!("store failed: {err}"))));
+                }
+                return false;
+            }
+        }
+        for task_id in pending.finished_tasks {
+            self.shared.board.remove(&task_id);
+        }
+        for (instance_id, effect) in pending.effects {
+            self.release(instance_id, effect);
+        }
+        for (reply, result) in pending.replies {
+            reply(result);
+        }
+        for id in pending.touched {
+            let ended = self
+                .instances
+                .get(&id)
+                .is_some_and(|active| active.state.status.is_terminal());
+            if ended {
+                self.instances.remove(&id);
+                self.remember_ended(id);
+            }
+        }
+        true
+    }
+
+    /// Performs an effect whose cause is durable.
+    fn release(&mut self, instance_id: String, effect: Effect) {
+        match effect {
+            Effect::OfferTask(spec) => {
+                let task_id = spec.task_id.clone();
+                self.shared.board.offer(
+                    task_id,
+                    BoardTask {
+                        partition: self.partition,
+                        queue: spec.queue,
+                        instance_id,
+                        step_id: spec.step_id,
+                        attempt: spec.attempt,
+                        input: Arc::new(spec.input),
+                        idempotency_key: spec.idempotency_key,
+                    },
+                );
+            }
+            Effect::WithdrawTask { task_id } => self.shared.board.remove(&task_id),
+            Effect::StartTimer { timer, fire_at } => {
+                self.arm_timer(instance_id, timer.key(), fire_at)
+            }
+            Effect::CancelTimer { timer } => {
+                let key = (instance_id, timer.key());
+                if let Some(due) = self.timer_due.remove(&key) {
+                    self.timers.remove(&(due, key.0, key.1));
+                }
+            }
+            Effect::CallHttp(request) => {
+                let sender = self.sender.clone();
+                let client = self.shared.http.clone();
+                tokio::spawn(async move {
+                    let step_id = request.step_id.clone();
+                    let attempt = request.attempt;
+                    let result = http_call::call(&client, request).await;
+                    let message = Message::Apply {
+                        instance_id,
+                        command: Command::HttpResult {
+                            step_id,
+                            attempt,
+                            result,
+                        },
+                        reply: None,
+                    };
+                    // The partition may have stopped; its successor calls again.
+                    let _ = sender.send(message).await;
+                });
+            }
+        }
+    }
+
+    fn arm_timer(&mut self, instance_id: String, key: String, fire_at: u64) {
+        if let Some(previous) = self
+            .timer_due
+            .insert((instance_id.clone(), key.clone()), fire_at)
+        {
+            self.timers
+                .remove(&(previous, instance_id.clone(), key.clone()));
+        }
+        self.timers.insert((fire_at, instance_id, key));
+    }
+
+    fn remember_ended(&mut self, id: String) {
+        if self.ended_order.len() >= ENDED_REMEMBERED_MAX {
+            if let Some(oldest) = self.ended_order.pop_front() {
+                self.ended.remove(&oldest);
+            }
+        }
+        self.ended.insert(id.clone());
+        self.ended_order.push_back(id);
+    }
+}
+
+fn rejection_error(rejection: Rejection) -> Error {
+    match rejection {
+        Rejection::InstanceEnded(status) => {
+            Error::Conflict(format!("instance has already ended ({status})"))
+        }
+        Rejection::NotCurrent => {
+            Error::StaleLease("the task's attempt is no longer current".into())
+        }
+        Rejection::UnknownTask => Error::StaleLease("unknown task".into()),
+    }
+}
+
+/// The instance row for a state.
+pub(crate) fn instance_record(partition: u32, state: &InstanceState) -> InstanceRecord {
+    InstanceRecord {
+        id: state.id.clone(),
+        partition,
+        definition: state.definition.clone(),
+        version: state.version,
+        status: state.status.as_str().to_string(),
+        active: !state.status.is_terminal(),
+        input: state.context["input"].to_string(),
+        output: state.output.as_ref().map(Value::to_string),
+        error: state
+            .error
+            .as_ref()
+            .map(|e| json!({"type": e.error_type, "message": e.message}).to_string()),
+        created_at: state.created_at,
+        updated_at: state.updated_at,
+        state: serde_json::to_string(state).expect("states serialize"),
+    }
+}
+
+/// The stored form of a task row's payload.
+struct StoredTask {
+    step_id: String,
+    attempt: u32,
+    input: Value,
+    idempotency_key: String,
+    queue: String,
+}
+
+impl StoredTask {
+    fn render(spec: &TaskSpec) -> String {
+        json!({
+            "queue": spec.queue,
+            "step_id": spec.step_id,
+            "attempt": spec.attempt,
+            "input": spec.input,
+            "idempotency_key": spec.idempotency_key,
+        })
+        .to_string()
+    }
+
+    fn parse(payload: &str) -> Option<StoredTask> {
+        let mut value: Value = serde_json::from_str(payload).ok()?;
+        Some(StoredTask {
+            queue: value.get("queue")?.as_str()?.to_string(),
+            step_id: value.get("step_id")?.as_str()?.to_string(),
+            attempt: u32::try_from(value.get("attempt")?.as_u64()?).ok()?,
+            idempotency_key: value.get("idempotency_key")?.as_str()?.to_string(),
+            input: value
+                .get_mut("input")
+                .map(Value::take)
+                .unwrap_or(Value::Null),
+        })
+    }
+
+    fn into_board_task(self, partition: u32, instance_id: String) -> BoardTask {
+        BoardTask {
+            partition,
+            queue: self.queue,
+            instance_id,
+            step_id: self.step_id,
+            attempt: self.attempt,
+            input: Arc::new(self.input),
+            idempotency_key: self.idempotency_key,
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! The task board: tasks waiting for workers, and the leases of tasks workers hold.
+//!
+//! It is memory only, rebuilt from the store's task table when a partition is
+//! loaded: a task is on the board exactly while its row is committed and its
+//! attempt is current. Leases are not durable: after a restart every task is
+//! offered again under a new lease token, and an old token is refused.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use crate::clock::Clock;
+
+/// Most tasks one poll may return.
+pub const POLL_TASKS_MAX: usize = 1024;
+
+/// A task as handed to a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskOffer {
+    /// Task id.
+    pub task_id: String,
+    /// The lease token to complete, fail or heartbeat it with.
+    pub lease_token: String,
+    /// Queue.
+    pub queue: String,
+    /// Instance.
+    pub instance_id: String,
+    /// Step.
+    pub step_id: String,
+    /// 1-based attempt.
+    pub attempt: u32,
+    /// Input.
+    pub input: Value,
+    /// Stable across attempts of the step.
+    pub idempotency_key: String,
+}
+
+/// What the board keeps of a task.
+#[derive(Debug, Clone)]
+pub(crate) struct BoardTask {
+    pub partition: u32,
+    pub queue: String,
+    pub instance_id: String,
+    pub step_id: String,
+    pub attempt: u32,
+    pub input: Arc<Value>,
+    pub idempotency_key: String,
+}
+
+struct Lease {
+    token: u64,
+    expires_at: u64,
+}
+
+struct Entry {
+    task: BoardTask,
+    lease: Option<Lease>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Task ids waiting per queue, oldest first. May hold ids no longer on the board
+    /// (withdrawn); they are skipped when popped.
+    queues: HashMap<String, VecDeque<String>>,
+    entries: HashMap<String, Entry>,
+    /// Leased task ids, for the expiry scan.
+    leased: HashMap<String, u64>,
+    token_next: u64,
+}
+
+/// The board; cheap to share.
+pub(crate) struct TaskBoard {
+    inner: Mutex<Inner>,
+    offered: Notify,
+    clock: Arc<dyn Clock>,
+    lease_duration: Duration,
+}
+
+/// A lease token that is not the task's current one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StaleLease;
+
+impl TaskBoard {
+    pub fn new(clock: Arc<dyn Clock>, lease_duration: Duration) -> TaskBoard {
+        // Tokens start at a random point so that tokens from before a restart are
+        // not reissued for the same task after it.
+        let token_next = rand::random::<u64>() >> 1;
+        TaskBoard {
+            inner: Mutex::new(Inner {
+                token_next,
+                ..Inner::default()
+            }),
+            offered: Notify::new(),
+            clock,
+            lease_duration,
+        }
+    }
+
+    /// Puts a task on the board (or leaves it as it is if it is already there).
+    pub fn offer(&self, task_id: String, task: BoardTask) {
+        {
+            let mut inner = self.inner.lock().expect("board lock");
+            if inner.entries.contains_key(&task_id) {
+                return;
+            }
+            inner
+                .queues
+                .entry(task.queue.clone())
+                .or_default()
+                .push_back(task_id.clone());
+            inner.entries.insert(task_id, Entry { task, lease: None });
+        }
+        self.offered.notify_waiters();
+    }
+
+    /// Takes a task off the board (completed, failed, withdrawn).
+    pub fn remove(&self, task_id: &str) {
+        let mut inner = self.inner.lock().expect("board lock");
+        inner.entries.remove(task_id);
+        inner.leased.remove(task_id);
+    }
+
+    /// Drops every task of a partition (its ownership ended).
+    pub fn remove_partition(&self, partition: u32) {
+        let mut inner = self.inner.lock().expect("board lock");
+        let ids: Vec<String> = inner
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.task.partition == partition)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            inner.entries.remove(&id);
+            inner.leased.remove(&id);
+        }
+    }
+
+    /// Checks that `token` is the current lease of `task_id`.
+    pub fn check(&self, task_id: &str, token: &str) -> Result<u32, StaleLease> {
+        let inner = self.inner.lock().expect("board lock");
+        let entry = inner.entries.get(task_id).ok_or(StaleLease)?;
+        match &entry.lease {
+            Some(lease) if format_token(lease.token) == token => Ok(entry.task.partition),
+            _ => Err(StaleLease),
+        }
+    }
+
+    /// Extends the lease `token` of `task_id`.
+    pub fn heartbeat(&self, task_id: &str, token: &str) -> Result<(), StaleLease> {
+        let expires_at = self.clock.now_ms() + self.lease_duration.as_millis() as u64;
+        let mut inner = self.inner.lock().expect("board lock");
+        let entry = inner.entries.get_mut(task_id).ok_or(StaleLease)?;
+        match &mut entry.lease {
+            Some(lease) if format_token(lease.token) == token => {
+                lease.expires_at = expires_at;
+                inner.leased.insert(task_id.to_string(), expires_at);
+                Ok(())
+            }
+            _ => Err(StaleLease),
+        }
+    }
+
+    /// Takes up to `max_tasks` tasks from `queues`, waiting up to `wait` for the first.
+    pub async fn poll(
+        &self,
+        queues: &[String],
+        max_tasks: usize,
+        wait: Duration,
+    ) -> Vec<TaskOffer> {
+        let max_tasks = max_tasks.clamp(1, POLL_TASKS_MAX);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Register for wake-ups before looking, so an offer between the look
+            // and the wait is not missed.
+            let offered = self.offered.notified();
+            tokio::pin!(offered);
+            offered.as_mut().enable();
+            let taken = self.take(queues, max_tasks);
+            if !taken.is_empty() {
+                return taken;
+            }
+            if tokio::time::timeout_at(deadline, offered).await.is_err() {
+                return Vec::new();
+            }
+        }
+    }
+
+    fn take(&self, queues: &[String], max_tasks: usize) -> Vec<TaskOffer> {
+        let expires_at = self.clock.now_ms() + self.lease_duration.as_millis() as u64;
+        let mut inner = self.inner.lock().expect("board lock");
+        let inner = &mut *inner;
+        let mut taken = Vec::new();
+        for queue in queues {
+            let Some(waiting) = inner.queues.get_mut(queue) else {
+                continue;
+            };
+            while taken.len() < max_tasks {
+                let Some(task_id) = waiting.pop_front() else {
+                    break;
+                };
+                let Some(entry) = inner.entries.get_mut(&task_id) else {
+                    continue; // Withdrawn or completed since it was queued.
+                };
+                if entry.lease.is_some() {
+                    continue;
+                }
+                inner.token_next = inner.token_next.wrapping_add(1);
+                let token = inner.token_next;
+                entry.lease = Some(Lease { token, expires_at });
+                inner.leased.insert(task_id.clone(), expires_at);
+                let task = &entry.task;
+                taken.push(TaskOffer {
+                    task_id,
+                    lease_token: format_token(token),
+                    queue: task.queue.clone(),
+                    instance_id: task.instance_id.clone(),
+                    step_id: task.step_id.clone(),
+                    attempt: task.attempt,
+                    input: (*task.input).clone(),
+                    idempotency_key: task.idempotency_key.clone(),
+                });
+            }
+        }
+        taken
+    }
+
+    /// Offers again every task whose lease expired; returns how many.
+    pub fn expire_leases(&self) -> usize {
+        let now = self.clock.now_ms();
+        let mut expired_count = 0;
+        {
+            let mut inner = self.inner.lock().expect("board lock");
+            let inner = &mut *inner;
+            let expired: Vec<String> = inner
+                .leased
+                .iter()
+                .filter(|(_, &expires_at)| expires_at <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for task_id in expired {
+                inner.leased.remove(&task_id);
+                if let Some(entry) = inner.entries.get_mut(&task_id) {
+                    entry.lease = None;
+                    // Back to the front: it has waited longest.
+                    inner
+                        .queues
+                        .entry(entry.task.queue.clone())
+                        .or_default()
+                        .push_front(task_id);
+                    expired_count += 1;
+                }
+            }
+        }
+        if expired_count > 0 {
+            self.offered.notify_waiters();
+        }
+        expired_count
+    }
+
+    /// Number of tasks on the board, leased or not.
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("board lock").entries.len()
+    }
+}
+
+fn format_token(token: u64) -> String {
+    format!("{token:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::TokioClock;
+
+    fn task(queue: &str) -> BoardTask {
+        BoardTask {
+            partition: 0,
+            queue: queue.into(),
+            instance_id: "i".into(),
+            step_id: "s".into(),
+            attempt: 1,
+            input: Arc::new(Value::Null),
+            idempotency_key: "i:s".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_lease_is_offered_again_with_a_new_token() {
+        // Goal: a task whose worker vanished is offered again; the old token is stale.
+        // Method: lease, advance virtual time past the lease, expire, poll again.
+        let board = TaskBoard::new(
+            Arc::new(TokioClock::starting_at(0)),
+            Duration::from_secs(30),
+        );
+        board.offer("t1".into(), task("q"));
+        let first = board.poll(&["q".into()], 10, Duration::ZERO).await;
+        assert_eq!(first.len(), 1);
+        assert!(board
+            .poll(&["q".into()], 10, Duration::from_millis(10))
+            .await
+            .is_empty());
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(board.expire_leases(), 0);
+        board.heartbeat("t1", &first[0].lease_token).unwrap();
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(board.expire_leases(), 0, "the heartbeat extended the lease");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(board.expire_leases(), 1);
+        let second = board.poll(&["q".into()], 10, Duration::ZERO).await;
+        assert_eq!(second.len(), 1);
+        assert_ne!(second[0].lease_token, first[0].lease_token);
+        assert_eq!(board.check("t1", &first[0].lease_token), Err(StaleLease));
+        assert_eq!(board.check("t1", &second[0].lease_token), Ok(0));
+        board.remove("t1");
+        assert_eq!(board.check("t1", &second[0].lease_token), Err(StaleLease));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn poll_waits_for_an_offer() {
+        let board = Arc::new(TaskBoard::new(
+            Arc::new(TokioClock::starting_at(0)),
+            Duration::from_secs(30),
+        ));
+        let poller = {
+            let board = board.clone();
+            tokio::spawn(async move { board.poll(&["q".into()], 10, Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        board.offer("t1".into(), task("q"));
+        assert_eq!(poller.await.unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,828 @@
+//! The worker: polls task queues, runs handlers, reports their results.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::client::Client;
+use crate::error::Error;
+use crate::wire::PolledTask;
+
+/// Most tasks a worker may run at once.
+///
+/// Every task in flight holds a lease on the server and a tokio task here; beyond this many a
+/// single process is better split into several.
+pub const CONCURRENCY_MAX: usize = 10_000;
+
+/// Longest long-poll wait a worker asks for. A longer wait would only delay noticing a dead
+/// connection.
+pub const POLL_WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// Most tasks asked for in one poll, however many slots are free, to keep responses small.
+pub const POLL_TASKS_MAX: usize = 256;
+
+/// Shortest automatic heartbeat interval, so that a misconfiguration cannot flood a node.
+pub const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_millis(10);
+
+/// Most tries to report one task's result before leaving it to lease expiry.
+const REPORT_ATTEMPTS_MAX: u32 = 5;
+
+/// Wait before the second try of a report; doubled after each further failure.
+const REPORT_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+
+/// Wait before the second poll after a failed one; doubled after each further failure.
+const POLL_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+
+/// Longest wait between failed polls, so that a node coming back is noticed soon.
+const POLL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How long the poll loop waits for more slots to free up when nearly all are busy, so that
+/// a saturated worker asks for several tasks per poll instead of one per completion.
+const POLL_BATCH_DELAY: Duration = Duration::from_millis(2);
+
+/// A task as a handler sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    /// The task's id.
+    pub task_id: String,
+    /// The queue it came from.
+    pub queue: String,
+    /// The workflow instance it belongs to.
+    pub instance_id: String,
+    /// The step it performs.
+    pub step_id: String,
+    /// 1 for the first attempt, counting up with every retry.
+    pub attempt: u32,
+    /// The step's input.
+    pub input: Value,
+    /// Stable across the attempts of one step: use it to make side effects idempotent, since
+    /// a task may run more than once (for example when a lease expires during a long pause).
+    pub idempotency_key: String,
+}
+
+/// A handler's failure, reported to the engine which retries the step or fails it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{error_type}: {message}")]
+pub struct TaskError {
+    /// A short machine-readable type, matched by the definition's `non_retryable` and
+    /// `catch` lists (e.g. `card_declined`).
+    pub error_type: String,
+    /// Human-readable explanation.
+    pub message: String,
+    /// False when retrying cannot help; the step then fails at once.
+    pub retryable: bool,
+}
+
+impl TaskError {
+    /// A failure that a later attempt may not meet (a timeout, an unavailable service).
+    pub fn retryable(error_type: impl Into<String>, message: impl Into<String>) -> TaskError {
+        TaskError {
+            error_type: error_type.into(),
+            message: message.into(),
+            retryable: true,
+        }
+    }
+
+    /// A failure that every attempt would meet (invalid input, a declined card).
+    pub fn non_retryable(error_type: impl Into<String>, message: impl Into<String>) -> TaskError {
+        TaskError {
+            error_type: error_type.into(),
+            message: message.into(),
+            retryable: false,
+        }
+    }
+}
+
+/// A handle on the lease of the task being handled.
+///
+/// The worker heartbeats every task in flight by itself; a handler uses this handle to send
+/// one at once (after a long blocking stretch) or to learn that the lease was lost, in which
+/// case its result will not be accepted and it may stop early. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    inner: Arc<HeartbeatInner>,
+}
+
+#[derive(Debug)]
+struct HeartbeatInner {
+    /// `None` for a detached handle.
+    lease: Option<Lease>,
+    lost: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct Lease {
+    client: Client,
+    task_id: String,
+    lease_token: String,
+}
+
+impl Heartbeat {
+    /// A handle bound to no task, for calling a handler outside a worker (in its unit tests):
+    /// [`beat`](Heartbeat::beat) succeeds without sending anything and the lease is never lost.
+    pub fn detached() -> Heartbeat {
+        Heartbeat::with_lease(None)
+    }
+
+    fn with_lease(lease: Option<Lease>) -> Heartbeat {
+        let (lost, _) = watch::channel(false);
+        Heartbeat {
+            inner: Arc::new(HeartbeatInner { lease, lost }),
+        }
+    }
+
+    /// Extends the lease now. A stale-lease answer marks the lease lost and is returned as an
+    /// error for which [`Error::is_stale_lease`] is true.
+    pub async fn beat(&self) -> Result<(), Error> {
+        let Some(lease) = &self.inner.lease else {
+            return Ok(());
+        };
+        let result = lease
+            .client
+            .heartbeat(&lease.task_id, &lease.lease_token)
+            .await;
+        if let Err(error) = &result {
+            if error.is_stale_lease() {
+                self.inner.lost.send_replace(true);
+            }
+        }
+        result
+    }
+
+    /// True once the server has refused this task's lease.
+    pub fn is_lease_lost(&self) -> bool {
+        *self.inner.lost.borrow()
+    }
+
+    /// Resolves when the server refuses this task's lease; never, if it does not.
+    /// Handy in `tokio::select!` to stop work whose result can no longer be reported.
+    pub async fn lease_lost(&self) {
+        let mut receiver = self.inner.lost.subscribe();
+        // The sender lives in `self`, so the channel cannot close while this waits.
+        let _ = receiver.wait_for(|lost| *lost).await;
+    }
+}
+
+type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>>;
+type Handler = Arc<dyn Fn(Task, Heartbeat) -> HandlerFuture + Send + Sync>;
+
+/// Counters of a worker's work since it started. Cheap to clone; read while the worker runs.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerStats {
+    inner: Arc<StatsInner>,
+}
+
+#[derive(Debug, Default)]
+struct StatsInner {
+    completed: AtomicU64,
+    failed: AtomicU64,
+    lease_lost: AtomicU64,
+    unreported: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+impl WorkerStats {
+    /// Tasks reported completed.
+    pub fn completed(&self) -> u64 {
+        self.inner.completed.load(Ordering::Relaxed)
+    }
+
+    /// Tasks reported failed (handler errors and panics).
+    pub fn failed(&self) -> u64 {
+        self.inner.failed.load(Ordering::Relaxed)
+    }
+
+    /// Tasks whose result was dropped because the server refused the lease.
+    pub fn lease_lost(&self) -> u64 {
+        self.inner.lease_lost.load(Ordering::Relaxed)
+    }
+
+    /// Tasks whose result could not be reported (no node answered in time); the server gives
+    /// them out again when their lease expires.
+    pub fn unreported(&self) -> u64 {
+        self.inner.unreported.load(Ordering::Relaxed)
+    }
+
+    /// Tasks being handled or reported right now.
+    pub fn in_flight(&self) -> u64 {
+        self.inner.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Options of a [`Worker`]; made by [`Worker::builder`].
+pub struct WorkerBuilder {
+    urls: Vec<String>,
+    client: Option<Client>,
+    handlers: HashMap<String, Handler>,
+    worker_id: Option<String>,
+    concurrency: usize,
+    poll_wait: Duration,
+    heartbeat_interval: Duration,
+}
+
+impl std::fmt::Debug for WorkerBuilder {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("WorkerBuilder")
+            .field("urls", &self.urls)
+            .field("queues", &self.handlers.keys().collect::<Vec<_>>())
+            .field("worker_id", &self.worker_id)
+            .field("concurrency", &self.concurrency)
+            .field("poll_wait", &self.poll_wait)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .finish()
+    }
+}
+
+impl WorkerBuilder {
+    /// Handles tasks of queue `name` with `handler`. A later call for the same queue replaces
+    /// the earlier handler.
+    pub fn queue<F, Fut>(mut self, name: impl Into<String>, handler: F) -> WorkerBuilder
+    where
+        F: Fn(Task, Heartbeat) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |task, heartbeat| -> HandlerFuture {
+            Box::pin(handler(task, heartbeat))
+        });
+        self.handlers.insert(name.into(), handler);
+        self
+    }
+
+    /// Names this worker in the server's records (default: `<host>-<process id>`).
+    pub fn worker_id(mut self, worker_id: impl Into<String>) -> WorkerBuilder {
+        self.worker_id = Some(worker_id.into());
+        self
+    }
+
+    /// Most tasks handled at once (default 64, at most [`CONCURRENCY_MAX`]). The worker polls
+    /// only for as many tasks as it has free slots.
+    pub fn concurrency(mut self, concurrency: usize) -> WorkerBuilder {
+        self.concurrency = concurrency;
+        self
+    }
+
+    /// How long one poll waits for a task before returning empty (default 20 s, at most
+    /// [`POLL_WAIT_MAX`]).
+    pub fn poll_wait(mut self, wait: Duration) -> WorkerBuilder {
+        self.poll_wait = wait;
+        self
+    }
+
+    /// How often a task in flight is heartbeated (default 10 s, at least
+    /// [`HEARTBEAT_INTERVAL_MIN`]). Choose about a third of the shortest heartbeat timeout of
+    /// the steps this worker handles.
+    pub fn heartbeat_interval(mut self, interval: Duration) -> WorkerBuilder {
+        self.heartbeat_interval = interval;
+        self
+    }
+
+    /// Uses `client` instead of making one from the URLs given to [`Worker::builder`], to
+    /// share its connection pool.
+    pub fn client(mut self, client: Client) -> WorkerBuilder {
+        self.client = Some(client);
+        self
+    }
+
+    /// Checks the options and makes the worker.
+    pub fn build(self) -> Result<Worker, Error> {
+        if self.handlers.is_empty() {
+            return Err(Error::Config("no queue has a handler".into()));
+        }
+        if self.concurrency == 0 || self.concurrency > CONCURRENCY_MAX {
+            return Err(Error::Config(format!(
+                "concurrency must be between 1 and {CONCURRENCY_MAX}, not {}",
+                self.concurrency
+            )));
+        }
+        if self.poll_wait > POLL_WAIT_MAX {
+            return Err(Error::Config(format!(
+                "poll wait must be at most {POLL_WAIT_MAX:?}, not {:?}",
+                self.poll_wait
+            )));
+        }
+        if self.heartbeat_interval < HEARTBEAT_INTERVAL_MIN {
+            return Err(Error::Config(format!(
+                "heartbeat interval must be at least {HEARTBEAT_INTERVAL_MIN:?}, not {:?}",
+                self.heartbeat_interval
+            )));
+        }
+        let client = match self.client {
+            Some(client) => client,
+            None => Client::new(self.urls)?,
+        };
+        let mut queues: Vec<String> = self.handlers.keys().cloned().collect();
+        queues.sort();
+        Ok(Worker {
+            client,
+            handlers: Arc::new(self.handlers),
+            queues,
+            worker_id: self.worker_id.unwrap_or_else(default_worker_id),
+            concurrency: self.concurrency,
+            poll_wait: self.poll_wait,
+            heartbeat_interval: self.heartbeat_interval,
+            stats: WorkerStats::default(),
+        })
+    }
+
+    /// Builds the worker and runs it until `shutdown` resolves; see [`Worker::run`].
+    pub async fn run(self, shutdown: impl Future) -> Result<(), Error> {
+        self.build()?.run(shutdown).await
+    }
+}
+
+/// A worker process's engine: long-polls queues, runs each task's handler, and reports the
+/// result, up to a set number of tasks at once.
+///
+/// ```no_run
+/// use serde_json::json;
+/// use weir_sdk::{TaskError, Worker};
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), weir_sdk::Error> {
+///     Worker::builder(vec!["http://127.0.0.1:7600".into()])
+///         .queue("payments", |task, _heartbeat| async move {
+///             let amount = task.input["amount"].as_u64().ok_or_else(|| {
+///                 TaskError::non_retryable("invalid_input", "amount must be a whole number")
+///             })?;
+///             // Charge `amount`, passing `task.idempotency_key` to the payment provider.
+///             Ok(json!({ "charged": amount }))
+///         })
+///         .concurrency(32)
+///         .run(async {
+///             let _ = tokio::signal::ctrl_c().await;
+///         })
+///         .await
+/// }
+/// ```
+pub struct Worker {
+    client: Client,
+    handlers: Arc<HashMap<String, Handler>>,
+    queues: Vec<String>,
+    worker_id: String,
+    concurrency: usize,
+    poll_wait: Duration,
+    heartbeat_interval: Duration,
+    stats: WorkerStats,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Worker")
+            .field("urls", &self.client.urls())
+            .field("queues", &self.queues)
+            .field("worker_id", &self.worker_id)
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
+}
+
+/// What every task of one worker shares.
+struct Shared {
+    client: Client,
+    handlers: Arc<HashMap<String, Handler>>,
+    heartbeat_interval: Duration,
+    stats: WorkerStats,
+}
+
+impl Worker {
+    /// Starts configuring a worker that talks to the nodes at `urls`, trying the next one when
+    /// a node cannot be reached.
+    pub fn builder(urls: Vec<String>) -> WorkerBuilder {
+        WorkerBuilder {
+            urls,
+            client: None,
+            handlers: HashMap::new(),
+            worker_id: None,
+            concurrency: 64,
+            poll_wait: Duration::from_secs(20),
+            heartbeat_interval: Duration::from_secs(10),
+        }
+    }
+
+    /// The worker's counters, to be read while it runs.
+    pub fn stats(&self) -> WorkerStats {
+        self.stats.clone()
+    }
+
+    /// The name this worker gives the server.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Polls and handles tasks until `shutdown` resolves, then stops polling (abandoning a
+    /// poll in progress) and waits for the tasks in flight to finish and be reported.
+    ///
+    /// Unreachable nodes and 5xx answers are retried with backoff for as long as it takes.
+    /// Returns an error only when the server refuses the poll itself (a 4xx such as an
+    /// invalid queue name), after the tasks in flight have finished.
+    pub async fn run(self, shutdown: impl Future) -> Result<(), Error> {
+        let semaphore = Arc::new(Semaphore::new(self.concurrency));
+        let shared = Arc::new(Shared {
+            client: self.client.clone(),
+            handlers: self.handlers.clone(),
+            heartbeat_interval: self.heartbeat_interval,
+            stats: self.stats.clone(),
+        });
+        tokio::pin!(shutdown);
+        let mut poll_backoff = POLL_BACKOFF_INITIAL;
+        // Runs until shutdown or a refused poll.
+        let result = loop {
+            let free = tokio::select! {
+                biased;
+                _ = &mut shutdown => break Ok(()),
+                permits = self.free_slots(&semaphore) => permits,
+            };
+            let Some(mut permits) = free else {
+                break Ok(());
+            };
+            let slots = permits.num_permits();
+            let polled = tokio::select! {
+                biased;
+                _ = &mut shutdown => break Ok(()),
+                polled = self.client.poll(&self.queues, &self.worker_id, slots, self.poll_wait) => polled,
+            };
+            match polled {
+                Ok(tasks) => {
+                    poll_backoff = POLL_BACKOFF_INITIAL;
+                    for task in tasks {
+                        let permit = match permits.split(1) {
+                            Some(permit) => permit,
+                            None => {
+                                tracing::warn!(
+                                    slots,
+                                    "server gave more tasks than asked for, waiting for a slot"
+                                );
+                                match semaphore.clone().acquire_owned().await {
+                                    Ok(permit) => permit,
+                                    Err(_) => break,
+                                }
+                            }
+                        };
+                        shared.stats.inner.in_flight.fetch_add(1, Ordering::Relaxed);
+                        tokio::spawn(handle(shared.clone(), task, permit));
+                    }
+                }
+                Err(error) if is_refusal(&error) => {
+                    tracing::error!(%error, "server refused the poll, stopping");
+                    break Err(error);
+                }
+                Err(error) => {
+                    drop(permits);
+                    tracing::warn!(error = %ErrorChain(&error), backoff = ?poll_backoff, "poll failed");
+                    let backoff = jittered(poll_backoff);
+                    poll_backoff = poll_backoff.saturating_mul(2).min(POLL_BACKOFF_MAX);
+                    tokio::select! {
+                        biased;
+                        _ = &mut shutdown => break Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                }
+            }
+        };
+        // Every task in flight holds a permit until its result is reported: holding all of
+        // them means none is left.
+        let all = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
+        let _drained = semaphore.acquire_many(all).await;
+        result
+    }
+
+    /// Waits for at least one free slot and takes every free slot (at most
+    /// [`POLL_TASKS_MAX`]). `None` if the semaphore was closed.
+    async fn free_slots(&self, semaphore: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+        let mut permits = semaphore.clone().acquire_owned().await.ok()?;
+        let wanted = self.concurrency.min(POLL_TASKS_MAX);
+        let batch_min = (wanted / 4).max(1);
+        if semaphore.available_permits() + 1 < batch_min {
+            // Nearly saturated: give running tasks a moment to finish so that this poll asks
+            // for several tasks.
+            let more = u32::try_from(batch_min - 1).unwrap_or(u32::MAX);
+            let waited =
+                tokio::time::timeout(POLL_BATCH_DELAY, semaphore.clone().acquire_many_owned(more))
+                    .await;
+            if let Ok(Ok(more)) = waited {
+                permits.merge(more);
+            }
+        }
+        let free = semaphore
+            .available_permits()
+            .min(wanted.saturating_sub(permits.num_permits()));
+        if free > 0 {
+            let free = u32::try_from(free).unwrap_or(u32::MAX);
+            if let Ok(more) = semaphore.clone().try_acquire_many_owned(free) {
+                permits.merge(more);
+            }
+        }
+        Some(permits)
+    }
+}
+
+/// Runs one task's handler with heartbeats and reports its result; the permit is released
+/// (freeing the slot) only after the report.
+async fn handle(shared: Arc<Shared>, task: PolledTask, permit: OwnedSemaphorePermit) {
+    let _permit = permit;
+    let _in_flight = InFlight(&shared.stats);
+    let PolledTask {
+        task_id,
+        lease_token,
+        queue,
+        instance_id,
+        step_id,
+        attempt,
+        input,
+        idempotency_key,
+    } = task;
+    let Some(handler) = shared.handlers.get(&queue).cloned() else {
+        let error = TaskError::retryable(
+            "unknown_queue",
+            format!("this worker has no handler for queue {queue:?}"),
+        );
+        fail(&shared, &task_id, &lease_token, &error).await;
+        return;
+    };
+    let heartbeat = Heartbeat::with_lease(Some(Lease {
+        client: shared.client.clone(),
+        task_id: task_id.clone(),
+        lease_token: lease_token.clone(),
+    }));
+    let task = Task {
+        task_id: task_id.clone(),
+        queue,
+        instance_id,
+        step_id,
+        attempt,
+        input,
+        idempotency_key,
+    };
+    // The handler runs as its own tokio task so that a panic is caught and reported as a
+    // failure instead of leaving the task to lease expiry.
+    let mut running = tokio::spawn(handler(task, heartbeat.clone()));
+    let joined = tokio::select! {
+        joined = &mut running => joined,
+        never = heartbeat_loop(&heartbeat, shared.heartbeat_interval) => match never {},
+    };
+    let result = match joined {
+        Ok(result) => result,
+        Err(join_error) => Err(TaskError::retryable("panic", panic_message(join_error))),
+    };
+    if heartbeat.is_lease_lost() {
+        tracing::debug!(
+            task_id,
+            "lease lost during the handler, dropping its result"
+        );
+        shared
+            .stats
+            .inner
+            .lease_lost
+            .fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    match result {
+        Ok(output) => complete(&shared, &task_id, &lease_token, &output).await,
+        Err(error) => fail(&shared, &task_id, &lease_token, &error).await,
+    }
+}
+
+/// Heartbeats the task every `interval`; stops (and pends forever) once the lease is lost.
+async fn heartbeat_loop(heartbeat: &Heartbeat, interval: Duration) -> Infallible {
+    let start = tokio::time::Instant::now() + interval;
+    let mut ticker = tokio::time::interval_at(start, interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match heartbeat.beat().await {
+            Ok(()) => {}
+            Err(error) if error.is_stale_lease() => {
+                tracing::warn!(%error, "heartbeat refused, lease lost");
+                return std::future::pending().await;
+            }
+            Err(error) => tracing::warn!(error = %ErrorChain(&error), "heartbeat failed"),
+        }
+    }
+}
+
+async fn complete(shared: &Shared, task_id: &str, lease_token: &str, output: &Value) {
+    let outcome = report(|| shared.client.complete(task_id, lease_token, output)).await;
+    match outcome {
+        Report::Done => {
+            shared.stats.inner.completed.fetch_add(1, Ordering::Relaxed);
+        }
+        Report::Refused(error) if matches!(error.status(), Some(400 | 413 | 422)) => {
+            // The output itself was refused (too large, not JSON the engine accepts): a retry
+            // would produce the same output, so fail the step for good.
+            tracing::warn!(task_id, %error, "output refused, failing the task");
+            let error = TaskError::non_retryable("output_refused", error.to_string());
+            fail(shared, task_id, lease_token, &error).await;
+        }
+        outcome => count_undelivered(shared, task_id, "completion", outcome),
+    }
+}
+
+async fn fail(shared: &Shared, task_id: &str, lease_token: &str, error: &TaskError) {
+    let outcome = report(|| shared.client.fail(task_id, lease_token, error)).await;
+    match outcome {
+        Report::Done => {
+            shared.stats.inner.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        outcome => count_undelivered(shared, task_id, "failure", outcome),
+    }
+}
+
+fn count_undelivered(shared: &Shared, task_id: &str, what: &str, outcome: Report) {
+    let stats = &shared.stats.inner;
+    match outcome {
+        Report::Done => {}
+        Report::LeaseLost => {
+            tracing::debug!(task_id, "lease lost, {what} dropped");
+            stats.lease_lost.fetch_add(1, Ordering::Relaxed);
+        }
+        Report::Refused(error) => {
+            tracing::error!(task_id, %error, "server refused the {what}");
+            stats.unreported.fetch_add(1, Ordering::Relaxed);
+        }
+        Report::Unreachable(error) => {
+            tracing::error!(task_id, error = %ErrorChain(&error), "cannot report the {what}, the task will be given out again after its lease expires");
+            stats.unreported.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+enum Report {
+    Done,
+    /// 409: another worker has the task now, or its attempt is over.
+    LeaseLost,
+    /// Another 4xx: repeating would be refused again.
+    Refused(Error),
+    /// No node took the report in [`REPORT_ATTEMPTS_MAX`] tries.
+    Unreachable(Error),
+}
+
+/// Sends a report, retrying with backoff while no node takes it (each try itself goes through
+/// every node; see [`Client`]).
+async fn report<F, Fut>(send: F) -> Report
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    let mut backoff = REPORT_BACKOFF_INITIAL;
+    let mut attempt = 1;
+    loop {
+        let error = match send().await {
+            Ok(()) => return Report::Done,
+            Err(error) if error.is_stale_lease() => return Report::LeaseLost,
+            Err(error) if is_refusal(&error) => return Report::Refused(error),
+            Err(error) => error,
+        };
+        if attempt == REPORT_ATTEMPTS_MAX {
+            return Report::Unreachable(error);
+        }
+        tracing::debug!(error = %ErrorChain(&error), attempt, "report failed, retrying");
+        tokio::time::sleep(jittered(backoff)).await;
+        backoff = backoff.saturating_mul(2);
+        attempt += 1;
+    }
+}
+
+/// True for answers that repeating will not change: a 4xx other than 408 (timeout) and 429
+/// (too many requests).
+fn is_refusal(error: &Error) -> bool {
+    match error.status() {
+        Some(408 | 429) => false,
+        Some(status) => (400..500).contains(&status),
+        None => false,
+    }
+}
+
+/// `duration` scaled by a random factor in [0.5, 1.0], so that many workers that lost the same
+/// node do not all retry at the same instant.
+fn jittered(duration: Duration) -> Duration {
+    duration.mul_f64(rand::random_range(0.5..=1.0))
+}
+
+fn panic_message(join_error: tokio::task::JoinError) -> String {
+    if !join_error.is_panic() {
+        return "the handler was cancelled".to_owned();
+    }
+    let payload = join_error.into_panic();
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        return format!("the handler panicked: {text}");
+    }
+    if let Some(text) = payload.downcast_ref::<String>() {
+        return format!("the handler panicked: {text}");
+    }
+    "the handler panicked".to_owned()
+}
+
+fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|host| !host.is_empty())
+        .unwrap_or_else(|| "worker".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Counts a task in flight for as long as it lives.
+struct InFlight<'a>(&'a WorkerStats);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Shows an error with its sources, `a: b: c`, for logs.
+struct ErrorChain<'a>(&'a Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{}", self.0)?;
+        let mut source = std::error::Error::source(self.0);
+        while let Some(error) = source {
+            write!(formatter, ": {error}")?;
+            source = error.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals() {
+        // Goal: only answers that a repeat cannot change stop a retry loop.
+        let api = |status| Error::Api(crate::ApiError::from_response(status, b""));
+        assert!(is_refusal(&api(400)));
+        assert!(is_refusal(&api(404)));
+        assert!(!is_refusal(&api(408)));
+        assert!(!is_refusal(&api(429)));
+        assert!(!is_refusal(&api(500)));
+        assert!(!is_refusal(&api(503)));
+    }
+
+    #[test]
+    fn builder_refuses_bad_options() {
+        // Goal: options that cannot work are refused at build with a reason.
+        let base = || {
+            Worker::builder(vec!["http://127.0.0.1:1".into()])
+                .queue("q", |_task, _heartbeat| async { Ok(Value::Null) })
+        };
+        assert!(base().build().is_ok());
+        assert!(matches!(
+            base().concurrency(0).build(),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            base().concurrency(CONCURRENCY_MAX + 1).build(),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            base()
+                .poll_wait(POLL_WAIT_MAX + Duration::from_secs(1))
+                .build(),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            base().heartbeat_interval(Duration::ZERO).build(),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            Worker::builder(vec!["http://127.0.0.1:1".into()]).build(),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            Worker::builder(Vec::new())
+                .queue("q", |_task, _heartbeat| async { Ok(Value::Null) })
+                .build(),
+            Err(Error::NoServer)
+        ));
+    }
+
+    #[test]
+    fn task_error_constructors() {
+        // Goal: the constructors set `retryable` as their names say.
+        assert!(TaskError::retryable("timeout", "slow").retryable);
+        assert!(!TaskError::non_retryable("card_declined", "no").retryable);
+        assert_eq!(
+            TaskError::retryable("timeout", "slow").to_string(),
+            "timeout: slow"
+        );
+    }
+
+    #[tokio::test]
+    async fn detached_heartbeat() {
+        // Goal: a handler can be called outside a worker.
+        let heartbeat = Heartbeat::detached();
+        assert!(heartbeat.beat().await.is_ok());
+        assert!(!heartbeat.is_lease_lost());
+    }
+}

@@ -1,0 +1,452 @@
+//! The worker against a fake weir node: a tiny axum server in the test that hands out tasks and
+//! records every call made to it, over real HTTP on 127.0.0.1.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::{oneshot, Notify};
+use weir_sdk::{Task, TaskError, Worker, WorkerStats};
+
+/// Bound on every wait for the worker to do something; only reached when a test fails.
+const WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// A fake node: a queue of tasks and a record of the calls received.
+#[derive(Default)]
+struct Fake {
+    state: Mutex<FakeState>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct FakeState {
+    /// The worker's concurrency, to check that polls ask only for free slots.
+    concurrency: usize,
+    pending: VecDeque<Value>,
+    /// Tasks handed out and not yet completed or failed.
+    leased: HashSet<String>,
+    polls: Vec<Value>,
+    completes: HashMap<String, Value>,
+    fails: HashMap<String, Value>,
+    complete_calls: HashMap<String, usize>,
+    heartbeats: HashMap<String, usize>,
+    /// Tasks whose lease is refused (409) on complete, fail and heartbeat.
+    stale: HashSet<String>,
+    /// When set, every poll is answered with this status.
+    poll_status: Option<StatusCode>,
+    /// Everything the fake saw that breaks the contract.
+    violations: Vec<String>,
+}
+
+impl Fake {
+    fn state(&self) -> MutexGuard<'_, FakeState> {
+        self.state.lock().expect("fake state lock")
+    }
+
+    fn add_tasks(&self, ids: &[&str]) {
+        let mut state = self.state();
+        for id in ids {
+            state.pending.push_back(json!({
+                "task_id": id, "lease_token": format!("lease-{id}"), "queue": "q",
+                "instance_id": format!("instance-{id}"), "step_id": "step", "attempt": 1,
+                "input": {"id": id}, "idempotency_key": format!("key-{id}"),
+            }));
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until `done` holds, failing the test after [`WAIT_MAX`].
+    async fn wait_until(&self, what: &str, done: impl Fn(&FakeState) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT_MAX;
+        loop {
+            let changed = self.changed.notified();
+            if done(&self.state()) {
+                return;
+            }
+            // The short timeout covers changes made between the check and the wait.
+            let _ = tokio::time::timeout(Duration::from_millis(20), changed).await;
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting until {what}"
+            );
+        }
+    }
+}
+
+async fn poll(State(fake): State<Arc<Fake>>, Json(body): Json<Value>) -> Response {
+    let max_tasks = body["max_tasks"].as_u64().unwrap_or(0) as usize;
+    let wait = Duration::from_millis(body["wait_ms"].as_u64().unwrap_or(0));
+    {
+        let mut state = fake.state();
+        state.polls.push(body.clone());
+        if let Some(status) = state.poll_status {
+            return (
+                status,
+                Json(json!({"error": {"code": "unavailable", "message": "down"}})),
+            )
+                .into_response();
+        }
+        if max_tasks == 0 || max_tasks + state.leased.len() > state.concurrency {
+            let violation = format!(
+                "poll asked for {max_tasks} tasks with {} leased",
+                state.leased.len()
+            );
+            state.violations.push(violation);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        {
+            let mut state = fake.state();
+            if !state.pending.is_empty() {
+                let count = max_tasks.min(state.pending.len());
+                let tasks: Vec<Value> = state.pending.drain(..count).collect();
+                for task in &tasks {
+                    let id = task["task_id"].as_str().unwrap_or_default().to_owned();
+                    state.leased.insert(id);
+                }
+                return Json(json!({ "tasks": tasks })).into_response();
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Json(json!({ "tasks": [] })).into_response();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn task_call(
+    State(fake): State<Arc<Fake>>,
+    Path((task_id, action)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> Response {
+    let mut state = fake.state();
+    if body["lease_token"] != json!(format!("lease-{task_id}")) {
+        state
+            .violations
+            .push(format!("{action} of {task_id} with {body}"));
+    }
+    if action == "complete" {
+        *state.complete_calls.entry(task_id.clone()).or_default() += 1;
+    }
+    let response = if state.stale.contains(&task_id) {
+        // A refused lease is no longer this worker's: its slot counts as free.
+        state.leased.remove(&task_id);
+        let error = json!({"error": {"code": "stale_lease", "message": "lease expired"}});
+        (StatusCode::CONFLICT, Json(error)).into_response()
+    } else {
+        match action.as_str() {
+            "complete" => {
+                state.leased.remove(&task_id);
+                state.completes.insert(task_id, body);
+            }
+            "fail" => {
+                state.leased.remove(&task_id);
+                state.fails.insert(task_id, body);
+            }
+            "heartbeat" => *state.heartbeats.entry(task_id).or_default() += 1,
+            _ => return StatusCode::NOT_FOUND.into_response(),
+        }
+        Json(json!({})).into_response()
+    };
+    drop(state);
+    fake.changed.notify_waiters();
+    response
+}
+
+/// Starts a fake node expecting a worker of `concurrency`; returns it and its URL.
+async fn start_fake(concurrency: usize) -> (Arc<Fake>, String) {
+    let fake = Arc::new(Fake::default());
+    fake.state().concurrency = concurrency;
+    let router = Router::new()
+        .route("/v1/tasks/poll", post(poll))
+        .route("/v1/tasks/{task_id}/{action}", post(task_call))
+        .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let url = format!("http://{}", listener.local_addr().expect("local address"));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (fake, url)
+}
+
+/// A running worker and the means to stop it.
+struct Running {
+    stop: oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<Result<(), weir_sdk::Error>>,
+    stats: WorkerStats,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let joined = tokio::time::timeout(WAIT_MAX, self.done)
+            .await
+            .expect("worker stops in time");
+        joined
+            .expect("worker task")
+            .expect("worker ends without error");
+    }
+}
+
+fn run(worker: Worker) -> Running {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let stats = worker.stats();
+    let done = tokio::spawn(worker.run(stopped));
+    Running { stop, done, stats }
+}
+
+fn builder(urls: Vec<String>) -> weir_sdk::WorkerBuilder {
+    Worker::builder(urls)
+        .worker_id("test-worker")
+        .poll_wait(Duration::from_millis(200))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limit_and_complete_bodies() {
+    // Goal: no more than `concurrency` handlers run at once, polls ask only for free slots, and
+    // every completion carries the lease token and the handler's output. Method: 20 tasks
+    // through a worker of 3 slots whose handler counts the handlers running.
+    let (fake, url) = start_fake(3).await;
+    let ids: Vec<String> = (0..20).map(|index| format!("t{index}")).collect();
+    fake.add_tasks(&ids.iter().map(String::as_str).collect::<Vec<_>>());
+    let running_now = Arc::new(AtomicUsize::new(0));
+    let running_max = Arc::new(AtomicUsize::new(0));
+    let (now, max) = (running_now.clone(), running_max.clone());
+    let worker = builder(vec![url])
+        .concurrency(3)
+        .queue("q", move |task: Task, _heartbeat| {
+            let (now, max) = (now.clone(), max.clone());
+            async move {
+                let running = now.fetch_add(1, Ordering::SeqCst) + 1;
+                max.fetch_max(running, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                Ok(json!({"echo": task.input, "key": task.idempotency_key, "attempt": task.attempt}))
+            }
+        })
+        .build()
+        .expect("valid worker");
+    let running = run(worker);
+    fake.wait_until("all tasks completed", |state| state.completes.len() == 20)
+        .await;
+    let stats = running.stats.clone();
+    running.stop().await;
+
+    let state = fake.state();
+    assert!(state.violations.is_empty(), "{:?}", state.violations);
+    assert!(running_max.load(Ordering::SeqCst) <= 3);
+    assert_eq!(state.polls[0]["max_tasks"], 3);
+    assert_eq!(state.polls[0]["queues"], json!(["q"]));
+    assert_eq!(state.polls[0]["worker_id"], "test-worker");
+    assert_eq!(state.polls[0]["wait_ms"], 200);
+    for id in &ids {
+        assert_eq!(
+            state.completes[id],
+            json!({"lease_token": format!("lease-{id}"),
+                   "output": {"echo": {"id": id}, "key": format!("key-{id}"), "attempt": 1}})
+        );
+    }
+    assert!(state.fails.is_empty());
+    assert_eq!(stats.completed(), 20);
+    assert_eq!(stats.in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_and_panics_are_reported() {
+    // Goal: a handler's error and a handler's panic both become `fail` calls with the contract's
+    // body. Method: one task of each.
+    let (fake, url) = start_fake(4).await;
+    fake.add_tasks(&["declined", "panics"]);
+    let worker = builder(vec![url])
+        .concurrency(4)
+        .queue("q", |task: Task, _heartbeat| async move {
+            if task.task_id == "panics" {
+                panic!("handler bug");
+            }
+            Err(TaskError::non_retryable("card_declined", "no funds"))
+        })
+        .build()
+        .expect("valid worker");
+    let running = run(worker);
+    fake.wait_until("both tasks failed", |state| state.fails.len() == 2)
+        .await;
+    let stats = running.stats.clone();
+    running.stop().await;
+
+    let state = fake.state();
+    assert!(state.violations.is_empty(), "{:?}", state.violations);
+    assert_eq!(
+        state.fails["declined"],
+        json!({"lease_token": "lease-declined",
+               "error": {"type": "card_declined", "message": "no funds", "retryable": false}})
+    );
+    let panicked = &state.fails["panics"]["error"];
+    assert_eq!(panicked["type"], "panic");
+    assert_eq!(panicked["retryable"], true);
+    assert!(
+        panicked["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("handler bug")),
+        "{panicked}"
+    );
+    assert!(state.completes.is_empty());
+    assert_eq!(stats.failed(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_lease_on_complete_is_dropped() {
+    // Goal: a 409 on complete drops the result: no retry, no fail, the worker goes on.
+    // Method: two tasks, the first with a refused lease.
+    let (fake, url) = start_fake(2).await;
+    fake.state().stale.insert("lost".into());
+    fake.add_tasks(&["lost", "kept"]);
+    let worker = builder(vec![url])
+        .concurrency(2)
+        .queue("q", |_task: Task, _heartbeat| async { Ok(json!("done")) })
+        .build()
+        .expect("valid worker");
+    let running = run(worker);
+    fake.wait_until("both completions arrived", |state| {
+        state.completes.contains_key("kept") && state.complete_calls.contains_key("lost")
+    })
+    .await;
+    let stats = running.stats.clone();
+    // Stopping waits for every task in flight, so the counts below are final.
+    running.stop().await;
+
+    let state = fake.state();
+    assert_eq!(state.complete_calls["lost"], 1);
+    assert!(state.fails.is_empty());
+    assert_eq!(stats.lease_lost(), 1);
+    assert_eq!(stats.completed(), 1);
+    assert_eq!(stats.unreported(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_to_the_next_url() {
+    // Goal: a node that refuses connections and a node that answers 503 are both skipped for
+    // the next URL. Method: URLs [closed port, 503 node, good node], one task on the good node.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        let address = listener.local_addr().expect("local address");
+        drop(listener);
+        format!("http://{address}")
+    };
+    let (unavailable, unavailable_url) = start_fake(1).await;
+    unavailable.state().poll_status = Some(StatusCode::SERVICE_UNAVAILABLE);
+    let (fake, url) = start_fake(1).await;
+    fake.add_tasks(&["t1"]);
+    let worker = builder(vec![closed, unavailable_url, url])
+        .concurrency(1)
+        .queue("q", |_task: Task, _heartbeat| async { Ok(json!(1)) })
+        .build()
+        .expect("valid worker");
+    let running = run(worker);
+    fake.wait_until("the task completed", |state| {
+        state.completes.contains_key("t1")
+    })
+    .await;
+    running.stop().await;
+
+    assert!(!unavailable.state().polls.is_empty());
+    assert!(fake.state().violations.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_tasks_in_flight() {
+    // Goal: after shutdown the worker returns only once the task in flight has finished and been
+    // reported. Method: a handler held on a gate across the shutdown signal.
+    let (fake, url) = start_fake(2).await;
+    fake.add_tasks(&["slow"]);
+    let started = Arc::new(Notify::new());
+    let gate = Arc::new(Notify::new());
+    let (started_by_handler, gate_for_handler) = (started.clone(), gate.clone());
+    let worker = builder(vec![url])
+        .concurrency(2)
+        .queue("q", move |_task: Task, _heartbeat| {
+            let (started, gate) = (started_by_handler.clone(), gate_for_handler.clone());
+            async move {
+                started.notify_one();
+                gate.notified().await;
+                Ok(json!("finished"))
+            }
+        })
+        .build()
+        .expect("valid worker");
+    let mut running = run(worker);
+    tokio::time::timeout(WAIT_MAX, started.notified())
+        .await
+        .expect("handler started");
+    let _ = running.stop.send(());
+    let early = tokio::time::timeout(Duration::from_millis(200), &mut running.done).await;
+    assert!(early.is_err(), "the worker returned with a task in flight");
+    assert!(fake.state().completes.is_empty());
+
+    gate.notify_one();
+    let joined = tokio::time::timeout(WAIT_MAX, running.done)
+        .await
+        .expect("worker stops once the task is done");
+    joined
+        .expect("worker task")
+        .expect("worker ends without error");
+    let state = fake.state();
+    assert_eq!(state.completes["slow"]["output"], "finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_long_tasks_and_notices_a_lost_lease() {
+    // Goal: tasks in flight are heartbeated automatically; a 409 on heartbeat tells the handler
+    // and its result is not reported. Method: one task that waits for two heartbeats, one whose
+    // heartbeat is refused and that waits for `lease_lost`.
+    let (fake, url) = start_fake(2).await;
+    fake.state().stale.insert("lost".into());
+    fake.add_tasks(&["long", "lost"]);
+    let fake_for_handler = fake.clone();
+    let worker = builder(vec![url])
+        .concurrency(2)
+        .heartbeat_interval(Duration::from_millis(20))
+        .queue("q", move |task: Task, heartbeat| {
+            let fake = fake_for_handler.clone();
+            async move {
+                if task.task_id == "lost" {
+                    tokio::time::timeout(WAIT_MAX, heartbeat.lease_lost())
+                        .await
+                        .map_err(|_| TaskError::retryable("test", "lease never lost"))?;
+                    assert!(heartbeat.is_lease_lost());
+                    return Ok(json!("too late"));
+                }
+                fake.wait_until("two heartbeats", |state| {
+                    state
+                        .heartbeats
+                        .get("long")
+                        .is_some_and(|count| *count >= 2)
+                })
+                .await;
+                Ok(json!("long done"))
+            }
+        })
+        .build()
+        .expect("valid worker");
+    let running = run(worker);
+    fake.wait_until("the long task completed", |state| {
+        state.completes.contains_key("long")
+    })
+    .await;
+    let stats = running.stats.clone();
+    running.stop().await;
+
+    let state = fake.state();
+    assert!(!state.complete_calls.contains_key("lost"));
+    assert!(!state.fails.contains_key("lost"));
+    assert_eq!(stats.lease_lost(), 1);
+    assert!(state.violations.is_empty(), "{:?}", state.violations);
+}

@@ -1,0 +1,134 @@
+//! `weir start --wait`: shows an instance's progress live until it ends.
+
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use weir_sdk::{Client, Event, Instance};
+
+use super::instances::error_text;
+
+/// Time between two looks at the instance (its status, then its history).
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What an event changes on screen.
+#[derive(Debug, PartialEq, Eq)]
+enum Shown {
+    /// A line that stays, above the spinner.
+    Line(String),
+    /// The spinner's message: what the instance is doing now.
+    Now(String),
+    /// Nothing.
+    Nothing,
+}
+
+/// Follows instance `id` until it ends, showing its steps as they happen on stderr, and returns
+/// the ended instance.
+pub async fn follow(client: &Client, id: &str) -> anyhow::Result<Instance> {
+    let progress = ProgressBar::new_spinner();
+    let style = ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    progress.set_style(style);
+    progress.enable_steady_tick(Duration::from_millis(100));
+    progress.set_message("starting");
+    let mut seq_seen = 0;
+    // Runs until the instance ends or the server refuses a request; Ctrl-C stops it earlier.
+    loop {
+        // Status first, then history: when the status says ended, the history read after it
+        // holds every event up to the end.
+        let looked = async {
+            let instance = client.instance(id).await?;
+            let events = client.history(id).await?;
+            Ok::<_, weir_sdk::Error>((instance, events))
+        }
+        .await;
+        match looked {
+            Ok((instance, events)) => {
+                for event in &events {
+                    if event.seq <= seq_seen {
+                        continue;
+                    }
+                    seq_seen = event.seq;
+                    match show(event) {
+                        Shown::Line(line) if progress.is_hidden() => eprintln!("{line}"),
+                        Shown::Line(line) => progress.println(line),
+                        Shown::Now(message) => progress.set_message(message),
+                        Shown::Nothing => {}
+                    }
+                }
+                if instance.status.is_ended() {
+                    progress.finish_and_clear();
+                    return Ok(instance);
+                }
+            }
+            Err(error @ weir_sdk::Error::Transport { .. }) => {
+                progress.set_message(format!("{error}, retrying"));
+            }
+            Err(error) => {
+                progress.finish_and_clear();
+                return Err(error.into());
+            }
+        }
+        tokio::time::sleep(FOLLOW_INTERVAL).await;
+    }
+}
+
+fn show(event: &Event) -> Shown {
+    let step = event.step_id().unwrap_or("?");
+    let attempt = event
+        .attempt()
+        .map(|attempt| format!(" (attempt {attempt})"))
+        .unwrap_or_default();
+    match event.event_type.as_str() {
+        "instance_started" => Shown::Now("started".into()),
+        "step_scheduled" => Shown::Now(format!("{step}: waiting for a worker{attempt}")),
+        "task_started" => Shown::Now(format!("{step}: running{attempt}")),
+        "step_completed" => Shown::Line(format!("✓ {step}{attempt}")),
+        "step_failed" => {
+            let error = event.error().map(error_text).unwrap_or_default();
+            Shown::Line(format!("✗ {step}{attempt}: {error}"))
+        }
+        "step_retry_scheduled" => Shown::Now(format!("{step}: retry scheduled{attempt}")),
+        "timer_started" => Shown::Now(format!("{step}: waiting for a timer")),
+        "timer_fired" => Shown::Now(format!("{step}: timer fired")),
+        "instance_completed" | "instance_failed" | "instance_cancelled" => Shown::Nothing,
+        other => Shown::Now(format!("{step}: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(body: serde_json::Value, expected: Shown) {
+        let event: Event = serde_json::from_value(body).expect("valid event");
+        assert_eq!(show(&event), expected);
+    }
+
+    #[test]
+    fn events_on_screen() {
+        // Goal: each event type shows as intended; method: one event of each kind.
+        let at = "2026-01-01T00:00:00Z";
+        check(
+            json!({"seq": 2, "type": "step_completed", "at": at, "step_id": "reserve", "attempt": 1}),
+            Shown::Line("✓ reserve (attempt 1)".into()),
+        );
+        check(
+            json!({"seq": 3, "type": "step_failed", "at": at, "step_id": "charge", "attempt": 2,
+                   "error": {"type": "timeout", "message": "no answer in 30s"}}),
+            Shown::Line("✗ charge (attempt 2): timeout: no answer in 30s".into()),
+        );
+        check(
+            json!({"seq": 4, "type": "step_scheduled", "at": at, "step_id": "charge", "attempt": 3}),
+            Shown::Now("charge: waiting for a worker (attempt 3)".into()),
+        );
+        check(
+            json!({"seq": 5, "type": "instance_completed", "at": at}),
+            Shown::Nothing,
+        );
+        check(
+            json!({"seq": 6, "type": "signal_received", "at": at, "step_id": "approve"}),
+            Shown::Now("approve: signal_received".into()),
+        );
+    }
+}

@@ -1,0 +1,54 @@
+//! `weir`: the fault-tolerant workflow engine's one binary. `weir server` runs a node; every other
+//! subcommand is a client of a running cluster (or, for `validate`, of nothing at all).
+
+mod cli;
+mod server;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// weir: a fault-tolerant workflow engine.
+#[derive(Debug, Parser)]
+#[command(name = "weir", version, about)]
+struct Cli {
+    #[command(flatten)]
+    global: cli::Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a weir node.
+    Server(server::ServerArgs),
+    #[command(flatten)]
+    Client(cli::Command),
+}
+
+fn main() -> ExitCode {
+    let parsed = Cli::parse();
+    match parsed.command {
+        Command::Server(args) => match server::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Client(command) => cli::run(parsed.global, command),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_is_consistent() {
+        // Goal: clap's own checks (unique names, valid defaults) pass for every subcommand, so
+        // that no subcommand panics on first use.
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

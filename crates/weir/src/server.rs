@@ -1,0 +1,209 @@
+//! `weir server`: runs a node on the embedded SQLite store.
+//!
+//! Settings come from, in order of precedence: command-line flags, environment
+//! variables (`WEIR_*`), a `weir.toml` file, and the defaults below.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use weir_engine::{Config, Engine, TokioClock};
+use weir_store::{SqliteStore, Store, PARTITION_COUNT_DEFAULT};
+
+/// Default listen address: loopback only, so a fresh node is not exposed.
+const LISTEN_DEFAULT: &str = "127.0.0.1:7600";
+/// Default data directory.
+const DATA_DIR_DEFAULT: &str = "./weir-data";
+/// Default configuration file, read when present.
+const CONFIG_FILE_DEFAULT: &str = "weir.toml";
+
+/// Flags of `weir server`.
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    /// Data directory of the embedded store (default ./weir-data).
+    #[arg(long, env = "WEIR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:7600).
+    #[arg(long, env = "WEIR_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Configuration file (default ./weir.toml when it exists).
+    #[arg(long, env = "WEIR_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's name (default node-1).
+    #[arg(long, env = "WEIR_NODE_ID")]
+    node_id: Option<String>,
+    /// Partitions of a new data directory (default 64; fixed once created).
+    #[arg(long, env = "WEIR_PARTITIONS")]
+    partitions: Option<u32>,
+    /// How long a worker holds a task without a heartbeat, in ms (default 30000).
+    #[arg(long, env = "WEIR_TASK_LEASE_MS")]
+    task_lease_ms: Option<u64>,
+    /// Largest request body, in bytes (default 1048576).
+    #[arg(long, env = "WEIR_BODY_SIZE_MAX")]
+    body_size_max: Option<usize>,
+}
+
+/// `weir.toml`: the same settings as the flags, in snake case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    node_id: Option<String>,
+    partitions: Option<u32>,
+    task_lease_ms: Option<u64>,
+    body_size_max: Option<usize>,
+}
+
+/// Settings after merging flags, environment, file and defaults.
+#[derive(Debug)]
+struct Settings {
+    data_dir: PathBuf,
+    listen: SocketAddr,
+    node_id: String,
+    partitions: u32,
+    task_lease: Duration,
+    body_size_max: usize,
+}
+
+fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
+    let file = match &args.config {
+        Some(path) => read_config(path)?,
+        None if Path::new(CONFIG_FILE_DEFAULT).exists() => {
+            read_config(Path::new(CONFIG_FILE_DEFAULT))?
+        }
+        None => FileConfig::default(),
+    };
+    let settings = Settings {
+        data_dir: args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| DATA_DIR_DEFAULT.into()),
+        listen: match args.listen.or(file.listen) {
+            Some(listen) => listen,
+            None => LISTEN_DEFAULT.parse().expect("the default address parses"),
+        },
+        node_id: args
+            .node_id
+            .or(file.node_id)
+            .unwrap_or_else(|| "node-1".into()),
+        partitions: args
+            .partitions
+            .or(file.partitions)
+            .unwrap_or(PARTITION_COUNT_DEFAULT),
+        task_lease: Duration::from_millis(
+            args.task_lease_ms.or(file.task_lease_ms).unwrap_or(30_000),
+        ),
+        body_size_max: args
+            .body_size_max
+            .or(file.body_size_max)
+            .unwrap_or(1024 * 1024),
+    };
+    if settings.partitions == 0 || settings.partitions > weir_store::PARTITION_COUNT_MAX {
+        bail!(
+            "partitions must be from 1 to {}",
+            weir_store::PARTITION_COUNT_MAX
+        );
+    }
+    if settings.task_lease < Duration::from_millis(100) {
+        bail!(
+            "task_lease_ms must be at least 100: shorter leases expire before workers can answer"
+        );
+    }
+    if settings.body_size_max < 1024 {
+        bail!("body_size_max must be at least 1024 bytes");
+    }
+    weir_engine::check_id("node id", &settings.node_id).map_err(|err| anyhow::anyhow!("{err}"))?;
+    Ok(settings)
+}
+
+fn read_config(path: &Path) -> anyhow::Result<FileConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text)
+        .with_context(|| format!("{} is not a valid weir configuration", path.display()))
+}
+
+/// Runs a node until Ctrl-C or SIGTERM.
+pub fn run(args: ServerArgs) -> anyhow::Result<()> {
+    init_logging();
+    let settings = settings(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("weir")
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(serve(settings))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let data_dir = settings.data_dir.clone();
+    let partitions = settings.partitions;
+    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&data_dir, partitions))
+        .await?
+        .with_context(|| format!("opening data directory {}", settings.data_dir.display()))?;
+    if store.partition_count() != settings.partitions {
+        tracing::info!(
+            stored = store.partition_count(),
+            "the data directory keeps the partition count it was created with"
+        );
+    }
+    let store: Arc<dyn Store> = Arc::new(store);
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))?;
+    let config = Config {
+        node_id: settings.node_id.clone(),
+        task_lease: settings.task_lease,
+        ..Config::default()
+    };
+    let engine = Engine::start(store, config, Arc::new(TokioClock::new()))
+        .await
+        .map_err(|err| anyhow::anyhow!("starting the engine: {err}"))?;
+    tracing::info!(
+        listen = %settings.listen,
+        data_dir = %settings.data_dir.display(),
+        node = %settings.node_id,
+        "weir server ready"
+    );
+    let limits = weir_api::Limits {
+        body_size_max: settings.body_size_max,
+        ..weir_api::Limits::default()
+    };
+    weir_api::serve(listener, engine.clone(), limits, shutdown_signal())
+        .await
+        .context("serving the API")?;
+    engine.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutting down");
+}
