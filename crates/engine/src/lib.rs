@@ -174,6 +174,8 @@ struct Inner {
     partition_count: u32,
     partitions: Mutex<HashMap<u32, Owned>>,
     shutdown: watch::Sender<bool>,
+    /// Set when the node stops handing out tasks (before it stops).
+    draining: watch::Sender<bool>,
     background: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -203,6 +205,7 @@ impl Engine {
             http,
         });
         let (shutdown, _) = watch::channel(false);
+        let (draining, _) = watch::channel(false);
         let engine = Engine {
             inner: Arc::new(Inner {
                 config,
@@ -211,6 +214,7 @@ impl Engine {
                 partition_count,
                 partitions: Mutex::new(HashMap::new()),
                 shutdown,
+                draining,
                 background: Mutex::new(Vec::new()),
             }),
         };
@@ -376,8 +380,15 @@ impl Engine {
         self.inner.partition_count
     }
 
+    /// Stops handing out tasks: open and future polls answer empty at once, so
+    /// that long polls do not hold a graceful shutdown up. Completions still work.
+    pub fn stop_polls(&self) {
+        let _ = self.inner.draining.send(true);
+    }
+
     /// Stops actors after their current batch and gives the leases up.
     pub async fn shutdown(&self) {
+        self.stop_polls();
         let _ = self.inner.shutdown.send(true);
         let owned: Vec<(u32, Owned)> = self
             .inner
@@ -646,10 +657,13 @@ impl Engine {
         wait: Duration,
     ) -> Vec<TaskOffer> {
         let wait = wait.min(POLL_WAIT_MAX);
-        let mut shutdown = self.inner.shutdown.subscribe();
+        let mut draining = self.inner.draining.subscribe();
+        if *draining.borrow_and_update() {
+            return Vec::new();
+        }
         tokio::select! {
             offers = self.inner.shared.board.poll(queues, max_tasks, wait) => offers,
-            _ = shutdown.changed() => Vec::new(),
+            _ = draining.changed() => Vec::new(),
         }
     }
 

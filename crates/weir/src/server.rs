@@ -182,7 +182,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         body_size_max: settings.body_size_max,
         ..weir_api::Limits::default()
     };
-    weir_api::serve(listener, engine.clone(), limits, shutdown_signal())
+    let draining = engine.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        draining.stop_polls();
+    };
+    weir_api::serve(listener, engine.clone(), limits, shutdown)
         .await
         .context("serving the API")?;
     engine.shutdown().await;
