@@ -33,18 +33,25 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
     let value = result.map_err(|err| {
         let pointer = pointer_of(err.path());
         let inner = err.into_inner();
-        let (code, message) = if inner.is_syntax() || inner.is_eof() {
-            ("malformed_json", format!("malformed JSON: {inner}"))
-        } else {
-            (
-                "invalid_request",
-                format!(
-                    "{}: {inner}",
-                    if pointer.is_empty() { "/" } else { &pointer }
-                ),
-            )
+        // A type error may be met before a syntax error further on; malformed JSON is
+        // the more useful answer, so look for one (only on this error path).
+        let syntax = match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Err(err) if err.is_syntax() || err.is_eof() => Some(err.to_string()),
+            _ if inner.is_syntax() || inner.is_eof() => Some(inner.to_string()),
+            _ => None,
         };
-        ApiError::new(StatusCode::BAD_REQUEST, code, message).with("pointer", pointer.into())
+        if let Some(syntax) = syntax {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                format!("malformed JSON: {syntax}"),
+            )
+            .with("pointer", "".into());
+        }
+        let at = if pointer.is_empty() { "/" } else { &pointer };
+        let message = format!("{at}: {inner}");
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+            .with("pointer", pointer.into())
     })?;
     deserializer.end().map_err(|err| {
         ApiError::new(

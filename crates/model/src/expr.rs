@@ -11,9 +11,13 @@
 //! `.steps.reserve.output`) are looked up directly in the JSON context.
 
 use std::cell::OnceCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, LazyLock};
 
-use jaq_core::load::{parse::Def, Arena, File, Loader};
+use jaq_core::load::lex::StrPart;
+use jaq_core::load::parse::{BinaryOp, Def, Pattern, Term};
+use jaq_core::load::{Arena, File, Loader};
+use jaq_core::path::Part;
 use jaq_core::{Compiler, Ctx, Vars};
 use jaq_json::{Num, Rc, Val};
 use serde_json::Value;
@@ -67,6 +71,8 @@ struct Compiled {
     filter: Filter,
     /// Set when the expression is a plain path, evaluated without jaq.
     path: Option<Vec<Key>>,
+    /// The parts of the context the expression can read; `None` when it may read any.
+    needs: Option<Needs>,
 }
 
 /// One step of a plain path.
@@ -259,6 +265,7 @@ impl Expr {
                 source: code.to_string(),
                 filter,
                 path: plain_path(code),
+                needs: needs(code),
             }),
         })
     }
@@ -288,9 +295,15 @@ impl Expr {
             }
             // A type mismatch (indexing a number): jaq says it best.
         }
+        let input = match &self.inner.needs {
+            // Converting only what the expression reads keeps its cost independent of
+            // how many steps have run: a context holds every step's output.
+            Some(needs) => needs.extract(context.json),
+            None => context.val(),
+        };
         let filter = &self.inner.filter;
         let ctx = Ctx::<Data>::new(&filter.lut, Vars::new([]));
-        match filter.id.run((ctx, context.val())).next() {
+        match filter.id.run((ctx, input)).next() {
             None => Ok(Value::Null),
             Some(Ok(value)) => Ok(from_val(&value)),
             Some(Err(exception)) => {
@@ -560,6 +573,183 @@ fn undefined_message(name: &str, undefined: jaq_core::compile::Undefined) -> Str
         }
         Undefined::Filter(arity) => format!("undefined filter `{name}/{arity}`"),
         other => format!("undefined {} `{name}`", other.as_str()),
+    }
+}
+
+/// The parts of the context an expression reads: top-level keys, each whole (`None`)
+/// or only some of its members (`.steps.a` and `.steps.b` read `steps.{a, b}`).
+#[derive(Debug, Default, PartialEq)]
+struct Needs {
+    keys: BTreeMap<String, Option<BTreeSet<String>>>,
+}
+
+impl Needs {
+    fn add(&mut self, key: &str, member: Option<&str>) {
+        match member {
+            None => {
+                self.keys.insert(key.to_string(), None);
+            }
+            Some(member) => {
+                let entry = self
+                    .keys
+                    .entry(key.to_string())
+                    .or_insert_with(|| Some(BTreeSet::new()));
+                if let Some(members) = entry {
+                    members.insert(member.to_string());
+                }
+            }
+        }
+    }
+
+    /// The part of `context` the expression reads, converted for jaq. Keys it cannot
+    /// read are left out; it would see them as missing, which it never looks at.
+    fn extract(&self, context: &Value) -> Val {
+        let Value::Object(map) = context else {
+            return to_val(context);
+        };
+        let pairs = self.keys.iter().filter_map(|(key, members)| {
+            let value = map.get(key)?;
+            let val = match (members, value) {
+                (Some(members), Value::Object(inner)) => Val::obj(
+                    members
+                        .iter()
+                        .filter_map(|m| Some((str_val(m), to_val(inner.get(m)?))))
+                        .collect(),
+                ),
+                _ => to_val(value),
+            };
+            Some((str_val(key), val))
+        });
+        Val::obj(pairs.collect())
+    }
+}
+
+/// What `code` reads of its input (the context), or `None` if it may read anything.
+///
+/// A conservative walk of jaq's syntax tree, following where the context flows: it
+/// is the input of the whole expression, of both sides of most operators, of the
+/// left of `|` (the right side gets the left's output), of array and object
+/// constructors, conditions, and so on. There, a path that starts with literal keys
+/// (`.steps.a.output`) reads those; anything else that gets the context (`.`,
+/// `.[]`, `keys`, `. as $c`, `..`) may read all of it.
+fn needs(code: &str) -> Option<Needs> {
+    let term = jaq_core::load::parse(code, |p| p.term())?;
+    let mut needs = Needs::default();
+    reads(&term, &mut needs).then_some(needs)
+}
+
+/// Adds what `term`, given the context as input, reads of it; false if it may read all.
+fn reads(term: &Term<&str>, needs: &mut Needs) -> bool {
+    match term {
+        Term::Id | Term::Recurse => false,
+        Term::Num(_) | Term::Var(_) | Term::Break(_) | Term::Arr(None) => true,
+        Term::Str(_, parts) => parts.iter().all(|part| match part {
+            StrPart::Term(t) => reads(t, needs),
+            StrPart::Str(_) | StrPart::Char(_) => true,
+        }),
+        Term::Arr(Some(t)) | Term::Neg(t) | Term::Label(_, t) | Term::Def(_, t) => reads(t, needs),
+        Term::Obj(entries) => entries.iter().all(|(key, value)| match value {
+            Some(value) => reads(key, needs) && reads(value, needs),
+            // `{a}` is `{a: .a}`; `{$x}` reads a variable.
+            None => match (key, literal(key)) {
+                (Term::Var(_), _) => true,
+                (_, Some(name)) => {
+                    needs.add(name, None);
+                    true
+                }
+                _ => false,
+            },
+        }),
+        Term::BinOp(left, op, right) => match op {
+            // The right side's input is the left's output, not the context.
+            BinaryOp::Pipe(None) => reads(left, needs),
+            // `l as $x | r`: both get the context.
+            BinaryOp::Pipe(Some(pattern)) => {
+                reads(left, needs) && pattern_reads(pattern, needs) && reads(right, needs)
+            }
+            BinaryOp::Comma
+            | BinaryOp::Alt
+            | BinaryOp::Or
+            | BinaryOp::And
+            | BinaryOp::Math(_)
+            | BinaryOp::Cmp(_) => reads(left, needs) && reads(right, needs),
+            // An update returns the whole, updated context.
+            BinaryOp::Assign | BinaryOp::Update | BinaryOp::UpdateMath(_) | BinaryOp::UpdateAlt => {
+                false
+            }
+        },
+        // Only the source and the initial value see the context; updates see the
+        // accumulator.
+        Term::Fold(_, source, pattern, args) => {
+            reads(source, needs)
+                && pattern_reads(pattern, needs)
+                && args.first().is_none_or(|init| reads(init, needs))
+        }
+        // The handler's input is the error.
+        Term::TryCatch(body, _) => reads(body, needs),
+        Term::IfThenElse(branches, otherwise) => {
+            branches
+                .iter()
+                .all(|(condition, then)| reads(condition, needs) && reads(then, needs))
+                && otherwise.as_ref().is_none_or(|t| reads(t, needs))
+        }
+        // A filter given the context may do anything with it; these few ignore it.
+        Term::Call(name, args) => match (*name, args.len()) {
+            ("empty" | "true" | "false" | "null", 0) => true,
+            ("error", 1) => reads(&args[0], needs),
+            _ => false,
+        },
+        Term::Path(head, path) => {
+            let parts = &path.0;
+            let index_reads = |parts: &[(Part<Term<&str>>, _)], needs: &mut Needs| {
+                // Index expressions (`.[f]`) get the context as input too.
+                parts.iter().all(|(part, _)| match part {
+                    Part::Index(t) => reads(t, needs),
+                    Part::Range(from, to) => {
+                        from.as_ref().is_none_or(|t| reads(t, needs))
+                            && to.as_ref().is_none_or(|t| reads(t, needs))
+                    }
+                })
+            };
+            if !matches!(**head, Term::Id) {
+                return reads(head, needs) && index_reads(parts, needs);
+            }
+            let key = match parts.first() {
+                Some((Part::Index(t), _)) => literal(t),
+                _ => None,
+            };
+            let Some(key) = key else {
+                return false;
+            };
+            let member = match parts.get(1) {
+                Some((Part::Index(t), _)) => literal(t),
+                _ => None,
+            };
+            needs.add(key, member);
+            index_reads(parts, needs)
+        }
+    }
+}
+
+fn pattern_reads(pattern: &Pattern<&str>, needs: &mut Needs) -> bool {
+    match pattern {
+        Pattern::Var(_) => true,
+        Pattern::Arr(items) => items.iter().all(|p| pattern_reads(p, needs)),
+        // Computed keys (`{(f): $x}`) are conservatively assumed to see the context.
+        Pattern::Obj(entries) => entries
+            .iter()
+            .all(|(key, p)| reads(key, needs) && pattern_reads(p, needs)),
+    }
+}
+
+/// The text of a string literal without escapes or interpolation.
+fn literal<'s>(term: &Term<&'s str>) -> Option<&'s str> {
+    match term {
+        Term::Str(None, parts) => match parts.as_slice() {
+            [StrPart::Str(text)] => Some(text),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -877,6 +1067,151 @@ mod tests {
     }
 
     #[test]
+    fn finds_what_expressions_read() {
+        fn keys(pairs: &[(&str, Option<&[&str]>)]) -> Option<Needs> {
+            let mut needs = Needs::default();
+            for (key, members) in pairs {
+                match members {
+                    None => needs.add(key, None),
+                    Some(members) => members.iter().for_each(|m| needs.add(key, Some(m))),
+                }
+            }
+            Some(needs)
+        }
+        let cases = [
+            (".input.qty * 2", keys(&[("input", Some(&["qty"]))])),
+            (
+                "{id: .steps.a.output.id, n: (.input + 1), b: .steps[\"cool-off\"]}",
+                keys(&[("steps", Some(&["a", "cool-off"])), ("input", None)]),
+            ),
+            (".steps.a, .steps", keys(&[("steps", None)])),
+            (
+                ".input.items | map(.price * .qty) | add",
+                keys(&[("input", Some(&["items"]))]),
+            ),
+            ("\"x \\(.vars.k)\"", keys(&[("vars", Some(&["k"]))])),
+            (
+                "if .input.a then .vars else empty end",
+                keys(&[("input", Some(&["a"])), ("vars", None)]),
+            ),
+            (
+                "reduce .input.xs[] as $x (0; . + $x + .zzz)",
+                keys(&[("input", Some(&["xs"]))]),
+            ),
+            (
+                ".input.a as $a | .vars.b + $a",
+                keys(&[("input", Some(&["a"])), ("vars", Some(&["b"]))]),
+            ),
+            ("try .input.a catch .x", keys(&[("input", Some(&["a"]))])),
+            (
+                ".input[.vars.i]",
+                keys(&[("input", None), ("vars", Some(&["i"]))]),
+            ),
+            ("{input}", keys(&[("input", None)])),
+            ("1 + 2", keys(&[])),
+            (".", None),
+            ("keys", None),
+            (".[]", None),
+            ("..", None),
+            (". as $c | $c.steps.b", None),
+            ("tojson", None),
+            (".input.a = 1", None),
+            (".[\"in\\u0070ut\"]", None),
+            ("def f: .steps; f", None),
+            ("getpath([\"steps\", \"a\"])", None),
+        ];
+        for (source, expected) in cases {
+            assert_eq!(needs(source), expected, "{source}");
+        }
+    }
+
+    #[test]
+    fn reading_less_gives_the_same_results() {
+        let mut context = context();
+        context["steps"]["b"] = json!({"output": {"list": [{"v": 1}, {"v": 2}]}});
+        let cases = [
+            ".steps.b.output.list | map(.v) | add",
+            "{a: .steps.a.output.id, missing: .steps.zz, n: .input.n}",
+            "[.steps[\"cool-off\"].output, .input.items[1:]]",
+            ".steps.a.output.total * 2",
+            ".steps | keys",
+        ];
+        for source in cases {
+            let expr = Expr::compile(source).unwrap();
+            assert!(
+                expr.inner.needs.is_some() || source == ".steps | keys",
+                "{source}"
+            );
+            let mut full = Expr::compile(source).unwrap();
+            let compiled = Arc::get_mut(&mut full.inner).unwrap();
+            compiled.needs = None;
+            compiled.path = None;
+            assert_eq!(expr.eval(&context), full.eval(&context), "{source}");
+        }
+    }
+
+    /// Pieces of jq that expressions are made of, to build random ones from.
+    const FRAGMENTS: [&str; 40] = [
+        ".input",
+        ".steps",
+        ".a",
+        ".x",
+        ".items",
+        ".output",
+        ".steps.a.output",
+        ".",
+        "|",
+        "+",
+        ",",
+        "keys",
+        "map(",
+        ")",
+        "(",
+        ".[]",
+        "..",
+        " as $v | ",
+        "$v",
+        "{a: ",
+        "{input}",
+        "}",
+        "[",
+        "]",
+        "\"s\"",
+        "1",
+        "length",
+        "select(",
+        "tostring",
+        "reduce ",
+        "; ",
+        "try ",
+        " catch ",
+        "if ",
+        " then ",
+        " else ",
+        " end",
+        "?",
+        " // ",
+        " = ",
+    ];
+
+    proptest::proptest! {
+        /// Reading only part of the context, or a plain path without jaq, gives what
+        /// jaq gives on the whole context.
+        #[test]
+        fn shortcuts_match_jaq(pieces in proptest::collection::vec(0..FRAGMENTS.len(), 1..10)) {
+            let source: String = pieces.iter().map(|&i| FRAGMENTS[i]).collect();
+            if let Ok(expr) = Expr::compile(&source) {
+                let mut full = Expr::compile(&source).unwrap();
+                let compiled = Arc::get_mut(&mut full.inner).unwrap();
+                compiled.needs = None;
+                compiled.path = None;
+                let context = context();
+                proptest::prop_assert_eq!(expr.eval(&context), full.eval(&context), "{}", source);
+            }
+        }
+    }
+
+    #[test]
     fn plain_paths_skip_jaq() {
         let cases = [
             (".", Some(vec![])),
@@ -986,11 +1321,16 @@ mod tests {
     fn shared_context_converts_once() {
         let context = context();
         let shared = EvalContext::new(&context);
-        let a = Expr::compile(".input.x + 1").unwrap();
-        let b = Expr::compile(".input.items | add").unwrap();
-        assert_eq!(a.eval_in(&shared), Ok(json!(42)));
+        // Expressions that read only parts of the context leave it unconverted.
+        let part = Expr::compile(".input.x + 1").unwrap();
+        assert_eq!(part.eval_in(&shared), Ok(json!(42)));
+        assert!(shared.val.get().is_none());
+        // One that may read anything converts it once, for every such expression.
+        let all = Expr::compile("keys | length").unwrap();
+        assert_eq!(all.eval_in(&shared), Ok(json!(3)));
         assert!(shared.val.get().is_some());
-        assert_eq!(b.eval_in(&shared), Ok(json!(6)));
+        let again = Expr::compile("[.[] | length]").unwrap();
+        assert_eq!(again.eval_in(&shared), Ok(json!([5, 2, 0])));
     }
 
     #[test]
@@ -1002,42 +1342,5 @@ mod tests {
         let b = a.clone();
         assert!(Arc::ptr_eq(&a.inner, &b.inner));
         assert_eq!(format!("{b:?}"), "${ .a }");
-    }
-}
-#[cfg(test)]
-mod tmp_perf {
-    use super::*;
-    use serde_json::json;
-    #[test]
-    fn tmp_perf() {
-        let mut steps = serde_json::Map::new();
-        for i in 0..20 {
-            steps.insert(
-                format!("s{i}"),
-                json!({"output": {"id": i, "items": [1,2,3,4,5], "name": "some text here"}}),
-            );
-        }
-        let ctx = json!({"input": {"sku": "A-1", "qty": 2}, "steps": steps, "vars": {}});
-        let n = 20000u32;
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            std::hint::black_box(to_val(&ctx));
-        }
-        println!("to_val {:?}", t.elapsed() / n);
-        let v = to_val(&ctx);
-        let e = Expr::compile(".input.qty * 2").unwrap();
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            let filter = &e.inner.filter;
-            let c = Ctx::<Data>::new(&filter.lut, Vars::new([]));
-            std::hint::black_box(filter.id.run((c, v.clone())).next());
-        }
-        println!("run {:?}", t.elapsed() / n);
-        let small = json!({"input": {"qty": 2}});
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            std::hint::black_box(e.eval(&small).unwrap());
-        }
-        println!("eval small {:?}", t.elapsed() / n);
     }
 }

@@ -1,0 +1,715 @@
+//! Goal: every endpoint answers with the documented status and shape, and bad input
+//! is refused with a precise error that changes nothing in the store.
+//!
+//! Method: a real engine on a real SQLite file, served over real HTTP on a loopback
+//! port; requests made with reqwest. Bad-input cases are a table checked by one
+//! function that snapshots the store before and after.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use weir_engine::{Config, Engine, TokioClock};
+use weir_store::{InstanceQuery, SqliteStore, Store};
+
+struct Harness {
+    base: String,
+    client: reqwest::Client,
+    engine: Engine,
+    store: Arc<dyn Store>,
+    _dir: tempfile::TempDir,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path(), 8).unwrap());
+        let config = Config {
+            task_lease: Duration::from_secs(30),
+            ..Config::default()
+        };
+        let engine = Engine::start(store.clone(), config, Arc::new(TokioClock::new()))
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let limits = weir_api::Limits {
+            body_size_max: 64 * 1024,
+            definition_size_max: 64 * 1024,
+        };
+        let server = tokio::spawn({
+            let engine = engine.clone();
+            async move {
+                weir_api::serve(listener, engine, limits, std::future::pending())
+                    .await
+                    .unwrap();
+            }
+        });
+        Harness {
+            base,
+            client: reqwest::Client::new(),
+            engine,
+            store,
+            _dir: dir,
+            server,
+        }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<(&str, Vec<u8>)>) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.client.request(method.parse().unwrap(), url);
+        if let Some((content_type, bytes)) = body {
+            request = request.header("content-type", content_type).body(bytes);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(
+            "POST",
+            path,
+            Some(("application/json", body.to_string().into_bytes())),
+        )
+        .await
+    }
+
+    async fn deploy(&self, yaml: &str) -> (u16, Value) {
+        self.call(
+            "POST",
+            "/v1/definitions",
+            Some(("application/yaml", yaml.as_bytes().to_vec())),
+        )
+        .await
+    }
+
+    /// Everything the store holds that a request could change.
+    async fn snapshot(&self) -> String {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = String::new();
+            for d in store.definitions().unwrap() {
+                out.push_str(&format!("def {} {}\n", d.name, d.version));
+            }
+            let instances = store
+                .instances(&InstanceQuery {
+                    limit: 10_000,
+                    ..InstanceQuery::default()
+                })
+                .unwrap();
+            for i in instances {
+                out.push_str(&format!(
+                    "inst {} {} {} {:?}\n",
+                    i.id, i.status, i.state, i.output
+                ));
+            }
+            for partition in 0..store.partition_count() {
+                let snapshot = store.load_partition(partition).unwrap();
+                out.push_str(&format!(
+                    "p{partition} seq {} tasks {}\n",
+                    snapshot.last_seq,
+                    snapshot.tasks.len()
+                ));
+            }
+            out
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn stop(self) {
+        self.server.abort();
+        self.engine.shutdown().await;
+    }
+}
+
+const ORDER: &str = r#"
+name: order
+steps:
+  - id: reserve
+    task: inventory
+    input: { sku: "${ .input.sku }" }
+  - id: charge
+    task: payments
+    input: { reservation: "${ .steps.reserve.output.id }" }
+    retry: { max_attempts: 2, backoff: fixed, interval: 10ms }
+"#;
+
+/// Checks one bad request: status, error code, optional pointer, and that nothing changed.
+async fn check_refused(
+    h: &Harness,
+    method: &str,
+    path: &str,
+    body: Option<(&str, Vec<u8>)>,
+    status: u16,
+    code: &str,
+) -> Value {
+    let before = h.snapshot().await;
+    let (got_status, got) = h.call(method, path, body).await;
+    assert_eq!(got_status, status, "{method} {path}: {got}");
+    assert_eq!(got["error"]["code"], json!(code), "{method} {path}: {got}");
+    assert!(got["error"]["message"].is_string(), "{got}");
+    assert_eq!(
+        h.snapshot().await,
+        before,
+        "{method} {path} changed the store"
+    );
+    got
+}
+
+fn json_body(value: &str) -> Option<(&'static str, Vec<u8>)> {
+    Some(("application/json", value.as_bytes().to_vec()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_and_its_errors() {
+    let h = Harness::start().await;
+
+    // Health.
+    assert_eq!(h.get("/healthz").await.0, 200);
+    let (status, ready) = h.get("/readyz").await;
+    assert_eq!((status, ready["partitions"].clone()), (200, json!(8)));
+
+    // Definitions: deploy, versions, get, list.
+    assert_eq!(
+        h.deploy(ORDER).await,
+        (201, json!({"name": "order", "version": 1}))
+    );
+    assert_eq!(
+        h.deploy(ORDER).await,
+        (201, json!({"name": "order", "version": 2}))
+    );
+    let (status, listed) = h.get("/v1/definitions").await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["definitions"][0]["version"], json!(2));
+    let (status, one) = h.get("/v1/definitions/order?version=1").await;
+    assert_eq!((status, one["version"].clone()), (200, json!(1)));
+    assert!(one["source"].as_str().unwrap().contains("reserve"));
+
+    // Instances: start, idempotent start, get, list with cursor.
+    let (status, started) = h
+        .post(
+            "/v1/instances",
+            json!({"definition": "order", "id": "o-1", "input": {"sku": "A"}}),
+        )
+        .await;
+    assert_eq!(
+        (status, started["id"].clone(), started["status"].clone()),
+        (201, json!("o-1"), json!("running"))
+    );
+    let (status, again) = h
+        .post(
+            "/v1/instances",
+            json!({"definition": "order", "id": "o-1", "input": {"sku": "other"}}),
+        )
+        .await;
+    assert_eq!(
+        (status, again["input"].clone()),
+        (200, json!({"sku": "A"})),
+        "same instance, nothing started"
+    );
+    let (status, generated) = h
+        .post(
+            "/v1/instances",
+            json!({"definition": "order", "version": 1}),
+        )
+        .await;
+    assert_eq!((status, generated["version"].clone()), (201, json!(1)));
+    let (status, got) = h.get("/v1/instances/o-1").await;
+    assert_eq!(status, 200);
+    for key in [
+        "id",
+        "definition",
+        "version",
+        "status",
+        "input",
+        "output",
+        "error",
+        "created_at",
+        "updated_at",
+    ] {
+        assert!(got.get(key).is_some(), "missing {key}: {got}");
+    }
+    let (_, page) = h.get("/v1/instances?status=running&limit=1").await;
+    assert_eq!(page["instances"].as_array().unwrap().len(), 1);
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    let (_, rest) = h
+        .get(&format!(
+            "/v1/instances?status=running&limit=10&cursor={cursor}"
+        ))
+        .await;
+    assert_eq!(rest["instances"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["next_cursor"], Value::Null);
+
+    // Workers: poll, heartbeat, complete, stale leases, fail and retry.
+    let (status, polled) = h
+        .post(
+            "/v1/tasks/poll",
+            json!({"queues": ["inventory"], "worker_id": "w", "max_tasks": 10, "wait_ms": 1000}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let tasks = polled["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2);
+    let task = tasks
+        .iter()
+        .find(|t| t["instance_id"] == "o-1")
+        .unwrap()
+        .clone();
+    assert_eq!(task["input"], json!({"sku": "A"}));
+    assert_eq!(task["attempt"], json!(1));
+    assert_eq!(task["idempotency_key"], json!("o-1:reserve"));
+    let task_id = task["task_id"].as_str().unwrap().to_string();
+    let token = task["lease_token"].as_str().unwrap().to_string();
+    let hb = format!("/v1/tasks/{task_id}/heartbeat");
+    assert_eq!(h.post(&hb, json!({"lease_token": token})).await.0, 200);
+    check_refused(
+        &h,
+        "POST",
+        &hb,
+        json_body(r#"{"lease_token": "0000"}"#),
+        409,
+        "stale_lease",
+    )
+    .await;
+    let complete = format!("/v1/tasks/{task_id}/complete");
+    check_refused(
+        &h,
+        "POST",
+        &complete,
+        json_body(r#"{"lease_token": "nope", "output": {}}"#),
+        409,
+        "stale_lease",
+    )
+    .await;
+    let (status, _) = h
+        .post(
+            &complete,
+            json!({"lease_token": token, "output": {"id": "r-1"}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // A duplicate completion is refused and changes nothing.
+    check_refused(
+        &h,
+        "POST",
+        &complete,
+        json_body(&json!({"lease_token": token, "output": {}}).to_string()),
+        409,
+        "stale_lease",
+    )
+    .await;
+
+    let (_, polled) = h
+        .post(
+            "/v1/tasks/poll",
+            json!({"queues": ["payments"], "max_tasks": 1, "wait_ms": 2000}),
+        )
+        .await;
+    let charge = polled["tasks"][0].clone();
+    assert_eq!(
+        charge["input"],
+        json!({"reservation": "r-1"}),
+        "outputs flow into inputs"
+    );
+    let fail = format!("/v1/tasks/{}/fail", charge["task_id"].as_str().unwrap());
+    let (status, _) = h
+        .post(&fail, json!({"lease_token": charge["lease_token"], "error": {"type": "flaky", "message": "try again", "retryable": true}}))
+        .await;
+    assert_eq!(status, 200);
+    let (_, polled) = h
+        .post(
+            "/v1/tasks/poll",
+            json!({"queues": ["payments"], "max_tasks": 1, "wait_ms": 5000}),
+        )
+        .await;
+    let retry = polled["tasks"][0].clone();
+    assert_eq!(retry["attempt"], json!(2));
+    let (status, _) = h
+        .post(
+            &format!("/v1/tasks/{}/fail", retry["task_id"].as_str().unwrap()),
+            json!({"lease_token": retry["lease_token"], "error": {"type": "card_declined", "message": "no", "retryable": false}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, failed) = h.get("/v1/instances/o-1").await;
+    assert_eq!(failed["status"], json!("failed"));
+    assert_eq!(failed["error"]["type"], json!("card_declined"));
+    let (status, history) = h.get("/v1/instances/o-1/history").await;
+    assert_eq!(status, 200);
+    let types: Vec<&str> = history["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "instance_started",
+            "step_scheduled",
+            "step_completed",
+            "step_scheduled",
+            "step_failed",
+            "step_retry_scheduled",
+            "step_scheduled",
+            "step_failed",
+            "instance_failed"
+        ]
+    );
+    assert!(history["events"][0]["seq"].is_u64() && history["events"][0]["at"].is_string());
+
+    // Cancel.
+    let generated_id = generated["id"].as_str().unwrap().to_string();
+    let (status, cancelled) = h
+        .post(
+            &format!("/v1/instances/{generated_id}/cancel"),
+            json!({"by": "tester"}),
+        )
+        .await;
+    assert_eq!(
+        (status, cancelled["status"].clone()),
+        (200, json!("cancelled"))
+    );
+    check_refused(
+        &h,
+        "POST",
+        &format!("/v1/instances/{generated_id}/cancel"),
+        None,
+        409,
+        "conflict",
+    )
+    .await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances/o-1/cancel",
+        None,
+        409,
+        "conflict",
+    )
+    .await;
+
+    // A poll with nothing to do answers an empty list after its wait.
+    let (status, empty) = h
+        .post(
+            "/v1/tasks/poll",
+            json!({"queues": ["nothing"], "wait_ms": 50}),
+        )
+        .await;
+    assert_eq!((status, empty), (200, json!({"tasks": []})));
+
+    // Bad input: right status, right code, nothing changed.
+    let bad_yaml = "name: x\nsteps:\n  - id: a\n    tsk: q\n";
+    let refused = check_refused(
+        &h,
+        "POST",
+        "/v1/definitions",
+        Some(("application/yaml", bad_yaml.into())),
+        400,
+        "invalid_definition",
+    )
+    .await;
+    let problem = &refused["error"]["problems"][0];
+    assert_eq!(
+        (problem["line"].clone(), problem["column"].clone()),
+        (json!(4), json!(5)),
+        "{refused}"
+    );
+    check_refused(
+        &h,
+        "POST",
+        "/v1/definitions",
+        Some(("image/png", b"x".to_vec())),
+        415,
+        "unsupported_media_type",
+    )
+    .await;
+    let huge = format!(
+        "name: big\ndescription: \"{}\"\nsteps: []\n",
+        "x".repeat(70 * 1024)
+    );
+    check_refused(
+        &h,
+        "POST",
+        "/v1/definitions",
+        Some(("application/yaml", huge.into())),
+        413,
+        "payload_too_large",
+    )
+    .await;
+    check_refused(&h, "GET", "/v1/definitions/nope", None, 404, "not_found").await;
+    check_refused(
+        &h,
+        "GET",
+        "/v1/definitions/order?version=x",
+        None,
+        400,
+        "invalid_request",
+    )
+    .await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances",
+        json_body(r#"{"definition": "order""#),
+        400,
+        "malformed_json",
+    )
+    .await;
+    let typed = check_refused(
+        &h,
+        "POST",
+        "/v1/instances",
+        json_body(r#"{"definition": 5}"#),
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert_eq!(typed["error"]["pointer"], json!("/definition"));
+    let typed = check_refused(
+        &h,
+        "POST",
+        "/v1/instances",
+        json_body(r#"{"definition": "order", "version": "x"}"#),
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert_eq!(typed["error"]["pointer"], json!("/version"));
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances",
+        json_body(r#"{"definition": "nope"}"#),
+        404,
+        "not_found",
+    )
+    .await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances",
+        json_body(r#"{"definition": "order", "version": 9}"#),
+        404,
+        "not_found",
+    )
+    .await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances",
+        json_body(r#"{"definition": "order", "id": "bad id/"}"#),
+        400,
+        "invalid_request",
+    )
+    .await;
+    let big_input = format!(
+        r#"{{"definition": "order", "input": "{}"}}"#,
+        "x".repeat(70 * 1024)
+    );
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances",
+        json_body(&big_input),
+        413,
+        "payload_too_large",
+    )
+    .await;
+    check_refused(&h, "GET", "/v1/instances/nope", None, 404, "not_found").await;
+    check_refused(
+        &h,
+        "GET",
+        "/v1/instances/nope/history",
+        None,
+        404,
+        "not_found",
+    )
+    .await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances/nope/cancel",
+        None,
+        404,
+        "not_found",
+    )
+    .await;
+    check_refused(
+        &h,
+        "GET",
+        "/v1/instances?status=sleeping",
+        None,
+        400,
+        "invalid_request",
+    )
+    .await;
+    check_refused(
+        &h,
+        "GET",
+        "/v1/instances?limit=0",
+        None,
+        400,
+        "invalid_request",
+    )
+    .await;
+    check_refused(
+        &h,
+        "GET",
+        "/v1/instances?colour=red",
+        None,
+        400,
+        "invalid_request",
+    )
+    .await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/tasks/poll",
+        json_body(r#"{"queues": []}"#),
+        400,
+        "invalid_request",
+    )
+    .await;
+    let typed = check_refused(
+        &h,
+        "POST",
+        "/v1/tasks/poll",
+        json_body(r#"{"queues": ["a", 1]}"#),
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert_eq!(typed["error"]["pointer"], json!("/queues/1"));
+    check_refused(
+        &h,
+        "POST",
+        "/v1/tasks/poll",
+        json_body(r#"{"queues": ["a"], "max_tasks": 0}"#),
+        400,
+        "invalid_request",
+    )
+    .await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/tasks/x:y:1/complete",
+        json_body("[1,"),
+        400,
+        "malformed_json",
+    )
+    .await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/tasks/unknown/complete",
+        json_body(r#"{"lease_token": "t"}"#),
+        409,
+        "stale_lease",
+    )
+    .await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/tasks/o-1:reserve:1/fail",
+        json_body(r#"{"lease_token": "t", "error": {"type": ""}}"#),
+        400,
+        "invalid_request",
+    )
+    .await;
+    let typed = check_refused(
+        &h,
+        "POST",
+        "/v1/tasks/o-1:reserve:1/fail",
+        json_body(r#"{"lease_token": "t", "error": {"type": "x", "retryable": "yes"}}"#),
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert_eq!(typed["error"]["pointer"], json!("/error/retryable"));
+    check_refused(
+        &h,
+        "POST",
+        "/v1/tasks/o-1:reserve:1/heartbeat",
+        json_body(r#"{}"#),
+        400,
+        "invalid_request",
+    )
+    .await;
+    check_refused(&h, "GET", "/v1/nowhere", None, 404, "not_found").await;
+    check_refused(
+        &h,
+        "DELETE",
+        "/v1/instances",
+        None,
+        405,
+        "method_not_allowed",
+    )
+    .await;
+
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_and_sleep_steps_run_for_real() {
+    // Goal: the built-in `http` step makes a real call and `sleep` a durable timer.
+    // Method: a definition whose http step calls this very server's /healthz.
+    let h = Harness::start().await;
+    let definition = format!(
+        r#"
+name: ping
+steps:
+  - id: nap
+    sleep: 50ms
+  - id: ping
+    http: {{ method: GET, url: "{}/healthz", headers: {{ x-order: "${{ .input.n | tostring }}" }} }}
+output: {{ status: "${{ .steps.ping.output.status }}", body: "${{ .steps.ping.output.body }}" }}
+"#,
+        h.base
+    );
+    assert_eq!(h.deploy(&definition).await.0, 201);
+    let (status, _) = h
+        .post(
+            "/v1/instances",
+            json!({"definition": "ping", "id": "p-1", "input": {"n": 7}}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let mut done = Value::Null;
+    for _ in 0..200 {
+        let (_, got) = h.get("/v1/instances/p-1").await;
+        if got["status"] != "running" {
+            done = got;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(done["status"], json!("completed"), "{done}");
+    assert_eq!(
+        done["output"],
+        json!({"status": 200, "body": {"status": "ok"}})
+    );
+    let (_, history) = h.get("/v1/instances/p-1/history").await;
+    let types: Vec<&str> = history["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert!(
+        types.contains(&"timer_started") && types.contains(&"timer_fired"),
+        "{types:?}"
+    );
+    h.stop().await;
+}
