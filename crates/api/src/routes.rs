@@ -225,8 +225,16 @@ async fn start(State(state): State<AppState>, body: Body) -> Result<Response, Ap
 async fn get_instance(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let view = state.engine.instance(&id).await?;
+    let wait = match query.get("wait_ms") {
+        None => Duration::ZERO,
+        Some(text) => Duration::from_millis(text.parse::<u64>().map_err(|_| {
+            ApiError::invalid("wait_ms must be a non-negative integer")
+                .with("parameter", "wait_ms".into())
+        })?),
+    };
+    let view = state.engine.wait_instance(&id, wait).await?;
     let view = view.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

@@ -686,15 +686,9 @@ output: {{ status: "${{ .steps.ping.output.status }}", body: "${{ .steps.ping.ou
         )
         .await;
     assert_eq!(status, 201);
-    let mut done = Value::Null;
-    for _ in 0..200 {
-        let (_, got) = h.get("/v1/instances/p-1").await;
-        if got["status"] != "running" {
-            done = got;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    // Long-poll until the instance ends.
+    let (status, done) = h.get("/v1/instances/p-1?wait_ms=10000").await;
+    assert_eq!(status, 200);
     assert_eq!(done["status"], json!("completed"), "{done}");
     assert_eq!(
         done["output"],

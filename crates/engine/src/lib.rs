@@ -11,6 +11,7 @@ mod definitions;
 mod http_call;
 mod partition;
 mod taskboard;
+mod waiters;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -157,6 +158,7 @@ pub(crate) struct Shared {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub board: TaskBoard,
+    pub waiters: waiters::Waiters,
     pub definitions: Definitions,
     pub http: reqwest::Client,
 }
@@ -201,6 +203,7 @@ impl Engine {
             store: store.clone(),
             clock: clock.clone(),
             board: TaskBoard::new(clock.clone(), config.task_lease),
+            waiters: waiters::Waiters::default(),
             definitions: Definitions::new(store.clone()),
             http,
         });
@@ -572,6 +575,30 @@ impl Engine {
         let owned = id.to_string();
         let record = self.blocking(move |store| store.instance(&owned)).await?;
         record.map(instance_view).transpose()
+    }
+
+    /// One instance, waiting up to `wait` for it to end if it is running.
+    pub async fn wait_instance(
+        &self,
+        id: &str,
+        wait: Duration,
+    ) -> Result<Option<InstanceView>, Error> {
+        let mut waiter = self.inner.shared.waiters.register(id);
+        let view = self.instance(id).await?;
+        let running = view.as_ref().is_some_and(|v| v.status == "running");
+        if !running || wait.is_zero() {
+            return Ok(view);
+        }
+        let Some(receiver) = waiter.receiver.as_mut() else {
+            return Ok(view);
+        };
+        let mut draining = self.inner.draining.subscribe();
+        tokio::select! {
+            _ = tokio::time::timeout(wait.min(POLL_WAIT_MAX), receiver.wait_for(|ended| *ended)) => {}
+            _ = draining.changed() => {}
+        }
+        drop(waiter);
+        self.instance(id).await
     }
 
     /// Instances in id order, filtered; `after_id` is the cursor.

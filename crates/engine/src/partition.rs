@@ -429,6 +429,7 @@ impl PartitionActor {
                 .get(&id)
                 .is_some_and(|active| active.state.status.is_terminal());
             if ended {
+                self.shared.waiters.ended(&id);
                 self.instances.remove(&id);
                 self.remember_ended(id);
             }

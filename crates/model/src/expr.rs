@@ -6,9 +6,14 @@
 //! Expressions are compiled once, when a definition is parsed, with
 //! [jaq](https://github.com/01mf02/jaq) and its standard library, less the few
 //! filters that would make a replay differ from the original run (`now`, `env`,
-//! `localtime`, `halt`, logging). Evaluating one only converts the context to jaq's
-//! value type when needed: the common plain paths (`.input.sku`,
-//! `.steps.reserve.output`) are looked up directly in the JSON context.
+//! `localtime`, `halt`, logging).
+//!
+//! Evaluation runs for every step of every instance, so it avoids converting the
+//! whole context to jaq's value type: plain paths (`.input.sku`,
+//! `.steps.reserve.output`) are looked up directly in the JSON context, and other
+//! expressions get only the parts of it they can read (`.input.qty * 2` gets
+//! `{"input": {"qty": …}}`), as found when they are compiled. Only expressions that
+//! may read anything (`keys`, `. as $c`) get the whole context.
 
 use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -1195,6 +1200,9 @@ mod tests {
     ];
 
     proptest::proptest! {
+        // Few random programs compile; enough tries to check a hundred or so.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1500))]
+
         /// Reading only part of the context, or a plain path without jaq, gives what
         /// jaq gives on the whole context.
         #[test]

@@ -1,6 +1,7 @@
 //! `weir`: the fault-tolerant workflow engine's one binary. `weir server` runs a node; every other
 //! subcommand is a client of a running cluster (or, for `validate`, of nothing at all).
 
+mod bench;
 mod cli;
 mod server;
 
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run a weir node.
     Server(server::ServerArgs),
+    /// Run a benchmark workload against a server and print figures.
+    Bench(bench::BenchArgs),
     #[command(flatten)]
     Client(cli::Command),
 }
@@ -30,6 +33,13 @@ fn main() -> ExitCode {
     let parsed = Cli::parse();
     match parsed.command {
         Command::Server(args) => match server::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Bench(args) => match bench::run(parsed.global, args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("error: {error:#}");

@@ -73,7 +73,7 @@ fn instances_survive_kill_9_and_complete_exactly_once() {
     .unwrap();
     assert_eq!(code, 201, "{body}");
 
-    let _worker = start_worker(&[base.clone()], &["--concurrency", "64"]);
+    let _worker = start_worker(std::slice::from_ref(&base), &["--concurrency", "64"]);
 
     // Kill moments: random offsets within the expected run, at least 700 ms apart.
     let mut kill_at: Vec<Duration> = (0..KILLS)

@@ -87,7 +87,14 @@ fn show(event: &Event) -> Shown {
             let error = event.error().map(error_text).unwrap_or_default();
             Shown::Line(format!("✗ {step}{attempt}: {error}"))
         }
-        "step_retry_scheduled" => Shown::Now(format!("{step}: retry scheduled{attempt}")),
+        "step_retry_scheduled" => match event
+            .fields
+            .get("next_attempt")
+            .and_then(serde_json::Value::as_u64)
+        {
+            Some(next) => Shown::Now(format!("{step}: waiting to retry (attempt {next})")),
+            None => Shown::Now(format!("{step}: waiting to retry")),
+        },
         "timer_started" => Shown::Now(format!("{step}: waiting for a timer")),
         "timer_fired" => Shown::Now(format!("{step}: timer fired")),
         "instance_completed" | "instance_failed" | "instance_cancelled" => Shown::Nothing,
@@ -121,6 +128,11 @@ mod tests {
         check(
             json!({"seq": 4, "type": "step_scheduled", "at": at, "step_id": "charge", "attempt": 3}),
             Shown::Now("charge: waiting for a worker (attempt 3)".into()),
+        );
+        check(
+            json!({"seq": 5, "type": "step_retry_scheduled", "at": at, "step_id": "charge",
+                   "next_attempt": 2, "fire_at": 1795315824713u64}),
+            Shown::Now("charge: waiting to retry (attempt 2)".into()),
         );
         check(
             json!({"seq": 5, "type": "instance_completed", "at": at}),

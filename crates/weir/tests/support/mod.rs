@@ -228,10 +228,7 @@ fn request(
 
 fn dechunk(mut text: &str) -> String {
     let mut out = String::new();
-    loop {
-        let Some((size, rest)) = text.split_once("\r\n") else {
-            break;
-        };
+    while let Some((size, rest)) = text.split_once("\r\n") {
         let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
             break;
         };
