@@ -35,6 +35,13 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/instances/{id}", get(get_instance))
         .route("/v1/instances/{id}/history", get(history))
         .route("/v1/instances/{id}/cancel", post(cancel))
+        .route("/v1/instances/{id}/terminate", post(terminate))
+        .route("/v1/instances/{id}/pause", post(pause))
+        .route("/v1/instances/{id}/resume", post(resume))
+        .route("/v1/instances/{id}/retry", post(retry))
+        .route("/v1/instances/{id}/rerun", post(rerun))
+        .route("/v1/instances/{id}/restart", post(restart))
+        .route("/v1/instances/{id}/signals/{name}", post(signal))
         .route("/v1/tasks/poll", post(poll))
         .route("/v1/tasks/{task_id}/complete", post(complete))
         .route("/v1/tasks/{task_id}/fail", post(fail))
@@ -211,6 +218,7 @@ async fn start(State(state): State<AppState>, body: Body) -> Result<Response, Ap
             version: body.version,
             input: body.input.unwrap_or_else(|| json!({})),
             id: body.id,
+            restarted_from: None,
         })
         .await?;
     let status = match outcome {
@@ -308,11 +316,32 @@ async fn history(
     Ok(Json(json!({ "events": events })))
 }
 
+/// The body of an operation on an instance; every field is optional where the
+/// operation allows it.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct CancelBody {
+struct OperationBody {
     #[serde(default)]
     by: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    from_step: Option<String>,
+}
+
+/// Who asked when the body does not say.
+const BY_DEFAULT: &str = "api";
+
+async fn operation_body(state: &AppState, body: Body) -> Result<OperationBody, ApiError> {
+    let bytes = read_body(body, state.limits.body_size_max).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(OperationBody::default());
+    }
+    parse_json(&bytes)
+}
+
+fn by(body: &OperationBody) -> &str {
+    body.by.as_deref().unwrap_or(BY_DEFAULT)
 }
 
 async fn cancel(
@@ -320,17 +349,99 @@ async fn cancel(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
+    let body = operation_body(&state, body).await?;
+    Ok(Json(instance_json(
+        &state.engine.cancel(&id, by(&body)).await?,
+    )))
+}
+
+async fn terminate(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body = operation_body(&state, body).await?;
+    let reason = body.reason.as_deref().unwrap_or("terminated on request");
+    Ok(Json(instance_json(
+        &state.engine.terminate(&id, by(&body), reason).await?,
+    )))
+}
+
+async fn pause(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body = operation_body(&state, body).await?;
+    Ok(Json(instance_json(
+        &state.engine.pause(&id, by(&body)).await?,
+    )))
+}
+
+async fn resume(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body = operation_body(&state, body).await?;
+    Ok(Json(instance_json(
+        &state.engine.resume(&id, by(&body)).await?,
+    )))
+}
+
+async fn retry(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body = operation_body(&state, body).await?;
+    Ok(Json(instance_json(
+        &state.engine.retry(&id, by(&body)).await?,
+    )))
+}
+
+async fn rerun(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body = operation_body(&state, body).await?;
+    let Some(from_step) = body.from_step.as_deref() else {
+        return Err(
+            ApiError::invalid("rerun needs `from_step`").with("pointer", "/from_step".into())
+        );
+    };
+    Ok(Json(instance_json(
+        &state.engine.rerun(&id, by(&body), from_step).await?,
+    )))
+}
+
+async fn restart(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let _ = operation_body(&state, body).await?;
+    let view = state.engine.restart(&id).await?;
+    let mut object = instance_json(&view);
+    object["restarted_from"] = Value::String(id);
+    Ok((StatusCode::CREATED, Json(object)).into_response())
+}
+
+async fn signal(
+    State(state): State<AppState>,
+    Path((id, name)): Path<(String, String)>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
     let bytes = read_body(body, state.limits.body_size_max).await?;
-    let body: CancelBody = if bytes.iter().all(u8::is_ascii_whitespace) {
-        CancelBody::default()
+    let payload: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
     } else {
         parse_json(&bytes)?
     };
-    let view = state
-        .engine
-        .cancel(&id, body.by.as_deref().unwrap_or("api"))
-        .await?;
-    Ok(Json(instance_json(&view)))
+    Ok(Json(instance_json(
+        &state.engine.signal(&id, &name, payload).await?,
+    )))
 }
 
 #[derive(Deserialize)]

@@ -151,6 +151,8 @@ pub struct StartRequest {
     pub input: Value,
     /// Id; generated when `None`.
     pub id: Option<String>,
+    /// The instance this one restarts.
+    pub restarted_from: Option<String>,
 }
 
 /// State shared by the engine's parts.
@@ -300,6 +302,22 @@ impl Engine {
                 let expired = engine.inner.shared.board.expire_leases();
                 if expired > 0 {
                     tracing::info!(expired, "task leases expired; tasks offered again");
+                }
+                for timed_out in engine.inner.shared.board.timed_out() {
+                    let engine = engine.clone();
+                    tokio::spawn(async move {
+                        let command = Command::FailTask {
+                            task_id: timed_out.task_id.clone(),
+                            error: ErrorInfo {
+                                error_type: machine::ERROR_TYPE_TIMEOUT.to_string(),
+                                message: timed_out.message,
+                            },
+                            retryable: true,
+                        };
+                        if let Err(err) = engine.apply(&timed_out.instance_id, command).await {
+                            tracing::debug!(task = %timed_out.task_id, error = %err, "timing a task out was refused");
+                        }
+                    });
                 }
             }
         }));
@@ -528,6 +546,7 @@ impl Engine {
             version,
             id: id.clone(),
             input: request.input.clone(),
+            restarted_from: request.restarted_from.clone(),
             reply,
         };
         self.send(partition, message).await?;
@@ -639,10 +658,121 @@ impl Engine {
         records.into_iter().map(history_event).collect()
     }
 
-    /// Cancels a running instance.
+    /// Cancels a running instance gracefully: its compensations run, then it ends `cancelled`.
     pub async fn cancel(&self, id: &str, by: &str) -> Result<InstanceView, Error> {
-        self.apply(id, Command::Cancel { by: by.to_string() })
+        self.operate(id, Command::Cancel { by: by.to_string() })
+            .await
+    }
+
+    /// Ends a running instance at once, without compensation.
+    pub async fn terminate(&self, id: &str, by: &str, reason: &str) -> Result<InstanceView, Error> {
+        let command = Command::Terminate {
+            by: by.to_string(),
+            reason: reason.to_string(),
+        };
+        self.operate(id, command).await
+    }
+
+    /// Pauses a running instance: no new attempt starts; running tasks may finish.
+    pub async fn pause(&self, id: &str, by: &str) -> Result<InstanceView, Error> {
+        self.operate(id, Command::Pause { by: by.to_string() })
+            .await
+    }
+
+    /// Resumes a paused instance.
+    pub async fn resume(&self, id: &str, by: &str) -> Result<InstanceView, Error> {
+        self.operate(id, Command::Resume { by: by.to_string() })
+            .await
+    }
+
+    /// Delivers a signal; kept by the instance until a `wait` step takes it.
+    pub async fn signal(
+        &self,
+        id: &str,
+        name: &str,
+        payload: Value,
+    ) -> Result<InstanceView, Error> {
+        check_id("signal name", name)?;
+        let command = Command::Signal {
+            name: name.to_string(),
+            payload,
+        };
+        self.operate(id, command).await
+    }
+
+    /// Resumes a failed instance from its failed step; completed steps are not run again.
+    pub async fn retry(&self, id: &str, by: &str) -> Result<InstanceView, Error> {
+        self.revive(id, Command::Retry { by: by.to_string() }).await
+    }
+
+    /// Runs an ended instance again from `from_step`.
+    pub async fn rerun(&self, id: &str, by: &str, from_step: &str) -> Result<InstanceView, Error> {
+        let command = Command::Rerun {
+            by: by.to_string(),
+            from_step: from_step.to_string(),
+        };
+        self.revive(id, command).await
+    }
+
+    /// Starts a new instance with the same definition version and input as an ended one,
+    /// linked to it (`restarted_from`).
+    pub async fn restart(&self, id: &str) -> Result<InstanceView, Error> {
+        let old = self
+            .instance(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("instance {id} does not exist")))?;
+        let status = machine::InstanceStatus::parse(&old.status);
+        if !status.is_some_and(|s| s.is_terminal()) {
+            return Err(Error::Conflict(format!(
+                "cannot restart an instance that is {}: cancel or terminate it first",
+                old.status
+            )));
+        }
+        let (view, _) = self
+            .start_instance(StartRequest {
+                definition: old.definition,
+                version: Some(old.version),
+                input: old.input,
+                id: None,
+                restarted_from: Some(id.to_string()),
+            })
             .await?;
+        Ok(view)
+    }
+
+    async fn operate(&self, id: &str, command: Command) -> Result<InstanceView, Error> {
+        self.apply(id, command).await?;
+        self.instance(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("instance {id} does not exist")))
+    }
+
+    /// Applies a command to an instance whether or not its partition holds it in memory.
+    async fn revive(&self, id: &str, command: Command) -> Result<InstanceView, Error> {
+        let owned = id.to_string();
+        let record = self.blocking(move |store| store.instance(&owned)).await?;
+        let record =
+            record.ok_or_else(|| Error::NotFound(format!("instance {id} does not exist")))?;
+        let state: machine::InstanceState = serde_json::from_str(&record.state)
+            .map_err(|err| Error::Corrupt(format!("instance {id}: {err}")))?;
+        let definition = self
+            .inner
+            .shared
+            .definitions
+            .get(&state.definition, state.version)
+            .await?;
+        let partition = partition_of(id, self.inner.partition_count);
+        let (reply, receiver) = oneshot::channel();
+        let message = Message::Revive {
+            state: Box::new(state),
+            definition,
+            command,
+            reply,
+        };
+        self.send(partition, message).await?;
+        receiver
+            .await
+            .map_err(|_| Error::Unavailable("partition stopped; retry".into()))??;
         self.instance(id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("instance {id} does not exist")))

@@ -35,12 +35,21 @@ pub(crate) enum Message {
         version: u32,
         id: String,
         input: Value,
+        restarted_from: Option<String>,
         reply: oneshot::Sender<Result<StartOutcome, Error>>,
     },
     Apply {
         instance_id: String,
         command: Command,
         reply: Option<oneshot::Sender<Result<(), Error>>>,
+    },
+    /// A command for an instance that may have ended (retry, rerun): `state` is its
+    /// committed state, used when the partition no longer holds it in memory.
+    Revive {
+        state: Box<InstanceState>,
+        definition: Arc<Definition>,
+        command: Command,
+        reply: oneshot::Sender<Result<(), Error>>,
     },
 }
 
@@ -202,13 +211,21 @@ impl PartitionActor {
                     version,
                     id,
                     input,
+                    restarted_from,
                     reply,
                 } => {
                     if self.instances.contains_key(&id) || self.ended.contains(&id) {
                         let _ = reply.send(Ok(StartOutcome::Existing));
                         continue;
                     }
-                    let (state, transition) = machine::start(&definition, version, &id, input, now);
+                    let (state, transition) = machine::start_restarted(
+                        &definition,
+                        version,
+                        &id,
+                        input,
+                        restarted_from,
+                        now,
+                    );
                     self.instances
                         .insert(id.clone(), Active { state, definition });
                     self.record(&mut pending, &id, transition, now);
@@ -217,6 +234,53 @@ impl PartitionActor {
                             let _ = reply.send(result.map(|()| StartOutcome::Created));
                         }),
                         Ok(()),
+                    ));
+                }
+                Message::Revive {
+                    state,
+                    definition,
+                    command,
+                    reply,
+                } => {
+                    let id = state.id.clone();
+                    if !self.instances.contains_key(&id) {
+                        // Not in memory means ended and committed: the store's state is current.
+                        self.ended.remove(&id);
+                        self.instances.insert(
+                            id.clone(),
+                            Active {
+                                state: *state,
+                                definition,
+                            },
+                        );
+                    }
+                    let active = self.instances.get_mut(&id).expect("inserted above");
+                    let outcome =
+                        machine::handle(&mut active.state, &active.definition, command, now)
+                            .map_err(rejection_error);
+                    let result = match outcome {
+                        Ok(transition) => {
+                            self.record(&mut pending, &id, transition, now);
+                            Ok(())
+                        }
+                        Err(err) => {
+                            // Refused: put an ended instance back out of memory.
+                            if self
+                                .instances
+                                .get(&id)
+                                .is_some_and(|a| a.state.status.is_terminal())
+                            {
+                                self.instances.remove(&id);
+                                self.remember_ended(id);
+                            }
+                            Err(err)
+                        }
+                    };
+                    pending.replies.push((
+                        Box::new(move |result| {
+                            let _ = reply.send(result);
+                        }),
+                        result,
                     ));
                 }
                 Message::Apply {
@@ -452,6 +516,8 @@ impl PartitionActor {
                         attempt: spec.attempt,
                         input: Arc::new(spec.input),
                         idempotency_key: spec.idempotency_key,
+                        queue_timeout: spec.queue_timeout,
+                        heartbeat_timeout: spec.heartbeat_timeout,
                     },
                 );
             }
@@ -519,6 +585,8 @@ fn rejection_error(rejection: Rejection) -> Error {
             Error::StaleLease("the task's attempt is no longer current".into())
         }
         Rejection::UnknownTask => Error::StaleLease("unknown task".into()),
+        Rejection::NotAllowed { .. } => Error::Conflict(rejection.to_string()),
+        Rejection::BadRequest(message) => Error::BadRequest(message),
     }
 }
 
@@ -545,6 +613,8 @@ pub(crate) fn instance_record(partition: u32, state: &InstanceState) -> Instance
 
 /// The stored form of a task row's payload.
 struct StoredTask {
+    queue_timeout: Option<Duration>,
+    heartbeat_timeout: Option<Duration>,
     step_id: String,
     attempt: u32,
     input: Value,
@@ -560,13 +630,25 @@ impl StoredTask {
             "attempt": spec.attempt,
             "input": spec.input,
             "idempotency_key": spec.idempotency_key,
+            "queue_timeout_ms": spec.queue_timeout.map(|d| d.as_millis() as u64),
+            "heartbeat_timeout_ms": spec.heartbeat_timeout.map(|d| d.as_millis() as u64),
         })
         .to_string()
     }
 
     fn parse(payload: &str) -> Option<StoredTask> {
         let mut value: Value = serde_json::from_str(payload).ok()?;
+        let millis = |key: &str| {
+            value
+                .get(key)
+                .and_then(Value::as_u64)
+                .map(Duration::from_millis)
+        };
+        let (queue_timeout, heartbeat_timeout) =
+            (millis("queue_timeout_ms"), millis("heartbeat_timeout_ms"));
         Some(StoredTask {
+            queue_timeout,
+            heartbeat_timeout,
             queue: value.get("queue")?.as_str()?.to_string(),
             step_id: value.get("step_id")?.as_str()?.to_string(),
             attempt: u32::try_from(value.get("attempt")?.as_u64()?).ok()?,
@@ -587,6 +669,8 @@ impl StoredTask {
             attempt: self.attempt,
             input: Arc::new(self.input),
             idempotency_key: self.idempotency_key,
+            queue_timeout: self.queue_timeout,
+            heartbeat_timeout: self.heartbeat_timeout,
         }
     }
 }

@@ -48,16 +48,35 @@ pub(crate) struct BoardTask {
     pub attempt: u32,
     pub input: Arc<Value>,
     pub idempotency_key: String,
+    /// Bound on waiting to be taken, from when it was offered.
+    pub queue_timeout: Option<Duration>,
+    /// Bound between heartbeats once taken.
+    pub heartbeat_timeout: Option<Duration>,
 }
 
 struct Lease {
     token: u64,
     expires_at: u64,
+    /// When the task's heartbeat timeout passes without a heartbeat.
+    heartbeat_due: Option<u64>,
 }
 
 struct Entry {
     task: BoardTask,
     lease: Option<Lease>,
+    /// When the queue timeout passes if nobody takes the task.
+    pickup_due: Option<u64>,
+    /// A timeout was reported for it; the partition is failing the attempt.
+    timed_out: bool,
+}
+
+/// A task whose queue or heartbeat timeout passed: its attempt must fail as `timeout`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TimedOut {
+    pub task_id: String,
+    pub partition: u32,
+    pub instance_id: String,
+    pub message: String,
 }
 
 #[derive(Default)]
@@ -111,7 +130,18 @@ impl TaskBoard {
                 .entry(task.queue.clone())
                 .or_default()
                 .push_back(task_id.clone());
-            inner.entries.insert(task_id, Entry { task, lease: None });
+            let pickup_due = task
+                .queue_timeout
+                .map(|t| self.clock.now_ms() + t.as_millis() as u64);
+            inner.entries.insert(
+                task_id,
+                Entry {
+                    task,
+                    lease: None,
+                    pickup_due,
+                    timed_out: false,
+                },
+            );
         }
         self.offered.notify_waiters();
     }
@@ -156,6 +186,9 @@ impl TaskBoard {
         match &mut entry.lease {
             Some(lease) if format_token(lease.token) == token => {
                 lease.expires_at = expires_at;
+                if let Some(timeout) = entry.task.heartbeat_timeout {
+                    lease.heartbeat_due = Some(self.clock.now_ms() + timeout.as_millis() as u64);
+                }
                 inner.leased.insert(task_id.to_string(), expires_at);
                 Ok(())
             }
@@ -189,7 +222,8 @@ impl TaskBoard {
     }
 
     fn take(&self, queues: &[String], max_tasks: usize) -> Vec<TaskOffer> {
-        let expires_at = self.clock.now_ms() + self.lease_duration.as_millis() as u64;
+        let now = self.clock.now_ms();
+        let expires_at = now + self.lease_duration.as_millis() as u64;
         let mut inner = self.inner.lock().expect("board lock");
         let inner = &mut *inner;
         let mut taken = Vec::new();
@@ -204,12 +238,21 @@ impl TaskBoard {
                 let Some(entry) = inner.entries.get_mut(&task_id) else {
                     continue; // Withdrawn or completed since it was queued.
                 };
-                if entry.lease.is_some() {
+                if entry.lease.is_some() || entry.timed_out {
                     continue;
                 }
                 inner.token_next = inner.token_next.wrapping_add(1);
                 let token = inner.token_next;
-                entry.lease = Some(Lease { token, expires_at });
+                let heartbeat_due = entry
+                    .task
+                    .heartbeat_timeout
+                    .map(|t| now + t.as_millis() as u64);
+                entry.pickup_due = None;
+                entry.lease = Some(Lease {
+                    token,
+                    expires_at,
+                    heartbeat_due,
+                });
                 inner.leased.insert(task_id.clone(), expires_at);
                 let task = &entry.task;
                 taken.push(TaskOffer {
@@ -260,6 +303,40 @@ impl TaskBoard {
         expired_count
     }
 
+    /// Tasks whose queue timeout (not taken in time) or heartbeat timeout (taken, but
+    /// silent too long) passed. Each is reported once.
+    pub fn timed_out(&self) -> Vec<TimedOut> {
+        let now = self.clock.now_ms();
+        let mut inner = self.inner.lock().expect("board lock");
+        let mut timed_out = Vec::new();
+        for (task_id, entry) in inner.entries.iter_mut() {
+            if entry.timed_out {
+                continue;
+            }
+            let message = match (&entry.lease, entry.pickup_due) {
+                (None, Some(due)) if due <= now => {
+                    "no worker took the task within its queue_timeout"
+                }
+                (
+                    Some(Lease {
+                        heartbeat_due: Some(due),
+                        ..
+                    }),
+                    _,
+                ) if *due <= now => "the worker sent no heartbeat within the heartbeat_timeout",
+                _ => continue,
+            };
+            entry.timed_out = true;
+            timed_out.push(TimedOut {
+                task_id: task_id.clone(),
+                partition: entry.task.partition,
+                instance_id: entry.task.instance_id.clone(),
+                message: message.to_string(),
+            });
+        }
+        timed_out
+    }
+
     /// Number of tasks on the board, leased or not.
     pub fn len(&self) -> usize {
         self.inner.lock().expect("board lock").entries.len()
@@ -284,6 +361,8 @@ mod tests {
             attempt: 1,
             input: Arc::new(Value::Null),
             idempotency_key: "i:s".into(),
+            queue_timeout: Some(Duration::from_secs(60)),
+            heartbeat_timeout: Some(Duration::from_secs(10)),
         }
     }
 
@@ -316,6 +395,47 @@ mod tests {
         assert_eq!(board.check("t1", &second[0].lease_token), Ok(0));
         board.remove("t1");
         assert_eq!(board.check("t1", &second[0].lease_token), Err(StaleLease));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queue_and_heartbeat_timeouts_are_reported_once() {
+        // Goal: a task nobody takes, and a taken task whose worker goes silent, time out.
+        // Method: virtual time; the queue timeout is 60 s and the heartbeat timeout 10 s.
+        let board = TaskBoard::new(
+            Arc::new(TokioClock::starting_at(0)),
+            Duration::from_secs(30),
+        );
+        board.offer("waiting".into(), task("q"));
+        board.offer("taken".into(), task("r"));
+        let offers = board.poll(&["r".into()], 1, Duration::ZERO).await;
+        tokio::time::advance(Duration::from_secs(9)).await;
+        board.heartbeat("taken", &offers[0].lease_token).unwrap();
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(
+            board.timed_out().is_empty(),
+            "the heartbeat reset the clock"
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let silent = board.timed_out();
+        assert_eq!(silent.len(), 1);
+        assert_eq!(silent[0].task_id, "taken");
+        tokio::time::advance(Duration::from_secs(40)).await;
+        let unclaimed = board.timed_out();
+        assert_eq!(
+            unclaimed
+                .iter()
+                .map(|t| t.task_id.as_str())
+                .collect::<Vec<_>>(),
+            ["waiting"]
+        );
+        assert!(board.timed_out().is_empty(), "each is reported once");
+        assert!(
+            board
+                .poll(&["q".into()], 1, Duration::ZERO)
+                .await
+                .is_empty(),
+            "a timed-out task is not handed out"
+        );
     }
 
     #[tokio::test(start_paused = true)]

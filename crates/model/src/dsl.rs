@@ -40,10 +40,84 @@ pub const YAML_NODES_MAX: usize = 100_000;
 pub const HTTP_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 
 /// The kinds of step, each the key that introduces it.
-pub const STEP_KINDS: [&str; 3] = ["task", "http", "sleep"];
+pub const STEP_KINDS: [&str; 6] = ["task", "http", "sleep", "set", "fail", "wait"];
 
-const DEFINITION_KEYS: [&str; 6] = ["name", "description", "timeout", "retry", "steps", "output"];
-const STEP_KEYS: [&str; 7] = ["id", "task", "http", "sleep", "input", "timeout", "retry"];
+const DEFINITION_KEYS: [&str; 8] = [
+    "name",
+    "description",
+    "timeout",
+    "deadline",
+    "on_failure",
+    "retry",
+    "steps",
+    "output",
+];
+const STEP_KEYS: [&str; 16] = [
+    "id",
+    "task",
+    "http",
+    "sleep",
+    "set",
+    "fail",
+    "wait",
+    "input",
+    "timeout",
+    "queue_timeout",
+    "heartbeat_timeout",
+    "step_timeout",
+    "deadline",
+    "retry",
+    "compensate",
+    "catch",
+];
+/// Keys of a `compensate:` block: a step without an id.
+const COMPENSATE_KEYS: [&str; 10] = [
+    "task",
+    "http",
+    "sleep",
+    "set",
+    "fail",
+    "wait",
+    "input",
+    "timeout",
+    "retry",
+    "step_timeout",
+];
+const FAIL_KEYS: [&str; 2] = ["type", "message"];
+const CATCH_KEYS: [&str; 3] = ["errors", "steps", "then"];
+
+/// Most compensating or catching levels: a compensation or handler step cannot itself
+/// declare one, which keeps undo and recovery one level deep.
+pub const CATCH_HANDLERS_MAX: usize = 16;
+
+/// What happens when an instance fails (after retries, uncaught).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Run the compensations of completed steps in reverse completion order.
+    Compensate,
+    /// Fail at once.
+    Fail,
+}
+
+/// What a catch handler does after its steps ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchThen {
+    /// Go on with the step after the failed one; the handler's last output is the step's output.
+    Continue,
+    /// Fail the instance with the caught error.
+    Fail,
+}
+
+/// A catch handler of a step.
+#[derive(Debug, Clone)]
+pub struct Catch {
+    /// Error types it matches; empty matches all.
+    pub errors: Vec<String>,
+    /// Steps run when it matches, in order (leaf kinds only).
+    pub steps: Vec<Step>,
+    /// What then.
+    pub then: CatchThen,
+}
 const HTTP_KEYS: [&str; 4] = ["method", "url", "headers", "body"];
 const RETRY_KEYS: [&str; 9] = [
     "max_attempts",
@@ -64,6 +138,11 @@ pub struct Definition {
     pub name: String,
     /// Bound on the whole instance, from its start.
     pub timeout: Option<Duration>,
+    /// Absolute bound on the whole instance: an RFC 3339 timestamp, or an expression
+    /// over the input yielding one (or ms since the Unix epoch).
+    pub deadline: Option<Template>,
+    /// What a failure does; `None` means compensate when any step declares a compensation.
+    pub on_failure: Option<OnFailure>,
     /// Default retry policy for every step that declares none.
     pub retry: Option<RetryPolicy>,
     /// The steps, run in order.
@@ -84,6 +163,36 @@ pub struct Step {
     pub timeout: Option<Duration>,
     /// This step's retry policy, overriding the definition's.
     pub retry: Option<RetryPolicy>,
+    /// Bound on waiting for a worker to take the task (task steps).
+    pub queue_timeout: Option<Duration>,
+    /// Bound between a running task's heartbeats (task steps).
+    pub heartbeat_timeout: Option<Duration>,
+    /// Bound on the whole step, retries included.
+    pub step_timeout: Option<Duration>,
+    /// Absolute bound on the step: RFC 3339, or an expression yielding one.
+    pub deadline: Option<Template>,
+    /// The step's undo, run when the instance compensates and this step had completed.
+    pub compensate: Option<Box<Step>>,
+    /// Handlers of this step's failure (after its retries), tried in order.
+    pub catch: Vec<Catch>,
+}
+
+impl Step {
+    /// A step of `kind` with every option unset.
+    pub fn new(id: impl Into<String>, kind: StepKind) -> Step {
+        Step {
+            id: id.into(),
+            kind,
+            timeout: None,
+            retry: None,
+            queue_timeout: None,
+            heartbeat_timeout: None,
+            step_timeout: None,
+            deadline: None,
+            compensate: None,
+            catch: Vec::new(),
+        }
+    }
 }
 
 /// What a step does.
@@ -111,6 +220,23 @@ pub enum StepKind {
     Sleep {
         /// How long to wait.
         duration: Duration,
+    },
+    /// Set instance variables: the object is merged into `.vars`; the step's output is it.
+    Set {
+        /// An object template.
+        vars: Template,
+    },
+    /// End the instance with an error (compensating first when it compensates).
+    Fail {
+        /// Error type.
+        error_type: String,
+        /// Message template (a string, or anything rendered as JSON).
+        message: Template,
+    },
+    /// Wait for a named signal; its payload is the step's output. `timeout` bounds the wait.
+    Wait {
+        /// The signal's name.
+        signal: String,
     },
 }
 
@@ -699,6 +825,8 @@ impl Checker {
         let mut definition = Definition {
             name: String::new(),
             timeout: None,
+            deadline: None,
+            on_failure: None,
             retry: None,
             steps: Vec::new(),
             output: None,
@@ -726,6 +854,20 @@ impl Checker {
         }
         if let Some(entry) = get(&entries, "retry") {
             definition.retry = self.retry(entry.value);
+        }
+        if let Some(entry) = get(&entries, "deadline") {
+            definition.deadline = self.deadline(entry.value, None);
+        }
+        if let Some(entry) = get(&entries, "on_failure") {
+            match self.string(entry.value) {
+                Some("compensate") => definition.on_failure = Some(OnFailure::Compensate),
+                Some("fail") => definition.on_failure = Some(OnFailure::Fail),
+                Some(other) => self.report(
+                    entry.value,
+                    format!("unknown on_failure `{other}` (expected compensate or fail)"),
+                ),
+                None => {}
+            }
         }
         // Step ids with the index and line of their first declaration.
         let mut ids: HashMap<String, (usize, usize)> = HashMap::new();
@@ -778,29 +920,91 @@ impl Checker {
     /// A step, and its id with the id's node when valid. Invalid steps come back as
     /// placeholders so that step indexes stay those of the source.
     fn step<'n>(&mut self, node: &'n Node, index: usize) -> (Step, Option<(String, &'n Node)>) {
-        let mut step = Step {
-            id: String::new(),
-            kind: StepKind::Sleep {
+        let mut step = Step::new(
+            String::new(),
+            StepKind::Sleep {
                 duration: Duration::ZERO,
             },
-            timeout: None,
-            retry: None,
-        };
+        );
         let Some(entries) = self.mapping(node) else {
             return (step, None);
         };
+        self.kind_and_options(node, &entries, &STEP_KEYS, Some(index), &mut step);
+        let id = match self.require(node, &entries, "id") {
+            Some(entry) => self
+                .name(entry.value, "step id")
+                .map(|id| (id, entry.value)),
+            None => None,
+        };
+        if let Some((id, _)) = &id {
+            step.id = id.clone();
+        }
+        if let Some(entry) = get(&entries, "queue_timeout") {
+            step.queue_timeout = self.timeout(entry.value);
+        }
+        if let Some(entry) = get(&entries, "heartbeat_timeout") {
+            step.heartbeat_timeout = self.timeout(entry.value);
+        }
+        if let Some(entry) = get(&entries, "deadline") {
+            step.deadline = self.deadline(entry.value, Some(index));
+        }
+        for key in ["queue_timeout", "heartbeat_timeout"] {
+            if let Some(entry) = get(&entries, key) {
+                if !matches!(step.kind, StepKind::Task { .. }) {
+                    self.report(
+                        entry.key_node,
+                        format!("`{key}` applies only to `task` steps"),
+                    );
+                }
+            }
+        }
+        if let Some(entry) = get(&entries, "compensate") {
+            if let Some(undo_entries) = self.mapping(entry.value) {
+                let mut undo = Step::new(
+                    String::new(),
+                    StepKind::Sleep {
+                        duration: Duration::ZERO,
+                    },
+                );
+                // A compensation may read every step's output, its own step's included.
+                self.kind_and_options(
+                    entry.value,
+                    &undo_entries,
+                    &COMPENSATE_KEYS,
+                    None,
+                    &mut undo,
+                );
+                step.compensate = Some(Box::new(undo));
+            }
+        }
+        if let Some(entry) = get(&entries, "catch") {
+            step.catch = self.catch(entry.value, index);
+        }
+        (step, id)
+    }
+
+    /// The kind and the options every step may have; `from` is the step's index for
+    /// reference checks (`None`: may refer to any step).
+    fn kind_and_options(
+        &mut self,
+        node: &Node,
+        entries: &[Entry<'_>],
+        known: &[&str],
+        from: Option<usize>,
+        step: &mut Step,
+    ) {
         let kinds: Vec<&Entry<'_>> = entries
             .iter()
             .filter(|e| STEP_KINDS.contains(&e.key.as_str()))
             .collect();
-        let known_kinds = "`task`, `http` or `sleep`";
+        let known_kinds = "`task`, `http`, `sleep`, `set`, `fail` or `wait`";
         if kinds.is_empty() {
             // Without a kind, a stray key is most likely a kind weir does not know.
             let mut unknown = 0;
-            for entry in &entries {
-                if !STEP_KEYS.contains(&entry.key.as_str()) {
+            for entry in entries {
+                if !known.contains(&entry.key.as_str()) {
                     unknown += 1;
-                    let hint = suggest(&entry.key, &STEP_KEYS);
+                    let hint = suggest(&entry.key, known);
                     self.report(
                         entry.key_node,
                         format!(
@@ -814,7 +1018,7 @@ impl Checker {
                 self.report(node, format!("step has no kind: add one of {known_kinds}"));
             }
         } else {
-            self.unknown_keys(&entries, &STEP_KEYS);
+            self.unknown_keys(entries, known);
             for extra in &kinds[1..] {
                 self.report(
                     extra.key_node,
@@ -825,54 +1029,167 @@ impl Checker {
                 );
             }
         }
-        let id = match self.require(node, &entries, "id") {
-            Some(entry) => self
-                .name(entry.value, "step id")
-                .map(|id| (id, entry.value)),
-            None => None,
-        };
-        if let Some((id, _)) = &id {
-            step.id = id.clone();
-        }
-        if let Some(entry) = get(&entries, "timeout") {
+        if let Some(entry) = get(entries, "timeout") {
             step.timeout = self.timeout(entry.value);
         }
-        if let Some(entry) = get(&entries, "retry") {
+        if let Some(entry) = get(entries, "step_timeout") {
+            step.step_timeout = self.timeout(entry.value);
+        }
+        if let Some(entry) = get(entries, "retry") {
             step.retry = self.retry(entry.value);
         }
         let kind = kinds.first().map(|e| e.key.as_str());
-        if let Some(entry) = get(&entries, "input") {
+        if let Some(entry) = get(entries, "input") {
             if kind.is_some_and(|k| k != "task") {
                 self.report(entry.key_node, "`input` applies only to `task` steps");
             }
         }
-        if let Some(kind) = kinds.first() {
-            let value = kind.value;
-            match kind.key.as_str() {
-                "task" => {
-                    let queue = self.name(value, "queue name").unwrap_or_default();
-                    let input = match get(&entries, "input") {
-                        Some(entry) => self.template(entry.value, Some(index)),
-                        None => Template::Literal(Value::Object(serde_json::Map::new())),
+        let Some(kind) = kinds.first() else {
+            return;
+        };
+        let value = kind.value;
+        match kind.key.as_str() {
+            "task" => {
+                let queue = self.name(value, "queue name").unwrap_or_default();
+                let input = match get(entries, "input") {
+                    Some(entry) => self.template(entry.value, from),
+                    None => Template::Literal(Value::Object(serde_json::Map::new())),
+                };
+                step.kind = StepKind::Task { queue, input };
+            }
+            "http" => {
+                if let Some(http) = self.http(value, from) {
+                    step.kind = http;
+                }
+            }
+            "set" => {
+                if !matches!(value.data, Data::Map(_)) {
+                    self.expected(value, "a mapping of variables");
+                } else {
+                    step.kind = StepKind::Set {
+                        vars: self.template(value, from),
                     };
-                    step.kind = StepKind::Task { queue, input };
                 }
-                "http" => {
-                    if let Some(http) = self.http(value, index) {
-                        step.kind = http;
-                    }
+            }
+            "fail" => {
+                let Some(fail_entries) = self.mapping(value) else {
+                    return;
+                };
+                self.unknown_keys(&fail_entries, &FAIL_KEYS);
+                let error_type = match self.require(value, &fail_entries, "type") {
+                    Some(entry) => self.name(entry.value, "error type").unwrap_or_default(),
+                    None => String::new(),
+                };
+                let message = match get(&fail_entries, "message") {
+                    Some(entry) => self.template(entry.value, from),
+                    None => Template::Literal(Value::String(String::new())),
+                };
+                step.kind = StepKind::Fail {
+                    error_type,
+                    message,
+                };
+            }
+            "wait" => {
+                if let Some(signal) = self.name(value, "signal name") {
+                    step.kind = StepKind::Wait { signal };
                 }
-                _ => {
-                    if let Some(duration) = self.duration(value) {
-                        step.kind = StepKind::Sleep { duration };
-                    }
+            }
+            _ => {
+                if let Some(duration) = self.duration(value) {
+                    step.kind = StepKind::Sleep { duration };
                 }
             }
         }
-        (step, id)
     }
 
-    fn http(&mut self, node: &Node, index: usize) -> Option<StepKind> {
+    fn catch(&mut self, node: &Node, index: usize) -> Vec<Catch> {
+        let Data::Seq(items) = &node.data else {
+            self.expected(node, "a sequence of handlers");
+            return Vec::new();
+        };
+        if items.len() > CATCH_HANDLERS_MAX {
+            self.report(node, format!("more than {CATCH_HANDLERS_MAX} handlers"));
+        }
+        let mut handlers = Vec::with_capacity(items.len());
+        for item in items {
+            let Some(entries) = self.mapping(item) else {
+                continue;
+            };
+            self.unknown_keys(&entries, &CATCH_KEYS);
+            let mut handler = Catch {
+                errors: Vec::new(),
+                steps: Vec::new(),
+                then: CatchThen::Continue,
+            };
+            if let Some(entry) = get(&entries, "errors") {
+                match &entry.value.data {
+                    Data::Seq(types) => {
+                        for t in types {
+                            if let Some(name) = self.name(t, "error type") {
+                                handler.errors.push(name);
+                            }
+                        }
+                    }
+                    _ if scalar_text(entry.value).as_deref() == Some("all") => {}
+                    _ => self.expected(entry.value, "a list of error types, or `all`"),
+                }
+            }
+            if let Some(entry) = get(&entries, "then") {
+                match self.string(entry.value) {
+                    Some("continue") => handler.then = CatchThen::Continue,
+                    Some("fail") => handler.then = CatchThen::Fail,
+                    Some(other) => self.report(
+                        entry.value,
+                        format!("unknown then `{other}` (expected continue or fail)"),
+                    ),
+                    None => {}
+                }
+            }
+            if let Some(entry) = get(&entries, "steps") {
+                if let Data::Seq(step_nodes) = &entry.value.data {
+                    for step_node in step_nodes {
+                        let Some(step_entries) = self.mapping(step_node) else {
+                            continue;
+                        };
+                        let mut step = Step::new(
+                            String::new(),
+                            StepKind::Sleep {
+                                duration: Duration::ZERO,
+                            },
+                        );
+                        // Handler steps may read the failed step's predecessors.
+                        self.kind_and_options(
+                            step_node,
+                            &step_entries,
+                            &COMPENSATE_KEYS,
+                            Some(index),
+                            &mut step,
+                        );
+                        handler.steps.push(step);
+                    }
+                } else {
+                    self.expected(entry.value, "a sequence of steps");
+                }
+            }
+            handlers.push(handler);
+        }
+        handlers
+    }
+
+    /// A deadline: an RFC 3339 timestamp or an expression yielding one.
+    fn deadline(&mut self, node: &Node, from: Option<usize>) -> Option<Template> {
+        let text = self.string(node)?;
+        if expr::embedded(text).is_none() && crate::deadline::parse_rfc3339_ms(text).is_none() {
+            self.report(
+                node,
+                format!("bad deadline `{text}`: expected an RFC 3339 timestamp or an expression"),
+            );
+            return None;
+        }
+        Some(self.template(node, from))
+    }
+
+    fn http(&mut self, node: &Node, from: Option<usize>) -> Option<StepKind> {
         let entries = self.mapping(node)?;
         self.unknown_keys(&entries, &HTTP_KEYS);
         let mut method = "GET".to_string();
@@ -898,7 +1215,7 @@ impl Checker {
                 if !(is_expression || is_http) {
                     self.report(entry.value, "url must start with http:// or https://");
                 }
-                url = self.template(entry.value, Some(index));
+                url = self.template(entry.value, from);
             }
         }
         let mut headers = Vec::new();
@@ -908,11 +1225,11 @@ impl Checker {
                     self.report(header.key_node, format!("bad header name `{}`", header.key));
                 }
                 if self.string(header.value).is_some() {
-                    headers.push((header.key.clone(), self.template(header.value, Some(index))));
+                    headers.push((header.key.clone(), self.template(header.value, from)));
                 }
             }
         }
-        let body = get(&entries, "body").map(|entry| self.template(entry.value, Some(index)));
+        let body = get(&entries, "body").map(|entry| self.template(entry.value, from));
         Some(StepKind::Http {
             method,
             url,
@@ -1118,6 +1435,76 @@ mod tests {
     /// A valid definition around `steps` (a YAML sequence, indented by two).
     fn with_steps(steps: &str) -> String {
         format!("name: w\nsteps:\n{steps}")
+    }
+
+    #[test]
+    fn fault_tolerance_keys() {
+        let source = r#"
+name: saga
+on_failure: compensate
+deadline: "2030-01-01T00:00:00Z"
+steps:
+  - id: reserve
+    task: inventory
+    queue_timeout: 1m
+    heartbeat_timeout: 10s
+    step_timeout: 5m
+    deadline: "${ .input.due }"
+    compensate: { task: inventory-release, input: { id: "${ .steps.reserve.output.id }" }, retry: { max_attempts: 9 } }
+  - id: charge
+    task: payments
+    catch:
+      - errors: [card_declined]
+        steps:
+          - set: { declined: true }
+        then: continue
+      - errors: all
+        then: fail
+  - id: approval
+    wait: approved
+    timeout: 1d
+  - id: stop
+    fail: { type: rejected, message: "${ .vars.declined | tostring }" }
+"#;
+        let definition = parse(source).unwrap_or_else(|p| panic!("{p:?}"));
+        assert_eq!(definition.on_failure, Some(OnFailure::Compensate));
+        let reserve = &definition.steps[0];
+        assert_eq!(reserve.queue_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(reserve.heartbeat_timeout, Some(Duration::from_secs(10)));
+        assert_eq!(reserve.step_timeout, Some(Duration::from_secs(300)));
+        assert!(reserve.deadline.is_some());
+        let undo = reserve.compensate.as_ref().unwrap();
+        assert!(matches!(&undo.kind, StepKind::Task { queue, .. } if queue == "inventory-release"));
+        assert_eq!(undo.retry.as_ref().unwrap().max_attempts, 9);
+        let catch = &definition.steps[1].catch;
+        assert_eq!(catch.len(), 2);
+        assert_eq!(catch[0].errors, ["card_declined"]);
+        assert_eq!(catch[0].then, CatchThen::Continue);
+        assert!(catch[1].errors.is_empty());
+        assert_eq!(catch[1].then, CatchThen::Fail);
+        assert!(
+            matches!(&definition.steps[2].kind, StepKind::Wait { signal } if signal == "approved")
+        );
+        assert!(
+            matches!(&definition.steps[3].kind, StepKind::Fail { error_type, .. } if error_type == "rejected")
+        );
+    }
+
+    #[test]
+    fn fault_tolerance_problems() {
+        check(
+            "name: w\non_failure: retry\ndeadline: tomorrow\nsteps:\n  - id: a\n    sleep: 1s\n    queue_timeout: 5s\n    compensate: { id: x, task: q }\n    catch:\n      - errors: 5\n        then: maybe\n  - id: b\n    set: 5\n  - id: c\n    fail: { message: hi }\n",
+            &[
+                "2:13: unknown on_failure `retry` (expected compensate or fail)",
+                "3:11: bad deadline `tomorrow`: expected an RFC 3339 timestamp or an expression",
+                "7:5: `queue_timeout` applies only to `task` steps",
+                "8:19: unknown key `id`",
+                "10:17: expected a list of error types, or `all`, found an integer",
+                "11:15: unknown then `maybe` (expected continue or fail)",
+                "13:10: expected a mapping of variables, found an integer",
+                "15:11: missing key `type`",
+            ],
+        );
     }
 
     const SKETCH: &str = r#"name: order-fulfilment
@@ -1454,16 +1841,16 @@ output: { reservation: "${ .steps.reserve.output }", receipt: "${ .steps.charge.
     #[test]
     fn step_kind_problems() {
         check(
-            &with_steps("  - id: a\n    wait: 5s\n"),
-            &["4:5: unknown step kind `wait`: a step needs one of `task`, `http` or `sleep`"],
+            &with_steps("  - id: a\n    loop: 5s\n"),
+            &["4:5: unknown step kind `loop`: a step needs one of `task`, `http`, `sleep`, `set`, `fail` or `wait`"],
         );
         check(
             &with_steps("  - id: a\n    tsak: q\n"),
-            &["4:5: unknown step kind `tsak` (did you mean `task`?): a step needs one of `task`, `http` or `sleep`"],
+            &["4:5: unknown step kind `tsak` (did you mean `task`?): a step needs one of `task`, `http`, `sleep`, `set`, `fail` or `wait`"],
         );
         check(
             &with_steps("  - id: a\n    timeout: 5s\n"),
-            &["3:5: step has no kind: add one of `task`, `http` or `sleep`"],
+            &["3:5: step has no kind: add one of `task`, `http`, `sleep`, `set`, `fail` or `wait`"],
         );
         check(
             &with_steps("  - id: a\n    task: q\n    sleep: 5s\n    http: { url: http://x }\n"),
@@ -1489,7 +1876,6 @@ output: { reservation: "${ .steps.reserve.output }", receipt: "${ .steps.charge.
             &[
                 "2:1: unknown key `tiemout` (did you mean `timeout`?)",
                 "6:5: unknown key `tiemout` (did you mean `timeout`?)",
-                "7:5: unknown key `compensate`",
                 "8:14: unknown key `max_attempt` (did you mean `max_attempts`?)",
                 "8:30: unknown key `backof` (did you mean `backoff`?)",
                 "8:45: unknown key `colour`",
@@ -1624,12 +2010,12 @@ output: { reservation: "${ .steps.reserve.output }", receipt: "${ .steps.charge.
     #[test]
     fn many_problems_at_once() {
         check(
-            "name: bad name\nsteps:\n  - id: a\n    task: q\n    timeout: soon\n  - id: a\n    wait: 1s\n  - task: q\n    input: \"${ .steps.x }\"\n",
+            "name: bad name\nsteps:\n  - id: a\n    task: q\n    timeout: soon\n  - id: a\n    loop: 1s\n  - task: q\n    input: \"${ .steps.x }\"\n",
             &[
                 "1:7: bad name `bad name`: use letters, digits, `_`, `.` and `-`, starting with a letter or digit, at most 128 characters",
                 "5:14: bad duration `soon`: expected a number such as `30s`",
                 "6:9: duplicate step id `a` (first at line 3)",
-                "7:5: unknown step kind `wait`: a step needs one of `task`, `http` or `sleep`",
+                "7:5: unknown step kind `loop`: a step needs one of `task`, `http`, `sleep`, `set`, `fail` or `wait`",
                 "8:5: missing key `id`",
                 "9:12: reference to unknown step `x`",
             ],

@@ -26,6 +26,9 @@ pub struct ErrorInfo {
 pub enum EventKind {
     /// The instance was accepted.
     InstanceStarted {
+        /// The instance this one restarts, if any.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        restarted_from: Option<String>,
         /// Definition name.
         definition: String,
         /// Definition version.
@@ -94,10 +97,74 @@ pub enum EventKind {
         /// Why.
         error: ErrorInfo,
     },
-    /// The instance was cancelled.
+    /// The instance was cancelled (after its compensations, if any).
     InstanceCancelled {
         /// Who asked.
         by: String,
+    },
+    /// Someone asked to cancel; compensations run first when there are any.
+    CancelRequested {
+        /// Who asked.
+        by: String,
+    },
+    /// The instance was ended at once, without compensation.
+    InstanceTerminated {
+        /// Who asked.
+        by: String,
+        /// Why.
+        reason: String,
+    },
+    /// The instance started undoing its completed steps, in reverse completion order.
+    CompensationStarted {
+        /// Steps whose compensation will run, in the order they will run.
+        steps: Vec<String>,
+        /// Why: the error, or the cancellation.
+        reason: String,
+    },
+    /// Every compensation ran; the instance ended compensated.
+    InstanceCompensated {
+        /// The error that caused the compensation.
+        error: ErrorInfo,
+    },
+    /// A step's failure was caught by one of its handlers.
+    StepCaught {
+        /// The step.
+        step_id: String,
+        /// The error caught.
+        error: ErrorInfo,
+        /// Index of the handler that matched.
+        handler: usize,
+    },
+    /// The instance was paused: no new attempt starts until it is resumed.
+    InstancePaused {
+        /// Who asked.
+        by: String,
+    },
+    /// The instance was resumed.
+    InstanceResumed {
+        /// Who asked.
+        by: String,
+    },
+    /// A failed instance resumes from its failed step.
+    InstanceRetried {
+        /// Who asked.
+        by: String,
+        /// The step it resumes from.
+        step_id: String,
+    },
+    /// An instance runs again from a chosen step.
+    InstanceRerun {
+        /// Who asked.
+        by: String,
+        /// The step it runs from.
+        step_id: String,
+    },
+    /// A signal arrived (kept until a `wait` step takes it).
+    SignalReceived {
+        /// The signal's name.
+        name: String,
+        /// Its payload.
+        payload: Value,
     },
 }
 
@@ -115,6 +182,16 @@ impl EventKind {
             EventKind::InstanceCompleted { .. } => "instance_completed",
             EventKind::InstanceFailed { .. } => "instance_failed",
             EventKind::InstanceCancelled { .. } => "instance_cancelled",
+            EventKind::CancelRequested { .. } => "cancel_requested",
+            EventKind::InstanceTerminated { .. } => "instance_terminated",
+            EventKind::CompensationStarted { .. } => "compensation_started",
+            EventKind::InstanceCompensated { .. } => "instance_compensated",
+            EventKind::StepCaught { .. } => "step_caught",
+            EventKind::InstancePaused { .. } => "instance_paused",
+            EventKind::InstanceResumed { .. } => "instance_resumed",
+            EventKind::InstanceRetried { .. } => "instance_retried",
+            EventKind::InstanceRerun { .. } => "instance_rerun",
+            EventKind::SignalReceived { .. } => "signal_received",
         }
     }
 }

@@ -5,6 +5,7 @@
 //! events to commit and effects to perform after the commit.
 #![warn(missing_docs)]
 
+pub mod deadline;
 pub mod dsl;
 pub mod duration;
 pub mod event;

@@ -7,22 +7,31 @@
 //!
 //! The central guarantee is that a state transition is applied at most once: a
 //! command about an attempt that is no longer current (a duplicate completion, a
-//! late completion after a retry, a stale timer) is rejected and changes nothing.
+//! late completion after a retry or a timeout, a stale timer) is rejected and
+//! changes nothing.
+//!
+//! An instance runs its main steps in order. A step that fails beyond its retries
+//! may be caught by a handler (whose steps run instead), or fails the instance.
+//! A failing or cancelled instance compensates: the `compensate` steps of the main
+//! steps that completed run one at a time, in exactly the reverse order of completion.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::dsl::{Definition, Step, StepKind};
+use crate::dsl::{CatchThen, Definition, OnFailure, Step, StepKind};
 use crate::event::{ErrorInfo, EventKind};
 use crate::expr::EvalError;
 use crate::retry::RetryPolicy;
 
-/// Error type of a step attempt or instance that ran out of time.
+/// Error type of a step attempt, step or instance that ran out of time.
 pub const ERROR_TYPE_TIMEOUT: &str = "timeout";
 /// Error type of an expression that failed at run time.
 pub const ERROR_TYPE_EXPRESSION: &str = "expression_error";
+/// Signals kept per name while no `wait` step takes them.
+pub const SIGNALS_BUFFERED_MAX: usize = 1000;
 
 /// Lifecycle of an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,39 +39,150 @@ pub const ERROR_TYPE_EXPRESSION: &str = "expression_error";
 pub enum InstanceStatus {
     /// Steps are running or waiting.
     Running,
+    /// No new attempt starts until resumed.
+    Paused,
     /// Every step completed.
     Completed,
-    /// A step failed beyond its retries, or the instance timed out.
+    /// A step failed beyond its retries and was not caught (or a compensation failed).
     Failed,
-    /// Cancelled on request.
+    /// Undoing completed steps after a failure or a cancel.
+    Compensating,
+    /// Failed, and every completed step was compensated.
+    Compensated,
+    /// Cancelled on request (after compensating).
     Cancelled,
+    /// Ended at once on request, without compensation.
+    Terminated,
 }
 
 impl InstanceStatus {
+    /// Every status, in lifecycle order.
+    pub const ALL: [InstanceStatus; 8] = [
+        InstanceStatus::Running,
+        InstanceStatus::Paused,
+        InstanceStatus::Completed,
+        InstanceStatus::Failed,
+        InstanceStatus::Compensating,
+        InstanceStatus::Compensated,
+        InstanceStatus::Cancelled,
+        InstanceStatus::Terminated,
+    ];
+
     /// The status name used in the store and the API.
     pub fn as_str(self) -> &'static str {
         match self {
             InstanceStatus::Running => "running",
+            InstanceStatus::Paused => "paused",
             InstanceStatus::Completed => "completed",
             InstanceStatus::Failed => "failed",
+            InstanceStatus::Compensating => "compensating",
+            InstanceStatus::Compensated => "compensated",
             InstanceStatus::Cancelled => "cancelled",
+            InstanceStatus::Terminated => "terminated",
         }
     }
 
     /// Parses a status name.
     pub fn parse(text: &str) -> Option<InstanceStatus> {
-        Some(match text {
-            "running" => InstanceStatus::Running,
-            "completed" => InstanceStatus::Completed,
-            "failed" => InstanceStatus::Failed,
-            "cancelled" => InstanceStatus::Cancelled,
-            _ => return None,
-        })
+        InstanceStatus::ALL.into_iter().find(|s| s.as_str() == text)
     }
 
-    /// Whether the instance has ended for good.
+    /// Whether the instance has ended (it may still be retried or rerun on request).
     pub fn is_terminal(self) -> bool {
-        !matches!(self, InstanceStatus::Running)
+        !matches!(
+            self,
+            InstanceStatus::Running | InstanceStatus::Paused | InstanceStatus::Compensating
+        )
+    }
+}
+
+/// Which step of a definition runs: a main step, its compensation, or a step of one of
+/// its catch handlers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum StepRef {
+    /// `steps[index]`.
+    Main {
+        /// Index in the definition's steps.
+        index: usize,
+    },
+    /// `steps[index].compensate`.
+    Undo {
+        /// Index of the step it compensates.
+        index: usize,
+    },
+    /// `steps[index].catch[handler].steps[step]`.
+    Handler {
+        /// Index of the step whose failure was caught.
+        index: usize,
+        /// Which handler.
+        handler: usize,
+        /// Which of its steps.
+        step: usize,
+    },
+}
+
+impl StepRef {
+    /// The step this refers to.
+    pub fn resolve(self, definition: &Definition) -> &Step {
+        match self {
+            StepRef::Main { index } => &definition.steps[index],
+            StepRef::Undo { index } => definition.steps[index]
+                .compensate
+                .as_deref()
+                .expect("undo refs point at steps with a compensation"),
+            StepRef::Handler {
+                index,
+                handler,
+                step,
+            } => &definition.steps[index].catch[handler].steps[step],
+        }
+    }
+
+    /// The id shown in histories and task ids: `reserve`, `reserve~undo`, `charge~catch0.1`.
+    /// `~` never appears in a declared id, so these never clash.
+    pub fn step_id(self, definition: &Definition) -> String {
+        match self {
+            StepRef::Main { index } => definition.steps[index].id.clone(),
+            StepRef::Undo { index } => format!("{}~undo", definition.steps[index].id),
+            StepRef::Handler {
+                index,
+                handler,
+                step,
+            } => format!("{}~catch{handler}.{step}", definition.steps[index].id),
+        }
+    }
+
+    /// A compact key, unique within the instance, for timers.
+    fn key(self) -> String {
+        match self {
+            StepRef::Main { index } => format!("{index}"),
+            StepRef::Undo { index } => format!("{index}u"),
+            StepRef::Handler {
+                index,
+                handler,
+                step,
+            } => format!("{index}h{handler}.{step}"),
+        }
+    }
+
+    fn parse_key(key: &str) -> Option<StepRef> {
+        if let Some(index) = key.strip_suffix('u') {
+            return Some(StepRef::Undo {
+                index: index.parse().ok()?,
+            });
+        }
+        if let Some((index, rest)) = key.split_once('h') {
+            let (handler, step) = rest.split_once('.')?;
+            return Some(StepRef::Handler {
+                index: index.parse().ok()?,
+                handler: handler.parse().ok()?,
+                step: step.parse().ok()?,
+            });
+        }
+        Some(StepRef::Main {
+            index: key.parse().ok()?,
+        })
     }
 }
 
@@ -70,7 +190,7 @@ impl InstanceStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "on", rename_all = "snake_case")]
 pub enum Wait {
-    /// Nothing (the instance has ended).
+    /// Nothing (the instance has ended, or is between steps).
     Nothing,
     /// A worker to complete or fail the task.
     Task {
@@ -83,6 +203,29 @@ pub enum Wait {
     Sleep,
     /// The timer before the next attempt.
     Retry,
+    /// A named signal.
+    Signal {
+        /// Its name.
+        name: String,
+    },
+    /// The instance is paused; the current attempt starts when it is resumed.
+    Paused,
+}
+
+/// Why the instance compensates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cause", rename_all = "snake_case")]
+pub enum CompensationReason {
+    /// A failure; the instance ends `compensated` with this error.
+    Failed {
+        /// The error.
+        error: ErrorInfo,
+    },
+    /// A cancel; the instance ends `cancelled`.
+    Cancelled {
+        /// Who asked.
+        by: String,
+    },
 }
 
 /// The durable state of one instance.
@@ -101,14 +244,37 @@ pub struct InstanceState {
     pub status: InstanceStatus,
     /// What expressions see: `{"input", "steps": {id: {"output"}}, "vars"}`.
     pub context: Value,
-    /// Index of the current step; equals the step count once all completed.
+    /// The next main step to run once the current one (or its handler) is done.
     pub cursor: usize,
-    /// Current attempt of the current step (1-based).
+    /// The step running now.
+    pub current: Option<StepRef>,
+    /// Current attempt number of the current step; grows across retries and reruns so
+    /// that every attempt's task id is unique.
     pub attempt: u32,
-    /// When the first attempt of the current step started (ms since the epoch).
+    /// The attempt number this run of the current step started at.
+    pub attempt_first: u32,
+    /// Highest attempt number issued per step (by step key).
+    pub attempts: BTreeMap<String, u32>,
+    /// When the current step's first attempt started (ms since the epoch).
     pub step_started_at: u64,
     /// What the current step waits for.
     pub wait: Wait,
+    /// Main steps completed, in completion order.
+    pub completed: Vec<usize>,
+    /// Compensations still to run; the last runs next.
+    pub compensating: Vec<usize>,
+    /// Why the instance compensates.
+    pub compensation_reason: Option<CompensationReason>,
+    /// The error a catch handler is handling.
+    pub caught: Option<ErrorInfo>,
+    /// The status to return to on resume.
+    pub paused_from: Option<InstanceStatus>,
+    /// The step that failed the instance (what a retry resumes).
+    pub failed_at: Option<StepRef>,
+    /// Signals received and not yet taken by a `wait` step, by name.
+    pub signals: BTreeMap<String, VecDeque<Value>>,
+    /// The instance this one restarts.
+    pub restarted_from: Option<String>,
     /// The instance's output once completed.
     pub output: Option<Value>,
     /// Why the instance failed.
@@ -129,13 +295,13 @@ pub enum Command {
         /// Its output.
         output: Value,
     },
-    /// A worker failed a task.
+    /// A worker failed a task (or the engine did, for a missed heartbeat or pickup).
     FailTask {
         /// The task.
         task_id: String,
         /// Why.
         error: ErrorInfo,
-        /// Whether the worker thinks a retry may succeed.
+        /// Whether a retry may succeed.
         retryable: bool,
     },
     /// The engine finished an HTTP step's call.
@@ -152,10 +318,46 @@ pub enum Command {
         /// The timer.
         timer: TimerId,
     },
-    /// Someone asked to cancel the instance.
+    /// Cancel gracefully: compensate, then end `cancelled`.
     Cancel {
         /// Who asked.
         by: String,
+    },
+    /// End at once, without compensation.
+    Terminate {
+        /// Who asked.
+        by: String,
+        /// Why.
+        reason: String,
+    },
+    /// Start no new attempt until resumed.
+    Pause {
+        /// Who asked.
+        by: String,
+    },
+    /// Undo a pause.
+    Resume {
+        /// Who asked.
+        by: String,
+    },
+    /// Resume a failed instance from its failed step; what succeeded is not run again.
+    Retry {
+        /// Who asked.
+        by: String,
+    },
+    /// Run an ended instance again from a chosen main step.
+    Rerun {
+        /// Who asked.
+        by: String,
+        /// The step's id.
+        from_step: String,
+    },
+    /// A named signal with its payload.
+    Signal {
+        /// The signal's name.
+        name: String,
+        /// Its payload.
+        payload: Value,
     },
 }
 
@@ -173,59 +375,80 @@ pub struct HttpFailure {
 pub enum TimerId {
     /// A `sleep` step's wait.
     Sleep {
-        /// Step index.
-        step: usize,
+        /// The step.
+        step: StepRef,
+        /// Its attempt.
+        attempt: u32,
     },
     /// The delay before attempt `attempt` of a step.
     Retry {
-        /// Step index.
-        step: usize,
+        /// The step.
+        step: StepRef,
         /// The attempt that will run.
         attempt: u32,
     },
-    /// The per-attempt timeout of a step.
+    /// The per-attempt timeout of a step (also bounds a `wait`).
     AttemptTimeout {
-        /// Step index.
-        step: usize,
+        /// The step.
+        step: StepRef,
         /// The attempt it bounds.
         attempt: u32,
     },
+    /// The whole step's timeout or deadline, retries included.
+    StepExpiry {
+        /// The step.
+        step: StepRef,
+        /// The first attempt of the run it bounds.
+        attempt_first: u32,
+    },
     /// The whole instance's timeout.
     InstanceTimeout,
+    /// The whole instance's deadline.
+    InstanceDeadline,
 }
 
 impl TimerId {
     /// A stable textual key, unique within the instance.
     pub fn key(&self) -> String {
         match self {
-            TimerId::Sleep { step } => format!("sleep:{step}"),
-            TimerId::Retry { step, attempt } => format!("retry:{step}:{attempt}"),
-            TimerId::AttemptTimeout { step, attempt } => format!("attempt:{step}:{attempt}"),
+            TimerId::Sleep { step, attempt } => format!("sleep:{}:{attempt}", step.key()),
+            TimerId::Retry { step, attempt } => format!("retry:{}:{attempt}", step.key()),
+            TimerId::AttemptTimeout { step, attempt } => {
+                format!("attempt:{}:{attempt}", step.key())
+            }
+            TimerId::StepExpiry {
+                step,
+                attempt_first,
+            } => format!("step:{}:{attempt_first}", step.key()),
             TimerId::InstanceTimeout => "instance".to_string(),
+            TimerId::InstanceDeadline => "deadline".to_string(),
         }
     }
 
     /// Parses `key()`'s output.
     pub fn parse(key: &str) -> Option<TimerId> {
+        match key {
+            "instance" => return Some(TimerId::InstanceTimeout),
+            "deadline" => return Some(TimerId::InstanceDeadline),
+            _ => {}
+        }
         let mut parts = key.split(':');
         let kind = parts.next()?;
-        let mut number = || parts.next().and_then(|p| p.parse::<u64>().ok());
-        let timer = match kind {
-            "sleep" => TimerId::Sleep {
-                step: number()? as usize,
+        let step = StepRef::parse_key(parts.next()?)?;
+        let attempt: u32 = parts.next()?.parse().ok()?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(match kind {
+            "sleep" => TimerId::Sleep { step, attempt },
+            "retry" => TimerId::Retry { step, attempt },
+            "attempt" => TimerId::AttemptTimeout { step, attempt },
+            "step" => TimerId::StepExpiry {
+                step,
+                attempt_first: attempt,
             },
-            "retry" => TimerId::Retry {
-                step: number()? as usize,
-                attempt: number()? as u32,
-            },
-            "attempt" => TimerId::AttemptTimeout {
-                step: number()? as usize,
-                attempt: number()? as u32,
-            },
-            "instance" => TimerId::InstanceTimeout,
             _ => return None,
-        };
-        Some(timer)
+        })
     }
 }
 
@@ -264,12 +487,16 @@ pub struct TaskSpec {
     pub queue: String,
     /// The step's id.
     pub step_id: String,
-    /// 1-based attempt.
+    /// Attempt number.
     pub attempt: u32,
     /// The evaluated input.
     pub input: Value,
     /// Stable across attempts of the step, for workers to deduplicate side effects.
     pub idempotency_key: String,
+    /// Bound on waiting for a worker to take it.
+    pub queue_timeout: Option<Duration>,
+    /// Bound between heartbeats once taken.
+    pub heartbeat_timeout: Option<Duration>,
 }
 
 /// An HTTP call to make for a step.
@@ -277,7 +504,7 @@ pub struct TaskSpec {
 pub struct HttpRequest {
     /// The step.
     pub step_id: String,
-    /// 1-based attempt.
+    /// Attempt number.
     pub attempt: u32,
     /// Method.
     pub method: String,
@@ -319,6 +546,17 @@ pub enum Rejection {
     /// The task id is malformed or not of this instance.
     #[error("unknown task")]
     UnknownTask,
+    /// The operation makes no sense in the instance's status.
+    #[error("cannot {operation} an instance that is {status}")]
+    NotAllowed {
+        /// What was asked.
+        operation: &'static str,
+        /// The instance's status.
+        status: &'static str,
+    },
+    /// The request names something the definition does not have.
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 /// Builds the task id of an attempt.
@@ -348,6 +586,18 @@ pub fn start(
     input: Value,
     now: u64,
 ) -> (InstanceState, Transition) {
+    start_restarted(definition, version, id, input, None, now)
+}
+
+/// Starts an instance that restarts `restarted_from` (or none).
+pub fn start_restarted(
+    definition: &Definition,
+    version: u32,
+    id: &str,
+    input: Value,
+    restarted_from: Option<String>,
+    now: u64,
+) -> (InstanceState, Transition) {
     assert!(
         !definition.steps.is_empty(),
         "a validated definition has steps"
@@ -359,31 +609,67 @@ pub fn start(
         status: InstanceStatus::Running,
         context: json!({ "input": input.clone(), "steps": {}, "vars": {} }),
         cursor: 0,
-        attempt: 1,
+        current: None,
+        attempt: 0,
+        attempt_first: 0,
+        attempts: BTreeMap::new(),
         step_started_at: now,
         wait: Wait::Nothing,
+        completed: Vec::new(),
+        compensating: Vec::new(),
+        compensation_reason: None,
+        caught: None,
+        paused_from: None,
+        failed_at: None,
+        signals: BTreeMap::new(),
+        restarted_from: restarted_from.clone(),
         output: None,
         error: None,
         created_at: now,
         updated_at: now,
     };
-    let mut transition = Transition::default();
-    transition.events.push(EventKind::InstanceStarted {
+    let mut t = Transition::default();
+    t.events.push(EventKind::InstanceStarted {
+        restarted_from,
         definition: definition.name.clone(),
         version,
         input,
     });
     if let Some(timeout) = definition.timeout {
-        transition.effects.push(Effect::StartTimer {
+        t.effects.push(Effect::StartTimer {
             timer: TimerId::InstanceTimeout,
             fire_at: now.saturating_add(millis(timeout)),
         });
     }
-    schedule_attempt(&mut state, definition, now, &mut transition);
-    (state, transition)
+    if let Some(deadline) = &definition.deadline {
+        match eval_deadline(deadline, &state.context) {
+            Ok(fire_at) => t.effects.push(Effect::StartTimer {
+                timer: TimerId::InstanceDeadline,
+                fire_at,
+            }),
+            Err(message) => {
+                let error = ErrorInfo {
+                    error_type: ERROR_TYPE_EXPRESSION.to_string(),
+                    message: format!("instance deadline: {message}"),
+                };
+                end(&mut state, InstanceStatus::Failed, now);
+                state.error = Some(error.clone());
+                t.events.push(EventKind::InstanceFailed { error });
+                return (state, t);
+            }
+        }
+    }
+    begin(
+        &mut state,
+        definition,
+        StepRef::Main { index: 0 },
+        now,
+        &mut t,
+    );
+    (state, t)
 }
 
-/// Applies a command to a running instance.
+/// Applies a command to an instance.
 ///
 /// On `Err` the state is unchanged.
 pub fn handle(
@@ -393,276 +679,348 @@ pub fn handle(
     now: u64,
 ) -> Result<Transition, Rejection> {
     assert_eq!(state.definition, definition.name);
-    if state.status.is_terminal() {
-        return Err(Rejection::InstanceEnded(state.status.as_str()));
-    }
-    assert!(
-        state.cursor < definition.steps.len(),
-        "a running instance has a current step"
-    );
-    let mut transition = Transition::default();
+    let mut t = Transition::default();
     match command {
         Command::CompleteTask { task_id, output } => {
-            let (attempt, step_id) = current_task(state, definition, &task_id)?;
-            complete_step(
-                state,
-                definition,
-                step_id,
-                attempt,
-                output,
-                now,
-                &mut transition,
-            );
+            check_running(state)?;
+            current_task(state, &task_id)?;
+            complete_step(state, definition, output, now, &mut t);
         }
         Command::FailTask {
             task_id,
             error,
             retryable,
         } => {
-            let (attempt, step_id) = current_task(state, definition, &task_id)?;
-            fail_attempt(
-                state,
-                definition,
-                step_id,
-                attempt,
-                error,
-                retryable,
-                now,
-                &mut transition,
-            );
+            check_running(state)?;
+            current_task(state, &task_id)?;
+            attempt_failed(state, definition, error, retryable, now, &mut t);
         }
         Command::HttpResult {
             step_id,
             attempt,
             result,
         } => {
-            let step = &definition.steps[state.cursor];
-            if state.wait != Wait::Http || step.id != step_id || state.attempt != attempt {
+            check_running(state)?;
+            let current = state.current.ok_or(Rejection::NotCurrent)?;
+            if state.wait != Wait::Http
+                || current.step_id(definition) != step_id
+                || state.attempt != attempt
+            {
                 return Err(Rejection::NotCurrent);
             }
             match result {
-                Ok(output) => complete_step(
+                Ok(output) => complete_step(state, definition, output, now, &mut t),
+                Err(failure) => attempt_failed(
                     state,
                     definition,
-                    step_id,
-                    attempt,
-                    output,
-                    now,
-                    &mut transition,
-                ),
-                Err(failure) => fail_attempt(
-                    state,
-                    definition,
-                    step_id,
-                    attempt,
                     failure.error,
                     failure.retryable,
                     now,
-                    &mut transition,
+                    &mut t,
                 ),
             }
         }
-        Command::FireTimer { timer } => match timer {
-            TimerId::Sleep { step } => {
-                if step != state.cursor || state.wait != Wait::Sleep {
-                    return Err(Rejection::NotCurrent);
-                }
-                let step_id = definition.steps[step].id.clone();
-                transition.events.push(EventKind::TimerFired {
-                    step_id: step_id.clone(),
-                });
-                let attempt = state.attempt;
-                complete_step(
-                    state,
-                    definition,
-                    step_id,
-                    attempt,
-                    Value::Null,
-                    now,
-                    &mut transition,
-                );
+        Command::FireTimer { timer } => {
+            check_running(state)?;
+            fire_timer(state, definition, timer, now, &mut t)?;
+        }
+        Command::Signal { name, payload } => {
+            check_running(state)?;
+            let waiting = matches!(&state.wait, Wait::Signal { name: waiting } if *waiting == name);
+            let buffered = state.signals.get(&name).map_or(0, VecDeque::len);
+            if !waiting && buffered >= SIGNALS_BUFFERED_MAX {
+                return Err(Rejection::BadRequest(format!(
+                    "{SIGNALS_BUFFERED_MAX} signals `{name}` are already waiting to be taken"
+                )));
             }
-            TimerId::Retry { step, attempt } => {
-                if step != state.cursor || state.wait != Wait::Retry || attempt != state.attempt {
-                    return Err(Rejection::NotCurrent);
-                }
-                schedule_attempt(state, definition, now, &mut transition);
+            t.events.push(EventKind::SignalReceived {
+                name: name.clone(),
+                payload: payload.clone(),
+            });
+            if waiting {
+                complete_step(state, definition, payload, now, &mut t);
+            } else {
+                state.signals.entry(name).or_default().push_back(payload);
             }
-            TimerId::AttemptTimeout { step, attempt } => {
-                let running = matches!(state.wait, Wait::Task { .. } | Wait::Http);
-                if step != state.cursor || attempt != state.attempt || !running {
-                    return Err(Rejection::NotCurrent);
-                }
-                let step_id = definition.steps[step].id.clone();
-                let error = ErrorInfo {
-                    error_type: ERROR_TYPE_TIMEOUT.to_string(),
-                    message: format!("attempt {attempt} of step `{step_id}` timed out"),
-                };
-                fail_attempt(
-                    state,
-                    definition,
-                    step_id,
-                    attempt,
-                    error,
-                    true,
-                    now,
-                    &mut transition,
-                );
-            }
-            TimerId::InstanceTimeout => {
-                let error = ErrorInfo {
-                    error_type: ERROR_TYPE_TIMEOUT.to_string(),
-                    message: "instance timed out".to_string(),
-                };
-                end_current_step(state, definition, &mut transition);
-                finish(state, InstanceStatus::Failed, &mut transition, now);
-                state.error = Some(error.clone());
-                transition.events.push(EventKind::InstanceFailed { error });
-            }
-        },
+        }
         Command::Cancel { by } => {
-            end_current_step(state, definition, &mut transition);
-            if definition.timeout.is_some() {
-                transition.effects.push(Effect::CancelTimer {
-                    timer: TimerId::InstanceTimeout,
-                });
+            if state.status.is_terminal() {
+                return Err(Rejection::InstanceEnded(state.status.as_str()));
             }
-            finish(state, InstanceStatus::Cancelled, &mut transition, now);
-            transition.events.push(EventKind::InstanceCancelled { by });
+            if state.status == InstanceStatus::Compensating
+                || state.paused_from == Some(InstanceStatus::Compensating)
+            {
+                return Err(not_allowed("cancel", state.status));
+            }
+            t.events.push(EventKind::CancelRequested { by: by.clone() });
+            stop_current_step(state, definition, &mut t);
+            state.paused_from = None;
+            state.status = InstanceStatus::Running;
+            compensate_or_end(
+                state,
+                definition,
+                CompensationReason::Cancelled { by },
+                now,
+                &mut t,
+            );
+        }
+        Command::Terminate { by, reason } => {
+            if state.status.is_terminal() {
+                return Err(Rejection::InstanceEnded(state.status.as_str()));
+            }
+            stop_current_step(state, definition, &mut t);
+            cancel_instance_timers(definition, &mut t);
+            end(state, InstanceStatus::Terminated, now);
+            state.error = Some(ErrorInfo {
+                error_type: "terminated".to_string(),
+                message: reason.clone(),
+            });
+            t.events.push(EventKind::InstanceTerminated { by, reason });
+        }
+        Command::Pause { by } => {
+            if !matches!(
+                state.status,
+                InstanceStatus::Running | InstanceStatus::Compensating
+            ) {
+                return Err(not_allowed("pause", state.status));
+            }
+            state.paused_from = Some(state.status);
+            state.status = InstanceStatus::Paused;
+            t.events.push(EventKind::InstancePaused { by });
+        }
+        Command::Resume { by } => {
+            if state.status != InstanceStatus::Paused {
+                return Err(not_allowed("resume", state.status));
+            }
+            state.status = state
+                .paused_from
+                .take()
+                .expect("a paused instance remembers its status");
+            t.events.push(EventKind::InstanceResumed { by });
+            if state.wait == Wait::Paused {
+                schedule_attempt(state, definition, now, &mut t);
+            }
+        }
+        Command::Retry { by } => {
+            if state.status != InstanceStatus::Failed {
+                return Err(not_allowed("retry", state.status));
+            }
+            let Some(failed_at) = state.failed_at else {
+                // Failed before any step ran (a bad deadline expression): nothing to resume.
+                return Err(not_allowed("retry", state.status));
+            };
+            state.error = None;
+            let from = match failed_at {
+                StepRef::Undo { .. } => {
+                    state.status = InstanceStatus::Compensating;
+                    failed_at
+                }
+                // A failed handler step retries the caught step from its start.
+                StepRef::Main { index } | StepRef::Handler { index, .. } => {
+                    state.status = InstanceStatus::Running;
+                    state.caught = None;
+                    state.cursor = index;
+                    StepRef::Main { index }
+                }
+            };
+            state.failed_at = None;
+            t.events.push(EventKind::InstanceRetried {
+                by,
+                step_id: from.step_id(definition),
+            });
+            begin(state, definition, from, now, &mut t);
+        }
+        Command::Rerun { by, from_step } => {
+            if !state.status.is_terminal() {
+                return Err(not_allowed("rerun", state.status));
+            }
+            let Some(index) = definition.step_index(&from_step) else {
+                return Err(Rejection::BadRequest(format!(
+                    "the definition has no step `{from_step}`"
+                )));
+            };
+            // Forget what the re-run steps produced; keep what came before.
+            let steps = steps_mut(&mut state.context);
+            for step in &definition.steps[index..] {
+                steps.remove(&step.id);
+            }
+            state.completed.retain(|&done| done < index);
+            state.compensating.clear();
+            state.compensation_reason = None;
+            state.caught = None;
+            state.failed_at = None;
+            state.output = None;
+            state.error = None;
+            state.status = InstanceStatus::Running;
+            state.cursor = index;
+            t.events.push(EventKind::InstanceRerun {
+                by,
+                step_id: from_step,
+            });
+            begin(state, definition, StepRef::Main { index }, now, &mut t);
         }
     }
     state.updated_at = now;
-    Ok(transition)
+    Ok(t)
 }
 
-/// Checks that `task_id` is the task of the current attempt; returns its attempt and step id.
-fn current_task(
-    state: &InstanceState,
-    definition: &Definition,
-    task_id: &str,
-) -> Result<(u32, String), Rejection> {
-    let Some((instance_id, step_id, attempt)) = parse_task_id(task_id) else {
+fn check_running(state: &InstanceState) -> Result<(), Rejection> {
+    if state.status.is_terminal() {
+        return Err(Rejection::InstanceEnded(state.status.as_str()));
+    }
+    Ok(())
+}
+
+fn not_allowed(operation: &'static str, status: InstanceStatus) -> Rejection {
+    Rejection::NotAllowed {
+        operation,
+        status: status.as_str(),
+    }
+}
+
+/// Checks that `task_id` is the task of the current attempt.
+fn current_task(state: &InstanceState, task_id: &str) -> Result<(), Rejection> {
+    let Some((instance_id, _, attempt)) = parse_task_id(task_id) else {
         return Err(Rejection::UnknownTask);
     };
-    if instance_id != state.id || definition.step_index(step_id).is_none() {
+    if instance_id != state.id {
         return Err(Rejection::UnknownTask);
     }
     match &state.wait {
         Wait::Task { task_id: current } if current == task_id => {
             assert_eq!(attempt, state.attempt);
-            Ok((attempt, step_id.to_string()))
+            Ok(())
         }
         _ => Err(Rejection::NotCurrent),
     }
 }
 
-/// Records a step's output and moves on to the next step or completes the instance.
-fn complete_step(
+fn fire_timer(
     state: &mut InstanceState,
     definition: &Definition,
-    step_id: String,
-    attempt: u32,
-    output: Value,
+    timer: TimerId,
     now: u64,
-    transition: &mut Transition,
-) {
-    assert_eq!(definition.steps[state.cursor].id, step_id);
-    cancel_attempt_timeout(state, definition, transition);
-    steps_mut(&mut state.context).insert(step_id.clone(), json!({ "output": output.clone() }));
-    transition.events.push(EventKind::StepCompleted {
-        step_id,
-        attempt,
-        output,
-    });
-    state.cursor += 1;
-    state.attempt = 1;
-    state.step_started_at = now;
-    state.wait = Wait::Nothing;
-    if state.cursor < definition.steps.len() {
-        schedule_attempt(state, definition, now, transition);
-        return;
-    }
-    let output = match &definition.output {
-        None => state.context["steps"][&definition.steps[state.cursor - 1].id]["output"].clone(),
-        Some(template) => match template.eval(&state.context) {
-            Ok(value) => value,
-            Err(err) => {
-                let error = ErrorInfo {
-                    error_type: ERROR_TYPE_EXPRESSION.to_string(),
-                    message: format!("instance output: {err}"),
-                };
-                cancel_instance_timeout(definition, transition);
-                finish(state, InstanceStatus::Failed, transition, now);
-                state.error = Some(error.clone());
-                transition.events.push(EventKind::InstanceFailed { error });
-                return;
+    t: &mut Transition,
+) -> Result<(), Rejection> {
+    let is_current = |step: StepRef| state.current == Some(step);
+    match timer {
+        TimerId::Sleep { step, attempt } => {
+            if !is_current(step) || state.wait != Wait::Sleep || state.attempt != attempt {
+                return Err(Rejection::NotCurrent);
             }
-        },
-    };
-    cancel_instance_timeout(definition, transition);
-    finish(state, InstanceStatus::Completed, transition, now);
-    state.output = Some(output.clone());
-    transition
-        .events
-        .push(EventKind::InstanceCompleted { output });
+            t.events.push(EventKind::TimerFired {
+                step_id: step.step_id(definition),
+            });
+            complete_step(state, definition, Value::Null, now, t);
+        }
+        TimerId::Retry { step, attempt } => {
+            if !is_current(step) || state.wait != Wait::Retry || attempt != state.attempt {
+                return Err(Rejection::NotCurrent);
+            }
+            schedule_attempt(state, definition, now, t);
+        }
+        TimerId::AttemptTimeout { step, attempt } => {
+            let running = matches!(
+                state.wait,
+                Wait::Task { .. } | Wait::Http | Wait::Signal { .. }
+            );
+            if !is_current(step) || attempt != state.attempt || !running {
+                return Err(Rejection::NotCurrent);
+            }
+            withdraw_attempt(state, t);
+            let error = ErrorInfo {
+                error_type: ERROR_TYPE_TIMEOUT.to_string(),
+                message: format!(
+                    "attempt {attempt} of step `{}` timed out",
+                    step.step_id(definition)
+                ),
+            };
+            // The timer has fired: nothing to cancel.
+            state.wait = Wait::Nothing;
+            attempt_failed_after_cancel(state, definition, error, true, now, t);
+        }
+        TimerId::StepExpiry {
+            step,
+            attempt_first,
+        } => {
+            if !is_current(step) || attempt_first != state.attempt_first {
+                return Err(Rejection::NotCurrent);
+            }
+            // The step's whole time is up: its attempt stops and no retry follows.
+            withdraw_attempt(state, t);
+            cancel_attempt_timers(state, t);
+            state.wait = Wait::Nothing;
+            let error = ErrorInfo {
+                error_type: ERROR_TYPE_TIMEOUT.to_string(),
+                message: format!("step `{}` ran out of time", step.step_id(definition)),
+            };
+            t.events.push(EventKind::StepFailed {
+                step_id: step.step_id(definition),
+                attempt: state.attempt,
+                error: error.clone(),
+                retryable: false,
+            });
+            step_failed(state, definition, error, now, t);
+        }
+        TimerId::InstanceTimeout | TimerId::InstanceDeadline => {
+            let error = ErrorInfo {
+                error_type: ERROR_TYPE_TIMEOUT.to_string(),
+                message: if timer == TimerId::InstanceTimeout {
+                    "instance timed out".to_string()
+                } else {
+                    "instance passed its deadline".to_string()
+                },
+            };
+            if state.status == InstanceStatus::Compensating
+                || state.paused_from == Some(InstanceStatus::Compensating)
+            {
+                // Compensations are the way out; they run to their end.
+                return Err(Rejection::NotCurrent);
+            }
+            let failed_at = state.current;
+            stop_current_step(state, definition, t);
+            state.paused_from = None;
+            state.status = InstanceStatus::Running;
+            state.failed_at = failed_at;
+            fail_instance(state, definition, error, now, t, true);
+        }
+    }
+    Ok(())
 }
 
-/// Handles the failure of the current attempt: retry after a delay, or fail the instance.
-#[allow(clippy::too_many_arguments)] // One call per failure source; a struct would only rename them.
-fn fail_attempt(
+/// Starts a new run of `step`: its first attempt, and its step-wide timers.
+fn begin(
     state: &mut InstanceState,
     definition: &Definition,
-    step_id: String,
-    attempt: u32,
-    error: ErrorInfo,
-    retryable: bool,
+    step: StepRef,
     now: u64,
-    transition: &mut Transition,
+    t: &mut Transition,
 ) {
-    assert_eq!(definition.steps[state.cursor].id, step_id);
-    assert_eq!(state.attempt, attempt);
-    cancel_attempt_timeout(state, definition, transition);
-    transition.events.push(EventKind::StepFailed {
-        step_id: step_id.clone(),
-        attempt,
-        error: error.clone(),
-        retryable,
-    });
-    let step = &definition.steps[state.cursor];
-    let default_policy = RetryPolicy::default();
-    let policy = step
-        .retry
-        .as_ref()
-        .or(definition.retry.as_ref())
-        .unwrap_or(&default_policy);
-    let delay = policy.delay(attempt, jitter_sample(&state.id, &step_id, attempt));
-    let elapsed = Duration::from_millis(now.saturating_sub(state.step_started_at));
-    if policy.should_retry(attempt, &error.error_type, retryable, elapsed, delay) {
-        let fire_at = now.saturating_add(millis(delay));
-        state.attempt = attempt + 1;
-        state.wait = Wait::Retry;
-        transition.events.push(EventKind::StepRetryScheduled {
-            step_id,
-            next_attempt: attempt + 1,
-            fire_at,
-        });
-        transition.effects.push(Effect::StartTimer {
-            timer: TimerId::Retry {
-                step: state.cursor,
-                attempt: attempt + 1,
+    let issued = state.attempts.get(&step.key()).copied().unwrap_or(0);
+    state.current = Some(step);
+    state.attempt_first = issued + 1;
+    state.attempt = issued + 1;
+    state.step_started_at = now;
+    let definition_step = step.resolve(definition);
+    let mut expiry: Option<u64> = definition_step
+        .step_timeout
+        .map(|timeout| now.saturating_add(millis(timeout)));
+    if let Some(deadline) = &definition_step.deadline {
+        match eval_deadline(deadline, &state.context) {
+            Ok(at) => expiry = Some(expiry.map_or(at, |e| e.min(at))),
+            Err(message) => return expression_failed(state, definition, &message, now, t),
+        }
+    }
+    if let Some(fire_at) = expiry {
+        t.effects.push(Effect::StartTimer {
+            timer: TimerId::StepExpiry {
+                step,
+                attempt_first: state.attempt_first,
             },
             fire_at,
         });
-        return;
     }
-    cancel_instance_timeout(definition, transition);
-    finish(state, InstanceStatus::Failed, transition, now);
-    let error = ErrorInfo {
-        error_type: error.error_type,
-        message: format!("step `{step_id}` failed: {}", error.message),
-    };
-    state.error = Some(error.clone());
-    transition.events.push(EventKind::InstanceFailed { error });
+    schedule_attempt(state, definition, now, t);
 }
 
 /// Schedules attempt `state.attempt` of the current step.
@@ -670,13 +1028,20 @@ fn schedule_attempt(
     state: &mut InstanceState,
     definition: &Definition,
     now: u64,
-    transition: &mut Transition,
+    t: &mut Transition,
 ) {
-    let step = &definition.steps[state.cursor];
+    let current = state.current.expect("an attempt belongs to a current step");
+    if state.status == InstanceStatus::Paused {
+        state.wait = Wait::Paused;
+        return;
+    }
+    let step = current.resolve(definition);
+    let step_id = current.step_id(definition);
     let attempt = state.attempt;
+    state.attempts.insert(current.key(), attempt);
     let timeout_timer = step.timeout.map(|timeout| Effect::StartTimer {
         timer: TimerId::AttemptTimeout {
-            step: state.cursor,
+            step: current,
             attempt,
         },
         fire_at: now.saturating_add(millis(timeout)),
@@ -685,67 +1050,131 @@ fn schedule_attempt(
         StepKind::Task { queue, input } => {
             let input = match input.eval(&state.context) {
                 Ok(value) => value,
-                Err(err) => {
-                    return expression_failed(state, definition, &err.message, now, transition)
-                }
+                Err(err) => return expression_failed(state, definition, &err.message, now, t),
             };
-            let task_id = task_id(&state.id, &step.id, attempt);
-            transition.events.push(EventKind::StepScheduled {
-                step_id: step.id.clone(),
+            let task_id = task_id(&state.id, &step_id, attempt);
+            t.events.push(EventKind::StepScheduled {
+                step_id: step_id.clone(),
                 attempt,
                 input: Some(input.clone()),
             });
-            transition.effects.push(Effect::OfferTask(TaskSpec {
+            t.effects.push(Effect::OfferTask(TaskSpec {
                 task_id: task_id.clone(),
                 queue: queue.clone(),
-                step_id: step.id.clone(),
+                idempotency_key: format!("{}:{step_id}", state.id),
+                step_id,
                 attempt,
                 input,
-                idempotency_key: format!("{}:{}", state.id, step.id),
+                queue_timeout: step.queue_timeout,
+                heartbeat_timeout: step.heartbeat_timeout,
             }));
-            transition.effects.extend(timeout_timer);
+            t.effects.extend(timeout_timer);
             state.wait = Wait::Task { task_id };
         }
         StepKind::Http { .. } => {
-            let request = match http_request(step, attempt, &state.context) {
+            let request = match http_request(step, &step_id, attempt, &state.context) {
                 Ok(request) => request,
-                Err(err) => {
-                    return expression_failed(state, definition, &err.message, now, transition)
-                }
+                Err(err) => return expression_failed(state, definition, &err.message, now, t),
             };
-            transition.events.push(EventKind::StepScheduled {
-                step_id: step.id.clone(),
+            t.events.push(EventKind::StepScheduled {
+                step_id,
                 attempt,
                 input: Some(
                     json!({ "method": request.method, "url": request.url, "body": request.body }),
                 ),
             });
-            transition.effects.push(Effect::CallHttp(request));
-            transition.effects.extend(timeout_timer);
+            t.effects.push(Effect::CallHttp(request));
+            t.effects.extend(timeout_timer);
             state.wait = Wait::Http;
         }
         StepKind::Sleep { duration } => {
             let fire_at = now.saturating_add(millis(*duration));
-            transition.events.push(EventKind::StepScheduled {
-                step_id: step.id.clone(),
+            t.events.push(EventKind::StepScheduled {
+                step_id: step_id.clone(),
                 attempt,
                 input: None,
             });
-            transition.events.push(EventKind::TimerStarted {
-                step_id: step.id.clone(),
-                fire_at,
-            });
-            transition.effects.push(Effect::StartTimer {
-                timer: TimerId::Sleep { step: state.cursor },
+            t.events.push(EventKind::TimerStarted { step_id, fire_at });
+            t.effects.push(Effect::StartTimer {
+                timer: TimerId::Sleep {
+                    step: current,
+                    attempt,
+                },
                 fire_at,
             });
             state.wait = Wait::Sleep;
+        }
+        StepKind::Set { vars } => {
+            let value = match vars.eval(&state.context) {
+                Ok(value) => value,
+                Err(err) => return expression_failed(state, definition, &err.message, now, t),
+            };
+            t.events.push(EventKind::StepScheduled {
+                step_id,
+                attempt,
+                input: Some(value.clone()),
+            });
+            if let (Some(Value::Object(target)), Value::Object(source)) =
+                (state.context.get_mut("vars"), &value)
+            {
+                for (key, item) in source {
+                    target.insert(key.clone(), item.clone());
+                }
+            }
+            complete_step(state, definition, value, now, t);
+        }
+        StepKind::Fail {
+            error_type,
+            message,
+        } => {
+            let message = match message.eval(&state.context) {
+                Ok(Value::String(text)) => text,
+                Ok(other) => other.to_string(),
+                Err(err) => return expression_failed(state, definition, &err.message, now, t),
+            };
+            t.events.push(EventKind::StepScheduled {
+                step_id,
+                attempt,
+                input: None,
+            });
+            let error = ErrorInfo {
+                error_type: error_type.clone(),
+                message,
+            };
+            // A `fail` step means it: never retried (it may be caught).
+            attempt_failed_after_cancel(state, definition, error, false, now, t);
+        }
+        StepKind::Wait { signal } => {
+            t.events.push(EventKind::StepScheduled {
+                step_id,
+                attempt,
+                input: Some(json!({ "signal": signal })),
+            });
+            let early = state.signals.get_mut(signal).and_then(VecDeque::pop_front);
+            if state.signals.get(signal).is_some_and(VecDeque::is_empty) {
+                state.signals.remove(signal);
+            }
+            match early {
+                // A signal that arrived before the wait is taken now.
+                Some(payload) => complete_step(state, definition, payload, now, t),
+                None => {
+                    t.effects.extend(timeout_timer);
+                    state.wait = Wait::Signal {
+                        name: signal.clone(),
+                    };
+                }
+            }
         }
     }
 }
 
 /// Evaluates an HTTP step's request for `attempt` against `context`.
-fn http_request(step: &Step, attempt: u32, context: &Value) -> Result<HttpRequest, EvalError> {
+fn http_request(
+    step: &Step,
+    step_id: &str,
+    attempt: u32,
+    context: &Value,
+) -> Result<HttpRequest, EvalError> {
     let StepKind::Http {
         method,
         url,
@@ -764,7 +1193,7 @@ fn http_request(step: &Step, attempt: u32, context: &Value) -> Result<HttpReques
         evaluated.push((name.clone(), text(value.eval(context)?)));
     }
     Ok(HttpRequest {
-        step_id: step.id.clone(),
+        step_id: step_id.to_string(),
         attempt,
         method: method.clone(),
         url: text(url.eval(context)?),
@@ -780,8 +1209,11 @@ pub fn resume_effects(state: &InstanceState, definition: &Definition) -> Vec<Eff
     if state.status.is_terminal() || state.wait != Wait::Http {
         return Vec::new();
     }
+    let current = state.current.expect("an HTTP wait has a current step");
+    let step = current.resolve(definition);
     match http_request(
-        &definition.steps[state.cursor],
+        step,
+        &current.step_id(definition),
         state.attempt,
         &state.context,
     ) {
@@ -791,89 +1223,487 @@ pub fn resume_effects(state: &InstanceState, definition: &Definition) -> Vec<Eff
     }
 }
 
-/// An input expression failed: that is a bug in the definition, not worth retrying.
+/// The current step completed with `output`.
+fn complete_step(
+    state: &mut InstanceState,
+    definition: &Definition,
+    output: Value,
+    now: u64,
+    t: &mut Transition,
+) {
+    let current = state.current.expect("a completing step is current");
+    cancel_attempt_timers(state, t);
+    cancel_step_expiry(state, definition, t);
+    t.events.push(EventKind::StepCompleted {
+        step_id: current.step_id(definition),
+        attempt: state.attempt,
+        output: output.clone(),
+    });
+    state.wait = Wait::Nothing;
+    state.current = None;
+    match current {
+        StepRef::Main { index } => {
+            assert_eq!(index, state.cursor);
+            assert!(
+                !state.completed.contains(&index),
+                "a step completes once per run"
+            );
+            steps_mut(&mut state.context).insert(
+                definition.steps[index].id.clone(),
+                json!({ "output": output }),
+            );
+            state.completed.push(index);
+            state.cursor = index + 1;
+            advance(state, definition, now, t);
+        }
+        StepRef::Handler {
+            index,
+            handler,
+            step,
+        } => {
+            let catch = &definition.steps[index].catch[handler];
+            if step + 1 < catch.steps.len() {
+                begin(
+                    state,
+                    definition,
+                    StepRef::Handler {
+                        index,
+                        handler,
+                        step: step + 1,
+                    },
+                    now,
+                    t,
+                );
+                return;
+            }
+            let error = state
+                .caught
+                .take()
+                .expect("a handler runs for a caught error");
+            match catch.then {
+                CatchThen::Continue => {
+                    // The handler's last output stands in for the step's; the step itself
+                    // did not complete, so it has nothing to compensate.
+                    steps_mut(&mut state.context).insert(
+                        definition.steps[index].id.clone(),
+                        json!({ "output": output }),
+                    );
+                    state.cursor = index + 1;
+                    advance(state, definition, now, t);
+                }
+                CatchThen::Fail => {
+                    state.failed_at = Some(StepRef::Main { index });
+                    fail_instance(state, definition, error, now, t, true);
+                }
+            }
+        }
+        StepRef::Undo { index } => {
+            let done = state.compensating.pop();
+            assert_eq!(done, Some(index), "compensations run in order");
+            next_compensation(state, definition, now, t);
+        }
+    }
+}
+
+/// Runs the next main step, or completes the instance.
+fn advance(state: &mut InstanceState, definition: &Definition, now: u64, t: &mut Transition) {
+    if state.cursor < definition.steps.len() {
+        begin(
+            state,
+            definition,
+            StepRef::Main {
+                index: state.cursor,
+            },
+            now,
+            t,
+        );
+        return;
+    }
+    let output = match &definition.output {
+        None => state.context["steps"][&definition.steps[definition.steps.len() - 1].id]["output"]
+            .clone(),
+        Some(template) => match template.eval(&state.context) {
+            Ok(value) => value,
+            Err(err) => {
+                let error = ErrorInfo {
+                    error_type: ERROR_TYPE_EXPRESSION.to_string(),
+                    message: format!("instance output: {err}"),
+                };
+                return fail_instance(state, definition, error, now, t, false);
+            }
+        },
+    };
+    cancel_instance_timers(definition, t);
+    end(state, InstanceStatus::Completed, now);
+    state.output = Some(output.clone());
+    t.events.push(EventKind::InstanceCompleted { output });
+}
+
+/// The current attempt failed: retry after a delay, or fail the step.
+fn attempt_failed(
+    state: &mut InstanceState,
+    definition: &Definition,
+    error: ErrorInfo,
+    retryable: bool,
+    now: u64,
+    t: &mut Transition,
+) {
+    cancel_attempt_timers(state, t);
+    attempt_failed_after_cancel(state, definition, error, retryable, now, t);
+}
+
+fn attempt_failed_after_cancel(
+    state: &mut InstanceState,
+    definition: &Definition,
+    error: ErrorInfo,
+    retryable: bool,
+    now: u64,
+    t: &mut Transition,
+) {
+    let current = state
+        .current
+        .expect("a failing attempt belongs to a current step");
+    let step_id = current.step_id(definition);
+    let attempt = state.attempt;
+    t.events.push(EventKind::StepFailed {
+        step_id: step_id.clone(),
+        attempt,
+        error: error.clone(),
+        retryable,
+    });
+    let step = current.resolve(definition);
+    let default_policy = RetryPolicy::default();
+    let policy = step
+        .retry
+        .as_ref()
+        .or(definition.retry.as_ref())
+        .unwrap_or(&default_policy);
+    // The policy counts this run's attempts, from 1.
+    let run_attempt = attempt - state.attempt_first + 1;
+    let delay = policy.delay(run_attempt, jitter_sample(&state.id, &step_id, attempt));
+    let elapsed = Duration::from_millis(now.saturating_sub(state.step_started_at));
+    if policy.should_retry(run_attempt, &error.error_type, retryable, elapsed, delay) {
+        let fire_at = now.saturating_add(millis(delay));
+        state.attempt = attempt + 1;
+        state.wait = Wait::Retry;
+        t.events.push(EventKind::StepRetryScheduled {
+            step_id,
+            next_attempt: attempt + 1,
+            fire_at,
+        });
+        t.effects.push(Effect::StartTimer {
+            timer: TimerId::Retry {
+                step: current,
+                attempt: attempt + 1,
+            },
+            fire_at,
+        });
+        return;
+    }
+    cancel_step_expiry(state, definition, t);
+    step_failed(state, definition, error, now, t);
+}
+
+/// The current step failed for good: catch it, or fail the instance.
+fn step_failed(
+    state: &mut InstanceState,
+    definition: &Definition,
+    error: ErrorInfo,
+    now: u64,
+    t: &mut Transition,
+) {
+    let current = state.current.expect("a failing step is current");
+    state.wait = Wait::Nothing;
+    match current {
+        StepRef::Main { index } => {
+            let handler = definition.steps[index]
+                .catch
+                .iter()
+                .position(|c| c.errors.is_empty() || c.errors.contains(&error.error_type));
+            if let Some(handler) = handler {
+                t.events.push(EventKind::StepCaught {
+                    step_id: current.step_id(definition),
+                    error: error.clone(),
+                    handler,
+                });
+                let catch = &definition.steps[index].catch[handler];
+                state.current = None;
+                state.caught = Some(error.clone());
+                if catch.steps.is_empty() {
+                    state.caught = None;
+                    match catch.then {
+                        CatchThen::Continue => {
+                            steps_mut(&mut state.context).insert(
+                                definition.steps[index].id.clone(),
+                                json!({ "output": null, "error": { "type": error.error_type, "message": error.message } }),
+                            );
+                            state.cursor = index + 1;
+                            advance(state, definition, now, t);
+                        }
+                        CatchThen::Fail => {
+                            state.failed_at = Some(current);
+                            fail_instance(state, definition, error, now, t, true);
+                        }
+                    }
+                    return;
+                }
+                begin(
+                    state,
+                    definition,
+                    StepRef::Handler {
+                        index,
+                        handler,
+                        step: 0,
+                    },
+                    now,
+                    t,
+                );
+                return;
+            }
+            state.failed_at = Some(current);
+            let error = ErrorInfo {
+                error_type: error.error_type,
+                message: format!(
+                    "step `{}` failed: {}",
+                    current.step_id(definition),
+                    error.message
+                ),
+            };
+            fail_instance(state, definition, error, now, t, true);
+        }
+        StepRef::Handler { .. } => {
+            state.failed_at = Some(current);
+            let error = ErrorInfo {
+                error_type: error.error_type,
+                message: format!(
+                    "handler step `{}` failed: {}",
+                    current.step_id(definition),
+                    error.message
+                ),
+            };
+            fail_instance(state, definition, error, now, t, true);
+        }
+        StepRef::Undo { .. } => {
+            // A compensation that exhausted its retries fails the instance; a retry
+            // resumes the compensations from this one.
+            state.failed_at = Some(current);
+            state.current = None;
+            cancel_instance_timers(definition, t);
+            end(state, InstanceStatus::Failed, now);
+            let error = ErrorInfo {
+                error_type: error.error_type,
+                message: format!(
+                    "compensation `{}` failed: {}",
+                    current.step_id(definition),
+                    error.message
+                ),
+            };
+            state.error = Some(error.clone());
+            t.events.push(EventKind::InstanceFailed { error });
+        }
+    }
+}
+
+/// Fails the instance, compensating first when the definition says so.
+fn fail_instance(
+    state: &mut InstanceState,
+    definition: &Definition,
+    error: ErrorInfo,
+    now: u64,
+    t: &mut Transition,
+    may_compensate: bool,
+) {
+    state.current = None;
+    state.wait = Wait::Nothing;
+    if may_compensate && compensates(definition) {
+        return compensate_or_end(
+            state,
+            definition,
+            CompensationReason::Failed { error },
+            now,
+            t,
+        );
+    }
+    cancel_instance_timers(definition, t);
+    end(state, InstanceStatus::Failed, now);
+    state.error = Some(error.clone());
+    t.events.push(EventKind::InstanceFailed { error });
+}
+
+/// Whether failures compensate.
+fn compensates(definition: &Definition) -> bool {
+    match definition.on_failure {
+        Some(OnFailure::Compensate) => true,
+        Some(OnFailure::Fail) => false,
+        None => definition.steps.iter().any(|s| s.compensate.is_some()),
+    }
+}
+
+/// Starts compensating the completed steps (reverse completion order), or ends at once
+/// when there is nothing to compensate.
+fn compensate_or_end(
+    state: &mut InstanceState,
+    definition: &Definition,
+    reason: CompensationReason,
+    now: u64,
+    t: &mut Transition,
+) {
+    state.current = None;
+    state.wait = Wait::Nothing;
+    let pending: Vec<usize> = state
+        .completed
+        .iter()
+        .copied()
+        .filter(|&index| definition.steps[index].compensate.is_some())
+        .collect();
+    // A failure always ends `compensated` when the definition compensates, even with
+    // nothing to undo; a cancel with nothing to undo just ends `cancelled`.
+    let failed = matches!(reason, CompensationReason::Failed { .. });
+    if failed || !pending.is_empty() {
+        let order: Vec<String> = pending
+            .iter()
+            .rev()
+            .map(|&i| definition.steps[i].id.clone())
+            .collect();
+        t.events.push(EventKind::CompensationStarted {
+            steps: order,
+            reason: match &reason {
+                CompensationReason::Failed { error } => {
+                    format!("failed: {}: {}", error.error_type, error.message)
+                }
+                CompensationReason::Cancelled { by } => format!("cancelled by {by}"),
+            },
+        });
+        state.status = InstanceStatus::Compensating;
+        state.compensating = pending;
+    }
+    state.compensation_reason = Some(reason);
+    next_compensation(state, definition, now, t);
+}
+
+/// Runs the next pending compensation, or ends the instance.
+fn next_compensation(
+    state: &mut InstanceState,
+    definition: &Definition,
+    now: u64,
+    t: &mut Transition,
+) {
+    if let Some(&index) = state.compensating.last() {
+        begin(state, definition, StepRef::Undo { index }, now, t);
+        return;
+    }
+    cancel_instance_timers(definition, t);
+    match state
+        .compensation_reason
+        .take()
+        .expect("compensating has a reason")
+    {
+        CompensationReason::Failed { error } => {
+            end(state, InstanceStatus::Compensated, now);
+            state.error = Some(error.clone());
+            t.events.push(EventKind::InstanceCompensated { error });
+        }
+        CompensationReason::Cancelled { by } => {
+            end(state, InstanceStatus::Cancelled, now);
+            t.events.push(EventKind::InstanceCancelled { by });
+        }
+    }
+}
+
+/// An input expression failed: a bug in the definition, not worth retrying.
 fn expression_failed(
     state: &mut InstanceState,
     definition: &Definition,
     message: &str,
     now: u64,
-    transition: &mut Transition,
+    t: &mut Transition,
 ) {
-    let step_id = definition.steps[state.cursor].id.clone();
+    let current = state
+        .current
+        .expect("expressions are evaluated for a current step");
     let error = ErrorInfo {
         error_type: ERROR_TYPE_EXPRESSION.to_string(),
-        message: format!("step `{step_id}`: {message}"),
+        message: format!("step `{}`: {message}", current.step_id(definition)),
     };
-    transition.events.push(EventKind::StepFailed {
-        step_id,
-        attempt: state.attempt,
-        error: error.clone(),
-        retryable: false,
-    });
-    cancel_instance_timeout(definition, transition);
-    finish(state, InstanceStatus::Failed, transition, now);
-    state.error = Some(error.clone());
-    transition.events.push(EventKind::InstanceFailed { error });
+    attempt_failed_after_cancel(state, definition, error, false, now, t);
 }
 
-/// Withdraws whatever the current step is waiting on.
-fn end_current_step(state: &InstanceState, definition: &Definition, transition: &mut Transition) {
-    let step = state.cursor;
-    match &state.wait {
-        Wait::Task { task_id } => {
-            transition.effects.push(Effect::WithdrawTask {
-                task_id: task_id.clone(),
-            });
-            cancel_attempt_timeout(state, definition, transition);
-        }
-        Wait::Http => cancel_attempt_timeout(state, definition, transition),
-        Wait::Sleep => transition.effects.push(Effect::CancelTimer {
-            timer: TimerId::Sleep { step },
-        }),
-        Wait::Retry => transition.effects.push(Effect::CancelTimer {
-            timer: TimerId::Retry {
-                step,
-                attempt: state.attempt,
-            },
-        }),
-        Wait::Nothing => {}
+/// Withdraws the current attempt's task, if it has one.
+fn withdraw_attempt(state: &InstanceState, t: &mut Transition) {
+    if let Wait::Task { task_id } = &state.wait {
+        t.effects.push(Effect::WithdrawTask {
+            task_id: task_id.clone(),
+        });
     }
 }
 
-fn cancel_attempt_timeout(
-    state: &InstanceState,
-    definition: &Definition,
-    transition: &mut Transition,
-) {
-    if definition.steps[state.cursor].timeout.is_some() {
-        transition.effects.push(Effect::CancelTimer {
-            timer: TimerId::AttemptTimeout {
-                step: state.cursor,
-                attempt: state.attempt,
+/// Stops whatever the current step is doing, and its timers.
+fn stop_current_step(state: &mut InstanceState, definition: &Definition, t: &mut Transition) {
+    withdraw_attempt(state, t);
+    if state.current.is_some() {
+        cancel_attempt_timers(state, t);
+        cancel_step_expiry(state, definition, t);
+    }
+    state.current = None;
+    state.wait = Wait::Nothing;
+}
+
+/// Cancels the timers of the current attempt (its timeout, its sleep, the retry wait).
+fn cancel_attempt_timers(state: &InstanceState, t: &mut Transition) {
+    let Some(step) = state.current else { return };
+    let attempt = state.attempt;
+    t.effects.push(Effect::CancelTimer {
+        timer: TimerId::AttemptTimeout { step, attempt },
+    });
+    match state.wait {
+        Wait::Sleep => t.effects.push(Effect::CancelTimer {
+            timer: TimerId::Sleep { step, attempt },
+        }),
+        Wait::Retry => t.effects.push(Effect::CancelTimer {
+            timer: TimerId::Retry { step, attempt },
+        }),
+        _ => {}
+    }
+}
+
+fn cancel_step_expiry(state: &InstanceState, definition: &Definition, t: &mut Transition) {
+    let Some(step) = state.current else { return };
+    let declared = step.resolve(definition);
+    if declared.step_timeout.is_some() || declared.deadline.is_some() {
+        t.effects.push(Effect::CancelTimer {
+            timer: TimerId::StepExpiry {
+                step,
+                attempt_first: state.attempt_first,
             },
         });
     }
 }
 
-fn cancel_instance_timeout(definition: &Definition, transition: &mut Transition) {
+fn cancel_instance_timers(definition: &Definition, t: &mut Transition) {
     if definition.timeout.is_some() {
-        transition.effects.push(Effect::CancelTimer {
+        t.effects.push(Effect::CancelTimer {
             timer: TimerId::InstanceTimeout,
         });
     }
+    if definition.deadline.is_some() {
+        t.effects.push(Effect::CancelTimer {
+            timer: TimerId::InstanceDeadline,
+        });
+    }
 }
 
-fn finish(
-    state: &mut InstanceState,
-    status: InstanceStatus,
-    _transition: &mut Transition,
-    now: u64,
-) {
-    assert!(!state.status.is_terminal(), "an instance ends once");
+fn end(state: &mut InstanceState, status: InstanceStatus, now: u64) {
     assert!(status.is_terminal());
     state.status = status;
+    state.current = None;
     state.wait = Wait::Nothing;
+    state.paused_from = None;
     state.updated_at = now;
+}
+
+fn eval_deadline(template: &crate::expr::Template, context: &Value) -> Result<u64, String> {
+    let value = template.eval(context).map_err(|err| err.message)?;
+    crate::deadline::deadline_ms(&value)
 }
 
 fn steps_mut(context: &mut Value) -> &mut Map<String, Value> {

@@ -4,22 +4,47 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use proptest::prelude::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::*;
-use crate::dsl::{Definition, Step, StepKind};
+use crate::dsl::{Catch, CatchThen, Definition, OnFailure, Step, StepKind};
 use crate::expr::Template;
 use crate::retry::{Backoff, Jitter, RetryPolicy};
 
 fn task_step(id: &str) -> Step {
-    Step {
-        id: id.into(),
-        kind: StepKind::Task {
+    Step::new(
+        id,
+        StepKind::Task {
             queue: "q".into(),
             input: Template::Literal(json!({ "step": id })),
         },
-        timeout: None,
-        retry: None,
+    )
+}
+
+fn undo(id: &str) -> Option<Box<Step>> {
+    Some(Box::new(Step::new(
+        "",
+        StepKind::Task {
+            queue: "undo".into(),
+            input: Template::Literal(json!({ "undo": id })),
+        },
+    )))
+}
+
+fn main(index: usize) -> StepRef {
+    StepRef::Main { index }
+}
+
+fn policy(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts,
+        backoff: Backoff::Fixed,
+        interval: Duration::from_secs(1),
+        multiplier: 1.0,
+        max_interval: None,
+        jitter: Jitter::None,
+        max_duration: None,
+        non_retryable: vec!["fatal".into()],
     }
 }
 
@@ -27,24 +52,25 @@ fn three_steps() -> Definition {
     Definition {
         name: "d".into(),
         timeout: None,
-        retry: Some(RetryPolicy {
-            max_attempts: 3,
-            backoff: Backoff::Fixed,
-            interval: Duration::from_secs(1),
-            multiplier: 1.0,
-            max_interval: None,
-            jitter: Jitter::None,
-            max_duration: None,
-            non_retryable: vec!["fatal".into()],
-        }),
+        deadline: None,
+        on_failure: None,
+        retry: Some(policy(3)),
         steps: vec![task_step("a"), task_step("b"), task_step("c")],
         output: None,
     }
 }
 
-fn offered(transition: &Transition) -> Vec<String> {
-    transition
-        .effects
+/// Three steps, each with a compensation.
+fn saga() -> Definition {
+    let mut definition = three_steps();
+    for step in &mut definition.steps {
+        step.compensate = undo(&step.id);
+    }
+    definition
+}
+
+fn offered(t: &Transition) -> Vec<String> {
+    t.effects
         .iter()
         .filter_map(|e| match e {
             Effect::OfferTask(spec) => Some(spec.task_id.clone()),
@@ -53,9 +79,8 @@ fn offered(transition: &Transition) -> Vec<String> {
         .collect()
 }
 
-fn timers(transition: &Transition) -> Vec<(TimerId, u64)> {
-    transition
-        .effects
+fn timers(t: &Transition) -> Vec<(TimerId, u64)> {
+    t.effects
         .iter()
         .filter_map(|e| match e {
             Effect::StartTimer { timer, fire_at } => Some((timer.clone(), *fire_at)),
@@ -64,79 +89,71 @@ fn timers(transition: &Transition) -> Vec<(TimerId, u64)> {
         .collect()
 }
 
-fn types(transition: &Transition) -> Vec<&'static str> {
-    transition.events.iter().map(EventKind::type_name).collect()
+fn types(t: &Transition) -> Vec<&'static str> {
+    t.events.iter().map(EventKind::type_name).collect()
+}
+
+fn complete(state: &mut InstanceState, d: &Definition, task: &str, now: u64) -> Transition {
+    let command = Command::CompleteTask {
+        task_id: task.into(),
+        output: json!({ "done": task }),
+    };
+    handle(state, d, command, now).unwrap_or_else(|err| panic!("completing {task}: {err}"))
+}
+
+fn fail(
+    state: &mut InstanceState,
+    d: &Definition,
+    task: &str,
+    error_type: &str,
+    retryable: bool,
+    now: u64,
+) -> Transition {
+    let command = Command::FailTask {
+        task_id: task.into(),
+        error: ErrorInfo {
+            error_type: error_type.into(),
+            message: "m".into(),
+        },
+        retryable,
+    };
+    handle(state, d, command, now).unwrap_or_else(|err| panic!("failing {task}: {err}"))
+}
+
+fn by() -> String {
+    "tester".to_string()
 }
 
 #[test]
 fn a_happy_run_completes_every_step_in_order() {
-    let definition = three_steps();
-    let (mut state, transition) = start(&definition, 1, "i1", json!({"x": 1}), 0);
-    assert_eq!(types(&transition), ["instance_started", "step_scheduled"]);
-    assert_eq!(offered(&transition), ["i1:a:1"]);
-    let t = handle(
-        &mut state,
-        &definition,
-        Command::CompleteTask {
-            task_id: "i1:a:1".into(),
-            output: json!(1),
-        },
-        5,
-    )
-    .unwrap();
+    let d = three_steps();
+    let (mut state, t) = start(&d, 1, "i1", json!({"x": 1}), 0);
+    assert_eq!(types(&t), ["instance_started", "step_scheduled"]);
+    assert_eq!(offered(&t), ["i1:a:1"]);
+    let t = complete(&mut state, &d, "i1:a:1", 5);
     assert_eq!(types(&t), ["step_completed", "step_scheduled"]);
-    let t = handle(
-        &mut state,
-        &definition,
-        Command::CompleteTask {
-            task_id: "i1:b:1".into(),
-            output: json!(2),
-        },
-        6,
-    )
-    .unwrap();
-    assert_eq!(offered(&t), ["i1:c:1"]);
-    let t = handle(
-        &mut state,
-        &definition,
-        Command::CompleteTask {
-            task_id: "i1:c:1".into(),
-            output: json!(3),
-        },
-        7,
-    )
-    .unwrap();
+    complete(&mut state, &d, "i1:b:1", 6);
+    let t = complete(&mut state, &d, "i1:c:1", 7);
     assert_eq!(types(&t), ["step_completed", "instance_completed"]);
     assert_eq!(state.status, InstanceStatus::Completed);
-    assert_eq!(state.output, Some(json!(3)));
-    assert_eq!(state.context["steps"]["a"]["output"], json!(1));
+    assert_eq!(state.output, Some(json!({"done": "i1:c:1"})));
+    assert_eq!(
+        state.context["steps"]["a"]["output"],
+        json!({"done": "i1:a:1"})
+    );
 }
 
 #[test]
 fn retries_wait_for_their_timer_then_offer_a_new_attempt() {
-    let definition = three_steps();
-    let (mut state, _) = start(&definition, 1, "i1", json!({}), 0);
-    let error = ErrorInfo {
-        error_type: "flaky".into(),
-        message: "m".into(),
-    };
-    let t = handle(
-        &mut state,
-        &definition,
-        Command::FailTask {
-            task_id: "i1:a:1".into(),
-            error: error.clone(),
-            retryable: true,
-        },
-        10,
-    )
-    .unwrap();
+    let d = three_steps();
+    let (mut state, _) = start(&d, 1, "i1", json!({}), 0);
+    let t = fail(&mut state, &d, "i1:a:1", "flaky", true, 10);
     assert_eq!(types(&t), ["step_failed", "step_retry_scheduled"]);
     assert_eq!(
         timers(&t),
         [(
             TimerId::Retry {
-                step: 0,
+                step: main(0),
                 attempt: 2
             },
             1010
@@ -146,7 +163,7 @@ fn retries_wait_for_their_timer_then_offer_a_new_attempt() {
     let before = state.clone();
     let late = handle(
         &mut state,
-        &definition,
+        &d,
         Command::CompleteTask {
             task_id: "i1:a:1".into(),
             output: json!(1),
@@ -157,10 +174,10 @@ fn retries_wait_for_their_timer_then_offer_a_new_attempt() {
     assert_eq!(state, before);
     let t = handle(
         &mut state,
-        &definition,
+        &d,
         Command::FireTimer {
             timer: TimerId::Retry {
-                step: 0,
+                step: main(0),
                 attempt: 2,
             },
         },
@@ -169,21 +186,7 @@ fn retries_wait_for_their_timer_then_offer_a_new_attempt() {
     .unwrap();
     assert_eq!(offered(&t), ["i1:a:2"]);
     // A non-retryable error type ends the instance at once.
-    let fatal = ErrorInfo {
-        error_type: "fatal".into(),
-        message: "no".into(),
-    };
-    let t = handle(
-        &mut state,
-        &definition,
-        Command::FailTask {
-            task_id: "i1:a:2".into(),
-            error: fatal,
-            retryable: true,
-        },
-        1020,
-    )
-    .unwrap();
+    let t = fail(&mut state, &d, "i1:a:2", "fatal", true, 1020);
     assert_eq!(types(&t), ["step_failed", "instance_failed"]);
     assert_eq!(state.status, InstanceStatus::Failed);
     assert_eq!(state.error.as_ref().unwrap().error_type, "fatal");
@@ -191,22 +194,20 @@ fn retries_wait_for_their_timer_then_offer_a_new_attempt() {
 
 #[test]
 fn attempt_timeouts_and_sleeps_run_on_virtual_time() {
-    let mut definition = three_steps();
-    definition.steps[0].timeout = Some(Duration::from_secs(30));
-    definition.steps[1] = Step {
-        id: "nap".into(),
-        kind: StepKind::Sleep {
+    let mut d = three_steps();
+    d.steps[0].timeout = Some(Duration::from_secs(30));
+    d.steps[1] = Step::new(
+        "nap",
+        StepKind::Sleep {
             duration: Duration::from_secs(60),
         },
-        timeout: None,
-        retry: None,
-    };
-    let (mut state, t) = start(&definition, 1, "i1", json!({}), 0);
+    );
+    let (mut state, t) = start(&d, 1, "i1", json!({}), 0);
     assert_eq!(
         timers(&t),
         [(
             TimerId::AttemptTimeout {
-                step: 0,
+                step: main(0),
                 attempt: 1
             },
             30_000
@@ -214,10 +215,10 @@ fn attempt_timeouts_and_sleeps_run_on_virtual_time() {
     );
     let t = handle(
         &mut state,
-        &definition,
+        &d,
         Command::FireTimer {
             timer: TimerId::AttemptTimeout {
-                step: 0,
+                step: main(0),
                 attempt: 1,
             },
         },
@@ -225,12 +226,26 @@ fn attempt_timeouts_and_sleeps_run_on_virtual_time() {
     )
     .unwrap();
     assert_eq!(types(&t), ["step_failed", "step_retry_scheduled"]);
+    assert!(t.effects.contains(&Effect::WithdrawTask {
+        task_id: "i1:a:1".into()
+    }));
+    // A worker's late completion of the timed-out attempt changes nothing.
+    let late = handle(
+        &mut state,
+        &d,
+        Command::CompleteTask {
+            task_id: "i1:a:1".into(),
+            output: json!(1),
+        },
+        30_001,
+    );
+    assert_eq!(late, Err(Rejection::NotCurrent));
     let t = handle(
         &mut state,
-        &definition,
+        &d,
         Command::FireTimer {
             timer: TimerId::Retry {
-                step: 0,
+                step: main(0),
                 attempt: 2,
             },
         },
@@ -238,30 +253,29 @@ fn attempt_timeouts_and_sleeps_run_on_virtual_time() {
     )
     .unwrap();
     assert_eq!(offered(&t), ["i1:a:2"]);
-    let t = handle(
-        &mut state,
-        &definition,
-        Command::CompleteTask {
-            task_id: "i1:a:2".into(),
-            output: json!(1),
-        },
-        32_000,
-    )
-    .unwrap();
+    let t = complete(&mut state, &d, "i1:a:2", 32_000);
     assert!(t.effects.contains(&Effect::CancelTimer {
         timer: TimerId::AttemptTimeout {
-            step: 0,
+            step: main(0),
             attempt: 2
         }
     }));
-    assert_eq!(timers(&t), [(TimerId::Sleep { step: 1 }, 92_000)]);
-    // The first attempt's timeout timer firing late changes nothing.
+    assert_eq!(
+        timers(&t),
+        [(
+            TimerId::Sleep {
+                step: main(1),
+                attempt: 1
+            },
+            92_000
+        )]
+    );
     let stale = handle(
         &mut state,
-        &definition,
+        &d,
         Command::FireTimer {
             timer: TimerId::AttemptTimeout {
-                step: 0,
+                step: main(0),
                 attempt: 1,
             },
         },
@@ -270,9 +284,12 @@ fn attempt_timeouts_and_sleeps_run_on_virtual_time() {
     assert_eq!(stale, Err(Rejection::NotCurrent));
     let t = handle(
         &mut state,
-        &definition,
+        &d,
         Command::FireTimer {
-            timer: TimerId::Sleep { step: 1 },
+            timer: TimerId::Sleep {
+                step: main(1),
+                attempt: 1,
+            },
         },
         92_000,
     )
@@ -284,51 +301,426 @@ fn attempt_timeouts_and_sleeps_run_on_virtual_time() {
 }
 
 #[test]
-fn cancel_withdraws_the_current_task_and_ends_the_instance() {
-    let definition = three_steps();
-    let (mut state, _) = start(&definition, 1, "i1", json!({}), 0);
-    let t = handle(
+fn step_timeout_bounds_the_step_with_its_retries() {
+    let mut d = three_steps();
+    d.steps[0].step_timeout = Some(Duration::from_millis(2500));
+    d.retry = Some(policy(10));
+    let (mut state, t) = start(&d, 1, "i1", json!({}), 0);
+    let expiry = TimerId::StepExpiry {
+        step: main(0),
+        attempt_first: 1,
+    };
+    assert!(timers(&t).contains(&(expiry.clone(), 2500)));
+    fail(&mut state, &d, "i1:a:1", "flaky", true, 100);
+    handle(
         &mut state,
-        &definition,
-        Command::Cancel { by: "me".into() },
-        1,
+        &d,
+        Command::FireTimer {
+            timer: TimerId::Retry {
+                step: main(0),
+                attempt: 2,
+            },
+        },
+        1100,
     )
     .unwrap();
-    assert_eq!(
-        t.effects,
-        [Effect::WithdrawTask {
-            task_id: "i1:a:1".into()
-        }]
-    );
-    assert_eq!(types(&t), ["instance_cancelled"]);
-    let again = handle(
+    let t = handle(&mut state, &d, Command::FireTimer { timer: expiry }, 2500).unwrap();
+    assert_eq!(types(&t), ["step_failed", "instance_failed"]);
+    assert!(t.effects.contains(&Effect::WithdrawTask {
+        task_id: "i1:a:2".into()
+    }));
+    assert_eq!(state.error.as_ref().unwrap().error_type, ERROR_TYPE_TIMEOUT);
+    let late = handle(
         &mut state,
-        &definition,
-        Command::Cancel { by: "me".into() },
-        2,
+        &d,
+        Command::CompleteTask {
+            task_id: "i1:a:2".into(),
+            output: json!(1),
+        },
+        2600,
     );
-    assert_eq!(again, Err(Rejection::InstanceEnded("cancelled")));
+    assert_eq!(late, Err(Rejection::InstanceEnded("failed")));
 }
 
 #[test]
-fn task_ids_round_trip() {
+fn deadlines_come_from_timestamps_or_expressions() {
+    let mut d = three_steps();
+    d.steps[1].deadline = Some(Template::from_value(json!("${ .input.due }")).unwrap());
+    d.deadline = Some(Template::Literal(json!("1970-01-01T00:01:00Z")));
+    let (mut state, t) = start(&d, 1, "i1", json!({"due": 5000}), 0);
+    assert!(timers(&t).contains(&(TimerId::InstanceDeadline, 60_000)));
+    let t = complete(&mut state, &d, "i1:a:1", 10);
+    assert!(timers(&t).contains(&(
+        TimerId::StepExpiry {
+            step: main(1),
+            attempt_first: 1
+        },
+        5000
+    )));
+    let t = handle(
+        &mut state,
+        &d,
+        Command::FireTimer {
+            timer: TimerId::InstanceDeadline,
+        },
+        60_000,
+    )
+    .unwrap();
+    assert_eq!(types(&t), ["instance_failed"]);
+    assert!(t.effects.contains(&Effect::WithdrawTask {
+        task_id: "i1:b:1".into()
+    }));
+}
+
+#[test]
+fn compensations_run_in_reverse_completion_order() {
+    let d = saga();
+    let (mut state, _) = start(&d, 1, "s", json!({}), 0);
+    complete(&mut state, &d, "s:a:1", 1);
+    complete(&mut state, &d, "s:b:1", 2);
+    let t = fail(&mut state, &d, "s:c:1", "fatal", false, 3);
     assert_eq!(
-        parse_task_id(&task_id("a.b-c", "s_1", 7)),
-        Some(("a.b-c", "s_1", 7))
+        types(&t),
+        ["step_failed", "compensation_started", "step_scheduled"]
+    );
+    assert_eq!(state.status, InstanceStatus::Compensating);
+    assert_eq!(
+        offered(&t),
+        ["s:b~undo:1"],
+        "the last completed step is undone first"
+    );
+    let t = complete(&mut state, &d, "s:b~undo:1", 4);
+    assert_eq!(offered(&t), ["s:a~undo:1"]);
+    let t = complete(&mut state, &d, "s:a~undo:1", 5);
+    assert_eq!(types(&t), ["step_completed", "instance_compensated"]);
+    assert_eq!(state.status, InstanceStatus::Compensated);
+    assert_eq!(state.error.as_ref().unwrap().error_type, "fatal");
+}
+
+#[test]
+fn a_failed_compensation_fails_the_instance_and_retry_resumes_it() {
+    let mut d = saga();
+    d.steps[0].compensate.as_mut().unwrap().retry = Some(policy(1));
+    let (mut state, _) = start(&d, 1, "s", json!({}), 0);
+    complete(&mut state, &d, "s:a:1", 1);
+    fail(&mut state, &d, "s:b:1", "fatal", false, 2);
+    let t = fail(&mut state, &d, "s:a~undo:1", "broken", false, 3);
+    assert_eq!(types(&t), ["step_failed", "instance_failed"]);
+    assert_eq!(state.status, InstanceStatus::Failed);
+    assert!(state
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("compensation `a~undo` failed"));
+    let t = handle(&mut state, &d, Command::Retry { by: by() }, 10).unwrap();
+    assert_eq!(state.status, InstanceStatus::Compensating);
+    assert_eq!(
+        offered(&t),
+        ["s:a~undo:2"],
+        "a new attempt number, so the old task id stays stale"
+    );
+    let t = complete(&mut state, &d, "s:a~undo:2", 11);
+    assert_eq!(types(&t), ["step_completed", "instance_compensated"]);
+}
+
+#[test]
+fn cancel_compensates_then_ends_cancelled() {
+    let d = saga();
+    let (mut state, _) = start(&d, 1, "s", json!({}), 0);
+    complete(&mut state, &d, "s:a:1", 1);
+    let t = handle(&mut state, &d, Command::Cancel { by: by() }, 2).unwrap();
+    assert_eq!(
+        types(&t),
+        ["cancel_requested", "compensation_started", "step_scheduled"]
+    );
+    assert!(t.effects.contains(&Effect::WithdrawTask {
+        task_id: "s:b:1".into()
+    }));
+    assert_eq!(offered(&t), ["s:a~undo:1"]);
+    let refused = handle(&mut state, &d, Command::Cancel { by: by() }, 3);
+    assert!(matches!(refused, Err(Rejection::NotAllowed { .. })));
+    let t = complete(&mut state, &d, "s:a~undo:1", 4);
+    assert_eq!(types(&t), ["step_completed", "instance_cancelled"]);
+    assert_eq!(state.status, InstanceStatus::Cancelled);
+}
+
+#[test]
+fn terminate_ends_at_once_without_compensation() {
+    let d = saga();
+    let (mut state, _) = start(&d, 1, "s", json!({}), 0);
+    complete(&mut state, &d, "s:a:1", 1);
+    let t = handle(
+        &mut state,
+        &d,
+        Command::Terminate {
+            by: by(),
+            reason: "stop".into(),
+        },
+        2,
+    )
+    .unwrap();
+    assert_eq!(types(&t), ["instance_terminated"]);
+    assert!(offered(&t).is_empty());
+    assert_eq!(state.status, InstanceStatus::Terminated);
+}
+
+#[test]
+fn on_failure_fail_skips_compensation() {
+    let mut d = saga();
+    d.on_failure = Some(OnFailure::Fail);
+    let (mut state, _) = start(&d, 1, "s", json!({}), 0);
+    complete(&mut state, &d, "s:a:1", 1);
+    let t = fail(&mut state, &d, "s:b:1", "fatal", false, 2);
+    assert_eq!(types(&t), ["step_failed", "instance_failed"]);
+}
+
+#[test]
+fn catch_routes_by_error_type_then_continues_or_fails() {
+    let mut d = three_steps();
+    d.steps[1].catch = vec![
+        Catch {
+            errors: vec!["card_declined".into()],
+            steps: vec![Step::new(
+                "",
+                StepKind::Set {
+                    vars: Template::Literal(json!({"declined": true})),
+                },
+            )],
+            then: CatchThen::Continue,
+        },
+        Catch {
+            errors: vec![],
+            steps: vec![],
+            then: CatchThen::Fail,
+        },
+    ];
+    let (mut state, _) = start(&d, 1, "c", json!({}), 0);
+    complete(&mut state, &d, "c:a:1", 1);
+    let t = fail(&mut state, &d, "c:b:1", "card_declined", false, 2);
+    assert_eq!(
+        types(&t),
+        [
+            "step_failed",
+            "step_caught",
+            "step_scheduled",
+            "step_completed",
+            "step_scheduled"
+        ],
+        "the handler's set step ran, then the next main step was scheduled"
+    );
+    assert_eq!(state.context["vars"]["declined"], json!(true));
+    assert_eq!(offered(&t), ["c:c:1"]);
+
+    let (mut other, _) = start(&d, 1, "o", json!({}), 0);
+    complete(&mut other, &d, "o:a:1", 1);
+    let t = fail(&mut other, &d, "o:b:1", "fatal", false, 2);
+    assert_eq!(types(&t), ["step_failed", "step_caught", "instance_failed"]);
+}
+
+#[test]
+fn retry_resumes_from_the_failed_step_without_rerunning_completed_ones() {
+    let d = three_steps();
+    let (mut state, _) = start(&d, 1, "r", json!({}), 0);
+    complete(&mut state, &d, "r:a:1", 1);
+    fail(&mut state, &d, "r:b:1", "fatal", false, 2);
+    assert_eq!(state.status, InstanceStatus::Failed);
+    let t = handle(&mut state, &d, Command::Retry { by: by() }, 3).unwrap();
+    assert_eq!(types(&t), ["instance_retried", "step_scheduled"]);
+    assert_eq!(offered(&t), ["r:b:2"]);
+    complete(&mut state, &d, "r:b:2", 4);
+    complete(&mut state, &d, "r:c:1", 5);
+    assert_eq!(state.status, InstanceStatus::Completed);
+    assert_eq!(state.completed, [0, 1, 2]);
+    // Retrying a completed instance makes no sense.
+    let refused = handle(&mut state, &d, Command::Retry { by: by() }, 6);
+    assert_eq!(
+        refused,
+        Err(Rejection::NotAllowed {
+            operation: "retry",
+            status: "completed"
+        })
+    );
+}
+
+#[test]
+fn rerun_runs_again_from_a_chosen_step() {
+    let d = three_steps();
+    let (mut state, _) = start(&d, 1, "r", json!({}), 0);
+    for task in ["r:a:1", "r:b:1", "r:c:1"] {
+        complete(&mut state, &d, task, 1);
+    }
+    let unknown = handle(
+        &mut state,
+        &d,
+        Command::Rerun {
+            by: by(),
+            from_step: "zz".into(),
+        },
+        2,
+    );
+    assert!(matches!(unknown, Err(Rejection::BadRequest(_))));
+    let t = handle(
+        &mut state,
+        &d,
+        Command::Rerun {
+            by: by(),
+            from_step: "b".into(),
+        },
+        2,
+    )
+    .unwrap();
+    assert_eq!(offered(&t), ["r:b:2"]);
+    assert!(state.context["steps"].get("b").is_none() && state.context["steps"].get("a").is_some());
+    assert_eq!(state.completed, [0]);
+}
+
+#[test]
+fn a_paused_instance_starts_no_new_attempt_until_resumed() {
+    let d = three_steps();
+    let (mut state, _) = start(&d, 1, "p", json!({}), 0);
+    handle(&mut state, &d, Command::Pause { by: by() }, 1).unwrap();
+    assert_eq!(state.status, InstanceStatus::Paused);
+    // The running task may finish; the next step waits.
+    let t = complete(&mut state, &d, "p:a:1", 2);
+    assert!(offered(&t).is_empty());
+    assert_eq!(state.wait, Wait::Paused);
+    let twice = handle(&mut state, &d, Command::Pause { by: by() }, 3);
+    assert!(matches!(twice, Err(Rejection::NotAllowed { .. })));
+    let t = handle(&mut state, &d, Command::Resume { by: by() }, 4).unwrap();
+    assert_eq!(offered(&t), ["p:b:1"]);
+    assert_eq!(state.status, InstanceStatus::Running);
+}
+
+#[test]
+fn signals_that_arrive_early_are_kept() {
+    let mut d = three_steps();
+    d.steps[1] = Step::new(
+        "approval",
+        StepKind::Wait {
+            signal: "approved".into(),
+        },
+    );
+    let (mut state, _) = start(&d, 1, "w", json!({}), 0);
+    let t = handle(
+        &mut state,
+        &d,
+        Command::Signal {
+            name: "approved".into(),
+            payload: json!({"by": "ann"}),
+        },
+        1,
+    )
+    .unwrap();
+    assert_eq!(types(&t), ["signal_received"]);
+    let t = complete(&mut state, &d, "w:a:1", 2);
+    assert_eq!(
+        types(&t),
+        [
+            "step_completed",
+            "step_scheduled",
+            "step_completed",
+            "step_scheduled"
+        ]
+    );
+    assert_eq!(
+        state.context["steps"]["approval"]["output"],
+        json!({"by": "ann"})
+    );
+    assert!(state.signals.is_empty());
+}
+
+#[test]
+fn a_wait_times_out() {
+    let mut d = three_steps();
+    d.steps[0] = Step::new(
+        "approval",
+        StepKind::Wait {
+            signal: "ok".into(),
+        },
+    );
+    d.steps[0].timeout = Some(Duration::from_secs(5));
+    d.steps[0].retry = Some(policy(1));
+    let (mut state, t) = start(&d, 1, "w", json!({}), 0);
+    assert_eq!(
+        timers(&t),
+        [(
+            TimerId::AttemptTimeout {
+                step: main(0),
+                attempt: 1
+            },
+            5000
+        )]
+    );
+    let t = handle(
+        &mut state,
+        &d,
+        Command::FireTimer {
+            timer: TimerId::AttemptTimeout {
+                step: main(0),
+                attempt: 1,
+            },
+        },
+        5000,
+    )
+    .unwrap();
+    assert_eq!(types(&t), ["step_failed", "instance_failed"]);
+}
+
+#[test]
+fn fail_steps_are_not_retried() {
+    let mut d = three_steps();
+    d.steps[0] = Step::new(
+        "stop",
+        StepKind::Fail {
+            error_type: "rejected".into(),
+            message: Template::Literal(json!("no")),
+        },
+    );
+    let (state, t) = start(&d, 1, "f", json!({}), 0);
+    assert_eq!(
+        types(&t),
+        [
+            "instance_started",
+            "step_scheduled",
+            "step_failed",
+            "instance_failed"
+        ]
+    );
+    assert_eq!(state.error.unwrap().error_type, "rejected");
+}
+
+#[test]
+fn task_ids_and_timer_keys_round_trip() {
+    assert_eq!(
+        parse_task_id(&task_id("a.b-c", "s_1~undo", 7)),
+        Some(("a.b-c", "s_1~undo", 7))
     );
     assert_eq!(parse_task_id("nope"), None);
     assert_eq!(parse_task_id(":s:1"), None);
     for timer in [
-        TimerId::Sleep { step: 3 },
+        TimerId::Sleep {
+            step: main(3),
+            attempt: 1,
+        },
         TimerId::Retry {
-            step: 1,
+            step: StepRef::Undo { index: 1 },
             attempt: 2,
         },
         TimerId::AttemptTimeout {
-            step: 0,
+            step: StepRef::Handler {
+                index: 0,
+                handler: 2,
+                step: 3,
+            },
             attempt: 9,
         },
+        TimerId::StepExpiry {
+            step: main(4),
+            attempt_first: 7,
+        },
         TimerId::InstanceTimeout,
+        TimerId::InstanceDeadline,
     ] {
         assert_eq!(TimerId::parse(&timer.key()), Some(timer));
     }
@@ -359,14 +751,20 @@ fn op() -> impl Strategy<Value = Op> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
-    /// Goal: no transition applies twice and refused commands change nothing.
-    /// Method: drive one instance with arbitrary interleavings of current, stale and
-    /// duplicate completions, failures, timer firings and cancels; check the history.
+    /// Goal: no transition applies twice, refused commands change nothing, the instance
+    /// ends only in a state its policies allow, and compensations run exactly for the
+    /// steps that completed, in reverse order.
+    /// Method: drive a saga with arbitrary interleavings of current, stale and duplicate
+    /// completions, failures, stalls (timeouts), timer firings and cancels; check the history.
     #[test]
-    fn no_transition_applies_twice(ops in prop::collection::vec(op(), 1..80)) {
-        let mut definition = three_steps();
-        definition.steps[1].timeout = Some(Duration::from_millis(1500));
-        let (mut state, first) = start(&definition, 1, "i", json!({}), 0);
+    fn no_transition_applies_twice(ops in prop::collection::vec(op(), 1..120)) {
+        let mut d = saga();
+        d.steps[1].timeout = Some(Duration::from_millis(1500));
+        for step in &mut d.steps {
+            // Compensations retry generously so that they always finish.
+            step.compensate.as_mut().unwrap().retry = Some(RetryPolicy { max_attempts: 1000, ..policy(1000) });
+        }
+        let (mut state, first) = start(&d, 1, "i", json!({}), 0);
         let mut now = 0u64;
         let mut tasks: Vec<String> = offered(&first);
         let mut armed: BTreeMap<String, (u64, TimerId)> = BTreeMap::new();
@@ -382,6 +780,18 @@ proptest! {
             }
         };
         track(&first, &mut tasks, &mut armed);
+        let run = |state: &mut InstanceState, command: Command, now: u64, tasks: &mut Vec<String>, armed: &mut BTreeMap<String, (u64, TimerId)>, events: &mut Vec<EventKind>| -> Result<(), TestCaseError> {
+            let before = state.clone();
+            match handle(state, &d, command, now) {
+                Ok(t) => {
+                    prop_assert!(!t.events.is_empty(), "an accepted command records what it did");
+                    track(&t, tasks, armed);
+                    events.extend(t.events);
+                }
+                Err(_) => prop_assert_eq!(&*state, &before, "a refused command changed the state"),
+            }
+            Ok(())
+        };
         for op in ops {
             let mut commands = Vec::new();
             match op {
@@ -402,43 +812,75 @@ proptest! {
                 Op::Cancel => commands.push(Command::Cancel { by: "prop".into() }),
             }
             for command in commands {
-                let before = state.clone();
-                match handle(&mut state, &definition, command, now) {
-                    Ok(t) => {
-                        prop_assert!(!t.events.is_empty(), "an accepted command records what it did");
-                        track(&t, &mut tasks, &mut armed);
-                        events.extend(t.events);
+                run(&mut state, command, now, &mut tasks, &mut armed, &mut events)?;
+            }
+        }
+        // Drain: finish whatever runs (compensations included) with successes.
+        for _ in 0..100 {
+            if state.status.is_terminal() {
+                break;
+            }
+            match state.wait.clone() {
+                Wait::Task { task_id } => run(&mut state, Command::CompleteTask { task_id, output: json!("drain") }, now, &mut tasks, &mut armed, &mut events)?,
+                _ => {
+                    now += 10_000;
+                    let due: Vec<(String, (u64, TimerId))> = armed.iter().filter(|(_, (at, _))| *at <= now).map(|(k, v)| (k.clone(), v.clone())).collect();
+                    for (key, (_, timer)) in due {
+                        armed.remove(&key);
+                        run(&mut state, Command::FireTimer { timer }, now, &mut tasks, &mut armed, &mut events)?;
                     }
-                    Err(_) => prop_assert_eq!(&state, &before, "a refused command changed the state"),
                 }
             }
         }
-        // Each step completes at most once, in definition order.
+        prop_assert!(state.status.is_terminal(), "the instance ends: {:?}", state.status);
+        // A saga ends completed, compensated or cancelled; it ends failed only when a
+        // worker failed a compensation as not retryable.
+        let compensation_failed = state.status == InstanceStatus::Failed
+            && state.error.as_ref().is_some_and(|e| e.message.starts_with("compensation `"));
+        prop_assert!(
+            matches!(state.status, InstanceStatus::Completed | InstanceStatus::Compensated | InstanceStatus::Cancelled)
+                || compensation_failed,
+            "ended {:?}: {:?}", state.status, state.error
+        );
+        // Each main step completes at most once, in definition order.
         let completed: Vec<&str> = events.iter().filter_map(|e| match e {
-            EventKind::StepCompleted { step_id, .. } => Some(step_id.as_str()),
+            EventKind::StepCompleted { step_id, .. } if !step_id.contains('~') => Some(step_id.as_str()),
             _ => None,
         }).collect();
-        let order: Vec<&str> = definition.steps.iter().map(|s| s.id.as_str()).take(completed.len()).collect();
+        let order: Vec<&str> = d.steps.iter().map(|s| s.id.as_str()).take(completed.len()).collect();
         prop_assert_eq!(&completed, &order);
-        // At most one terminal event, and nothing after it.
-        let terminal: Vec<usize> = events.iter().enumerate().filter(|(_, e)| matches!(e,
-            EventKind::InstanceCompleted { .. } | EventKind::InstanceFailed { .. } | EventKind::InstanceCancelled { .. })).map(|(i, _)| i).collect();
-        prop_assert!(terminal.len() <= 1);
-        if let Some(&last) = terminal.first() {
-            prop_assert_eq!(last, events.len() - 1);
-            prop_assert!(state.status.is_terminal());
+        // Compensations ran exactly for completed steps, in reverse order, each once.
+        let undone: Vec<String> = events.iter().filter_map(|e| match e {
+            EventKind::StepCompleted { step_id, .. } => step_id.strip_suffix("~undo").map(str::to_string),
+            _ => None,
+        }).collect();
+        let expected: Vec<String> = if state.status == InstanceStatus::Completed {
+            Vec::new()
+        } else {
+            completed.iter().rev().map(|s| s.to_string()).collect()
+        };
+        if compensation_failed {
+            prop_assert!(expected.starts_with(&undone), "{:?} is not a prefix of {:?}", undone, expected);
+        } else {
+            prop_assert_eq!(undone, expected);
         }
-        prop_assert_eq!(state.status == InstanceStatus::Completed, completed.len() == 3);
-        // No step ran more attempts than its policy allows.
+        // One terminal event, the last.
+        let terminal: Vec<usize> = events.iter().enumerate().filter(|(_, e)| matches!(e,
+            EventKind::InstanceCompleted { .. } | EventKind::InstanceFailed { .. } | EventKind::InstanceCancelled { .. }
+            | EventKind::InstanceCompensated { .. } | EventKind::InstanceTerminated { .. })).map(|(i, _)| i).collect();
+        prop_assert_eq!(terminal.len(), 1);
+        prop_assert_eq!(terminal[0], events.len() - 1);
+        // Attempts are scheduled in order, once each, within the policy.
         let mut attempts: HashMap<&str, u32> = HashMap::new();
         for e in &events {
             if let EventKind::StepScheduled { step_id, attempt, .. } = e {
                 let seen = attempts.entry(step_id.as_str()).or_default();
                 prop_assert_eq!(*attempt, *seen + 1, "attempts are scheduled in order, once each");
                 *seen = *attempt;
-                prop_assert!(*attempt <= 3);
+                if !step_id.contains('~') {
+                    prop_assert!(*attempt <= 3);
+                }
             }
         }
-        let _ = Value::Null;
     }
 }
