@@ -707,3 +707,304 @@ output: {{ status: "${{ .steps.ping.output.status }}", body: "${{ .steps.ping.ou
     );
     h.stop().await;
 }
+
+const SAGA: &str = r#"
+name: saga
+steps:
+  - id: reserve
+    task: inventory
+    compensate: { task: inventory-release, input: { id: "${ .steps.reserve.output.id }" } }
+  - id: charge
+    task: payments
+    retry: { max_attempts: 1 }
+    compensate: { task: payments-refund }
+  - id: approval
+    wait: approved
+  - id: ship
+    task: shipping
+    input: { approved_by: "${ .steps.approval.output.by }" }
+"#;
+
+impl Harness {
+    /// Takes one task from `queue` (waiting up to 5 s) and returns it.
+    async fn take(&self, queue: &str) -> Value {
+        let (status, polled) = self
+            .post(
+                "/v1/tasks/poll",
+                json!({"queues": [queue], "max_tasks": 1, "wait_ms": 5000}),
+            )
+            .await;
+        assert_eq!(status, 200);
+        let task = polled["tasks"][0].clone();
+        assert!(task.is_object(), "no task on {queue}");
+        task
+    }
+
+    async fn finish(&self, task: &Value, output: Value) {
+        let path = format!("/v1/tasks/{}/complete", task["task_id"].as_str().unwrap());
+        let (status, body) = self
+            .post(
+                &path,
+                json!({"lease_token": task["lease_token"], "output": output}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    async fn history_types(&self, id: &str) -> Vec<String> {
+        let (_, history) = self.get(&format!("/v1/instances/{id}/history")).await;
+        history["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["type"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_operations_signals_and_compensation() {
+    // Goal: every recovery operation answers as documented, is refused with 409 where it
+    // makes no sense, and is recorded in the history with who asked.
+    // Method: a saga over real HTTP; tasks taken and completed by the test itself.
+    let h = Harness::start().await;
+    assert_eq!(h.deploy(SAGA).await.0, 201);
+    let start = |id: &str| json!({"definition": "saga", "id": id, "input": {}});
+    assert_eq!(h.post("/v1/instances", start("s-1")).await.0, 201);
+
+    // A signal that arrives before its wait is kept.
+    let (status, _) = h
+        .post("/v1/instances/s-1/signals/approved", json!({"by": "ann"}))
+        .await;
+    assert_eq!(status, 200);
+    let reserve = h.take("inventory").await;
+    h.finish(&reserve, json!({"id": "r-1"})).await;
+
+    // Pause: the running task may finish, the next step waits.
+    let (status, paused) = h
+        .post("/v1/instances/s-1/pause", json!({"by": "ops"}))
+        .await;
+    assert_eq!((status, paused["status"].clone()), (200, json!("paused")));
+    check_refused(&h, "POST", "/v1/instances/s-1/pause", None, 409, "conflict").await;
+    check_refused(&h, "POST", "/v1/instances/s-1/retry", None, 409, "conflict").await;
+    let charge = h.take("payments").await;
+    h.finish(&charge, json!({"id": "c-1"})).await;
+    let (_, idle) = h
+        .post(
+            "/v1/tasks/poll",
+            json!({"queues": ["shipping"], "wait_ms": 100}),
+        )
+        .await;
+    assert_eq!(
+        idle["tasks"],
+        json!([]),
+        "a paused instance dispatches no new task"
+    );
+    let (status, resumed) = h
+        .post("/v1/instances/s-1/resume", json!({"by": "ops"}))
+        .await;
+    assert_eq!((status, resumed["status"].clone()), (200, json!("running")));
+    let ship = h.take("shipping").await;
+    assert_eq!(
+        ship["input"],
+        json!({"approved_by": "ann"}),
+        "the early signal's payload flowed on"
+    );
+
+    // Fail the last step for good: compensations run in reverse completion order.
+    let fail = format!("/v1/tasks/{}/fail", ship["task_id"].as_str().unwrap());
+    let body =
+        json!({"lease_token": ship["lease_token"], "error": {"type": "fatal", "retryable": false}});
+    assert_eq!(h.post(&fail, body).await.0, 200);
+    let (_, compensating) = h.get("/v1/instances/s-1").await;
+    assert_eq!(compensating["status"], json!("compensating"));
+    let refund = h.take("payments-refund").await;
+    assert_eq!(refund["step_id"], json!("charge~undo"));
+    h.finish(&refund, json!({})).await;
+    let release = h.take("inventory-release").await;
+    assert_eq!(release["input"], json!({"id": "r-1"}));
+    h.finish(&release, json!({})).await;
+    let (_, done) = h.get("/v1/instances/s-1").await;
+    assert_eq!(done["status"], json!("compensated"));
+    assert_eq!(done["error"]["type"], json!("fatal"));
+    check_refused(&h, "POST", "/v1/instances/s-1/retry", None, 409, "conflict").await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances/s-1/resume",
+        None,
+        409,
+        "conflict",
+    )
+    .await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances/s-1/signals/approved",
+        json_body("{}"),
+        409,
+        "conflict",
+    )
+    .await;
+
+    // Rerun from a chosen step, and restart.
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances/s-1/rerun",
+        json_body("{}"),
+        400,
+        "invalid_request",
+    )
+    .await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances/s-1/rerun",
+        json_body(r#"{"from_step": "nope"}"#),
+        400,
+        "invalid_request",
+    )
+    .await;
+    let (status, rerun) = h
+        .post(
+            "/v1/instances/s-1/rerun",
+            json!({"from_step": "approval", "by": "ops"}),
+        )
+        .await;
+    assert_eq!((status, rerun["status"].clone()), (200, json!("running")));
+    h.post("/v1/instances/s-1/signals/approved", json!({"by": "bob"}))
+        .await;
+    let ship = h.take("shipping").await;
+    assert_eq!(ship["input"], json!({"approved_by": "bob"}));
+    h.finish(&ship, json!({})).await;
+    let (_, rerun_done) = h.get("/v1/instances/s-1").await;
+    assert_eq!(rerun_done["status"], json!("completed"));
+    let (status, restarted) = h.post("/v1/instances/s-1/restart", json!({})).await;
+    assert_eq!(status, 201);
+    assert_eq!(restarted["restarted_from"], json!("s-1"));
+    assert_ne!(restarted["id"], json!("s-1"));
+    // Out of the way of what follows.
+    let restarted_id = restarted["id"].as_str().unwrap();
+    let (status, _) = h
+        .post(
+            &format!("/v1/instances/{restarted_id}/terminate"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    let types = h.history_types("s-1").await;
+    for expected in [
+        "signal_received",
+        "instance_paused",
+        "instance_resumed",
+        "compensation_started",
+        "instance_compensated",
+        "instance_rerun",
+        "instance_completed",
+    ] {
+        assert!(
+            types.iter().any(|t| t == expected),
+            "{expected} missing from {types:?}"
+        );
+    }
+    let (_, history) = h.get("/v1/instances/s-1/history").await;
+    let paused_by = history["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "instance_paused")
+        .unwrap();
+    assert_eq!(paused_by["by"], json!("ops"));
+
+    // Retry from the failed step, without running again what succeeded.
+    assert_eq!(h.post("/v1/instances", start("s-2")).await.0, 201);
+    let reserve = h.take("inventory").await;
+    h.finish(&reserve, json!({"id": "r-2"})).await;
+    let charge = h.take("payments").await;
+    let fail = format!("/v1/tasks/{}/fail", charge["task_id"].as_str().unwrap());
+    h.post(&fail, json!({"lease_token": charge["lease_token"], "error": {"type": "declined", "retryable": false}})).await;
+    // reserve compensates; the instance ends compensated.
+    let release = h.take("inventory-release").await;
+    h.finish(&release, json!({})).await;
+    assert_eq!(
+        h.get("/v1/instances/s-2").await.1["status"],
+        json!("compensated")
+    );
+
+    // Terminate and cancel.
+    assert_eq!(h.post("/v1/instances", start("s-3")).await.0, 201);
+    let (status, terminated) = h
+        .post(
+            "/v1/instances/s-3/terminate",
+            json!({"reason": "test", "by": "ops"}),
+        )
+        .await;
+    assert_eq!(
+        (status, terminated["status"].clone()),
+        (200, json!("terminated"))
+    );
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances/s-3/terminate",
+        None,
+        409,
+        "conflict",
+    )
+    .await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances/s-3/cancel",
+        None,
+        409,
+        "conflict",
+    )
+    .await;
+    assert_eq!(h.post("/v1/instances", start("s-4")).await.0, 201);
+    let reserve = h.take("inventory").await;
+    h.finish(&reserve, json!({"id": "r-4"})).await;
+    let (status, cancelling) = h
+        .post("/v1/instances/s-4/cancel", json!({"by": "ops"}))
+        .await;
+    assert_eq!(
+        (status, cancelling["status"].clone()),
+        (200, json!("compensating"))
+    );
+    let release = h.take("inventory-release").await;
+    h.finish(&release, json!({})).await;
+    assert_eq!(
+        h.get("/v1/instances/s-4").await.1["status"],
+        json!("cancelled")
+    );
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances/nope/pause",
+        None,
+        404,
+        "not_found",
+    )
+    .await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances/nope/retry",
+        None,
+        404,
+        "not_found",
+    )
+    .await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/instances/s-4/pause",
+        json_body(r#"{"who": 1}"#),
+        400,
+        "invalid_request",
+    )
+    .await;
+    h.stop().await;
+}
