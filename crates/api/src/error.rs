@@ -71,6 +71,21 @@ impl From<weir_engine::Error> for ApiError {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_definition", message)
                     .with("problems", Value::Array(problems))
             }
+            E::InvalidData(problems) => {
+                let list: Vec<Value> = problems
+                    .iter()
+                    .map(|(pointer, message)| json!({ "pointer": pointer, "message": message }))
+                    .collect();
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_data",
+                    format!(
+                        "form data does not match the task's schema ({} problems)",
+                        problems.len()
+                    ),
+                )
+                .with("problems", Value::Array(list))
+            }
             E::NotFound(message) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
             E::Conflict(message) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
             E::StaleLease(message) => ApiError::new(StatusCode::CONFLICT, "stale_lease", message),

@@ -42,6 +42,11 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/instances/{id}/rerun", post(rerun))
         .route("/v1/instances/{id}/restart", post(restart))
         .route("/v1/instances/{id}/signals/{name}", post(signal))
+        .route("/v1/human-tasks", get(list_human_tasks))
+        .route(
+            "/v1/human-tasks/{task_id}/complete",
+            post(complete_human_task),
+        )
         .route("/v1/tasks/poll", post(poll))
         .route("/v1/tasks/{task_id}/complete", post(complete))
         .route("/v1/tasks/{task_id}/fail", post(fail))
@@ -444,6 +449,67 @@ async fn signal(
     )))
 }
 
+async fn list_human_tasks(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    for key in query.keys() {
+        if !["assignee", "group"].contains(&key.as_str()) {
+            return Err(
+                ApiError::invalid(format!("unknown query parameter `{key}`"))
+                    .with("parameter", key.clone().into()),
+            );
+        }
+    }
+    let tasks = state.engine.human_tasks(
+        query.get("assignee").map(String::as_str),
+        query.get("group").map(String::as_str),
+    );
+    let tasks: Vec<Value> = tasks
+        .into_iter()
+        .map(|t| {
+            json!({
+                "task_id": t.task_id,
+                "instance_id": t.instance_id,
+                "step_id": t.step_id,
+                "attempt": t.attempt,
+                "title": t.input["title"],
+                "assignee": t.input["assignee"],
+                "group": t.input["group"],
+                "schema": t.input["schema"],
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "tasks": tasks })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompleteHumanBody {
+    by: String,
+    #[serde(default)]
+    data: Value,
+}
+
+async fn complete_human_task(
+    State(state): State<AppState>,
+    Path(task_id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let bytes = read_body(body, state.limits.body_size_max).await?;
+    let body: CompleteHumanBody = parse_json(&bytes)?;
+    if body.by.trim().is_empty() {
+        return Err(
+            ApiError::invalid("`by` must say who completed the task").with("pointer", "/by".into())
+        );
+    }
+    state
+        .engine
+        .complete_human_task(&task_id, &body.by, body.data)
+        .await?;
+    Ok(Json(json!({})))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PollBody {
@@ -464,6 +530,12 @@ async fn poll(State(state): State<AppState>, body: Body) -> Result<Json<Value>, 
             ApiError::invalid(format!("queues must name 1 to {POLL_QUEUES_MAX} queues"))
                 .with("pointer", "/queues".into()),
         );
+    }
+    for (index, queue) in body.queues.iter().enumerate() {
+        if weir_engine::check_id("queue name", queue).is_err() {
+            return Err(ApiError::invalid(format!("bad queue name `{queue}`"))
+                .with("pointer", format!("/queues/{index}").into()));
+        }
     }
     let max_tasks = body.max_tasks.unwrap_or(1) as usize;
     if max_tasks == 0 || max_tasks > weir_engine::POLL_TASKS_MAX {

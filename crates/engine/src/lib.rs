@@ -59,6 +59,9 @@ pub enum Error {
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// Form data does not match a human task's schema: (JSON pointer, message) each.
+    #[error("form data does not match the schema ({} problems)", .0.len())]
+    InvalidData(Vec<(String, String)>),
     /// Temporarily unable (shutting down, partition not owned, store failed): retry.
     #[error("{0}")]
     Unavailable(String),
@@ -883,6 +886,48 @@ impl Engine {
             .check(task_id, lease_token)
             .map_err(|_| Error::StaleLease(format!("lease of task {task_id} is not current")))?;
         Ok(instance_id.to_string())
+    }
+
+    /// Open human tasks, optionally only those of an assignee or a group.
+    pub fn human_tasks(&self, assignee: Option<&str>, group: Option<&str>) -> Vec<TaskOffer> {
+        let matches =
+            |value: &Value, wanted: Option<&str>| wanted.is_none_or(|w| value.as_str() == Some(w));
+        self.inner
+            .shared
+            .board
+            .list(weir_model::dsl::HUMAN_QUEUE)
+            .into_iter()
+            .filter(|t| {
+                matches(&t.input["assignee"], assignee) && matches(&t.input["group"], group)
+            })
+            .collect()
+    }
+
+    /// A person completed a human task with form data.
+    pub async fn complete_human_task(
+        &self,
+        task_id: &str,
+        by: &str,
+        data: Value,
+    ) -> Result<(), Error> {
+        let Some((instance_id, _, _)) = machine::parse_task_id(task_id) else {
+            return Err(Error::NotFound(format!(
+                "human task {task_id} does not exist"
+            )));
+        };
+        let command = Command::CompleteHuman {
+            task_id: task_id.to_string(),
+            by: by.to_string(),
+            data,
+        };
+        self.apply(instance_id, command)
+            .await
+            .map_err(|err| match err {
+                Error::StaleLease(_) => {
+                    Error::Conflict(format!("human task {task_id} is no longer open"))
+                }
+                other => other,
+            })
     }
 
     /// Tasks on the board (offered or leased).

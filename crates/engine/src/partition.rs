@@ -290,6 +290,7 @@ impl PartitionActor {
                 } => {
                     let finished_task = match &command {
                         Command::CompleteTask { task_id, .. }
+                        | Command::CompleteHuman { task_id, .. }
                         | Command::FailTask { task_id, .. } => Some(task_id.clone()),
                         _ => None,
                     };
@@ -587,6 +588,7 @@ fn rejection_error(rejection: Rejection) -> Error {
         Rejection::UnknownTask => Error::StaleLease("unknown task".into()),
         Rejection::NotAllowed { .. } => Error::Conflict(rejection.to_string()),
         Rejection::BadRequest(message) => Error::BadRequest(message),
+        Rejection::InvalidData(problems) => Error::InvalidData(problems),
     }
 }
 

@@ -337,6 +337,28 @@ impl TaskBoard {
         timed_out
     }
 
+    /// Every task of `queue` on the board (human tasks are listed, never polled).
+    pub fn list(&self, queue: &str) -> Vec<TaskOffer> {
+        let inner = self.inner.lock().expect("board lock");
+        let mut tasks: Vec<TaskOffer> = inner
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.task.queue == queue && !entry.timed_out)
+            .map(|(task_id, entry)| TaskOffer {
+                task_id: task_id.clone(),
+                lease_token: String::new(),
+                queue: entry.task.queue.clone(),
+                instance_id: entry.task.instance_id.clone(),
+                step_id: entry.task.step_id.clone(),
+                attempt: entry.task.attempt,
+                input: (*entry.task.input).clone(),
+                idempotency_key: entry.task.idempotency_key.clone(),
+            })
+            .collect();
+        tasks.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        tasks
+    }
+
     /// Number of tasks on the board, leased or not.
     pub fn len(&self) -> usize {
         self.inner.lock().expect("board lock").entries.len()

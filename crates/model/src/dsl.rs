@@ -40,7 +40,7 @@ pub const YAML_NODES_MAX: usize = 100_000;
 pub const HTTP_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 
 /// The kinds of step, each the key that introduces it.
-pub const STEP_KINDS: [&str; 6] = ["task", "http", "sleep", "set", "fail", "wait"];
+pub const STEP_KINDS: [&str; 7] = ["task", "http", "sleep", "set", "fail", "wait", "human"];
 
 const DEFINITION_KEYS: [&str; 8] = [
     "name",
@@ -52,7 +52,8 @@ const DEFINITION_KEYS: [&str; 8] = [
     "steps",
     "output",
 ];
-const STEP_KEYS: [&str; 16] = [
+const STEP_KEYS: [&str; 17] = [
+    "human",
     "id",
     "task",
     "http",
@@ -84,6 +85,67 @@ const COMPENSATE_KEYS: [&str; 10] = [
     "step_timeout",
 ];
 const FAIL_KEYS: [&str; 2] = ["type", "message"];
+const HUMAN_KEYS: [&str; 5] = ["title", "assignee", "group", "schema", "escalation"];
+const ESCALATION_KEYS: [&str; 4] = ["after", "reassign_to", "reassign_group", "fail"];
+
+/// The task queue of human tasks; `~` keeps it out of reach of workers' polls.
+pub const HUMAN_QUEUE: &str = "~human";
+
+/// A JSON Schema for a human task's form, compiled once.
+#[derive(Clone)]
+pub struct FormSchema {
+    /// The schema as written.
+    pub schema: Value,
+    validator: std::sync::Arc<jsonschema::Validator>,
+}
+
+impl std::fmt::Debug for FormSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FormSchema({})", self.schema)
+    }
+}
+
+impl FormSchema {
+    /// Compiles a schema, or says why it is not one.
+    pub fn compile(schema: Value) -> Result<FormSchema, String> {
+        let validator = jsonschema::validator_for(&schema).map_err(|err| err.to_string())?;
+        Ok(FormSchema {
+            schema,
+            validator: std::sync::Arc::new(validator),
+        })
+    }
+
+    /// Every problem of `data`, each as (JSON pointer, message); empty when valid.
+    pub fn check(&self, data: &Value) -> Vec<(String, String)> {
+        self.validator
+            .iter_errors(data)
+            .map(|err| (err.instance_path.to_string(), err.to_string()))
+            .collect()
+    }
+}
+
+/// What happens when a human task is not completed in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EscalationAction {
+    /// Give the task to someone else.
+    Reassign {
+        /// The new assignee.
+        assignee: Option<String>,
+        /// The new group.
+        group: Option<String>,
+    },
+    /// Fail the step with error type `timeout`.
+    Fail,
+}
+
+/// A human task's escalation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Escalation {
+    /// How long after the task is offered.
+    pub after: Duration,
+    /// What then.
+    pub action: EscalationAction,
+}
 const CATCH_KEYS: [&str; 3] = ["errors", "steps", "then"];
 
 /// Most compensating or catching levels: a compensation or handler step cannot itself
@@ -237,6 +299,20 @@ pub enum StepKind {
     Wait {
         /// The signal's name.
         signal: String,
+    },
+    /// A task for people: completed through the API with form data (`{"by", "data"}` is
+    /// the step's output). `timeout` bounds it.
+    Human {
+        /// What to do, shown to people (a template).
+        title: Template,
+        /// Who should do it.
+        assignee: Option<String>,
+        /// Which group may do it.
+        group: Option<String>,
+        /// The form's JSON Schema; data that does not match is refused.
+        form: Option<FormSchema>,
+        /// Escalation when nobody completes it in time.
+        escalation: Option<Escalation>,
     },
 }
 
@@ -1094,12 +1170,70 @@ impl Checker {
                     step.kind = StepKind::Wait { signal };
                 }
             }
+            "human" => {
+                if let Some(kind) = self.human(value, from) {
+                    step.kind = kind;
+                }
+            }
             _ => {
                 if let Some(duration) = self.duration(value) {
                     step.kind = StepKind::Sleep { duration };
                 }
             }
         }
+    }
+
+    fn human(&mut self, node: &Node, from: Option<usize>) -> Option<StepKind> {
+        let entries = self.mapping(node)?;
+        self.unknown_keys(&entries, &HUMAN_KEYS);
+        let title = match self.require(node, &entries, "title") {
+            Some(entry) => self.template(entry.value, from),
+            None => Template::Literal(Value::Null),
+        };
+        let assignee = get(&entries, "assignee").and_then(|e| self.name(e.value, "assignee"));
+        let group = get(&entries, "group").and_then(|e| self.name(e.value, "group"));
+        let form = match get(&entries, "schema") {
+            None => None,
+            Some(entry) => match FormSchema::compile(entry.value.to_json()) {
+                Ok(form) => Some(form),
+                Err(message) => {
+                    self.report(entry.value, format!("bad JSON Schema: {message}"));
+                    None
+                }
+            },
+        };
+        let escalation = match get(&entries, "escalation") {
+            None => None,
+            Some(entry) => {
+                let escalation_entries = self.mapping(entry.value)?;
+                self.unknown_keys(&escalation_entries, &ESCALATION_KEYS);
+                let after = self
+                    .require(entry.value, &escalation_entries, "after")
+                    .and_then(|e| self.timeout(e.value));
+                let assignee = get(&escalation_entries, "reassign_to")
+                    .and_then(|e| self.name(e.value, "assignee"));
+                let group = get(&escalation_entries, "reassign_group")
+                    .and_then(|e| self.name(e.value, "group"));
+                let fail = get(&escalation_entries, "fail")
+                    .is_some_and(|e| matches!(e.value.data, Data::Bool(true)));
+                let action = match (assignee.is_some() || group.is_some(), fail) {
+                    (true, false) => EscalationAction::Reassign { assignee, group },
+                    (false, true) => EscalationAction::Fail,
+                    _ => {
+                        self.report(entry.value, "an escalation either reassigns (`reassign_to`, `reassign_group`) or fails (`fail: true`)");
+                        return None;
+                    }
+                };
+                after.map(|after| Escalation { after, action })
+            }
+        };
+        Some(StepKind::Human {
+            title,
+            assignee,
+            group,
+            form,
+            escalation,
+        })
     }
 
     fn catch(&mut self, node: &Node, index: usize) -> Vec<Catch> {

@@ -159,6 +159,15 @@ pub enum EventKind {
         /// The step it runs from.
         step_id: String,
     },
+    /// A human task was given to someone else: nobody completed it in time.
+    HumanTaskEscalated {
+        /// The step.
+        step_id: String,
+        /// The new assignee.
+        assignee: Option<String>,
+        /// The new group.
+        group: Option<String>,
+    },
     /// A signal arrived (kept until a `wait` step takes it).
     SignalReceived {
         /// The signal's name.
@@ -192,6 +201,7 @@ impl EventKind {
             EventKind::InstanceRetried { .. } => "instance_retried",
             EventKind::InstanceRerun { .. } => "instance_rerun",
             EventKind::SignalReceived { .. } => "signal_received",
+            EventKind::HumanTaskEscalated { .. } => "human_task_escalated",
         }
     }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::dsl::{CatchThen, Definition, OnFailure, Step, StepKind};
+use crate::dsl::{CatchThen, Definition, EscalationAction, OnFailure, Step, StepKind, HUMAN_QUEUE};
 use crate::event::{ErrorInfo, EventKind};
 use crate::expr::EvalError;
 use crate::retry::RetryPolicy;
@@ -352,6 +352,15 @@ pub enum Command {
         /// The step's id.
         from_step: String,
     },
+    /// A person completed a human task with form data.
+    CompleteHuman {
+        /// The task.
+        task_id: String,
+        /// Who.
+        by: String,
+        /// The form data, checked against the step's schema.
+        data: Value,
+    },
     /// A named signal with its payload.
     Signal {
         /// The signal's name.
@@ -401,6 +410,13 @@ pub enum TimerId {
         /// The first attempt of the run it bounds.
         attempt_first: u32,
     },
+    /// A human task's escalation.
+    Escalate {
+        /// The step.
+        step: StepRef,
+        /// Its attempt.
+        attempt: u32,
+    },
     /// The whole instance's timeout.
     InstanceTimeout,
     /// The whole instance's deadline.
@@ -420,6 +436,7 @@ impl TimerId {
                 step,
                 attempt_first,
             } => format!("step:{}:{attempt_first}", step.key()),
+            TimerId::Escalate { step, attempt } => format!("escalate:{}:{attempt}", step.key()),
             TimerId::InstanceTimeout => "instance".to_string(),
             TimerId::InstanceDeadline => "deadline".to_string(),
         }
@@ -443,6 +460,7 @@ impl TimerId {
             "sleep" => TimerId::Sleep { step, attempt },
             "retry" => TimerId::Retry { step, attempt },
             "attempt" => TimerId::AttemptTimeout { step, attempt },
+            "escalate" => TimerId::Escalate { step, attempt },
             "step" => TimerId::StepExpiry {
                 step,
                 attempt_first: attempt,
@@ -557,6 +575,9 @@ pub enum Rejection {
     /// The request names something the definition does not have.
     #[error("{0}")]
     BadRequest(String),
+    /// Form data does not match the human task's schema: (JSON pointer, message) each.
+    #[error("form data does not match the schema ({} problems)", .0.len())]
+    InvalidData(Vec<(String, String)>),
 }
 
 /// Builds the task id of an attempt.
@@ -685,6 +706,27 @@ pub fn handle(
             check_running(state)?;
             current_task(state, &task_id)?;
             complete_step(state, definition, output, now, &mut t);
+        }
+        Command::CompleteHuman { task_id, by, data } => {
+            check_running(state)?;
+            current_task(state, &task_id)?;
+            let current = state.current.expect("a task belongs to a current step");
+            let StepKind::Human { form, .. } = &current.resolve(definition).kind else {
+                return Err(Rejection::NotCurrent);
+            };
+            if let Some(form) = form {
+                let problems = form.check(&data);
+                if !problems.is_empty() {
+                    return Err(Rejection::InvalidData(problems));
+                }
+            }
+            complete_step(
+                state,
+                definition,
+                json!({ "by": by, "data": data }),
+                now,
+                &mut t,
+            );
         }
         Command::FailTask {
             task_id,
@@ -948,7 +990,7 @@ fn fire_timer(
             }
             // The step's whole time is up: its attempt stops and no retry follows.
             withdraw_attempt(state, t);
-            cancel_attempt_timers(state, t);
+            cancel_attempt_timers(state, definition, t);
             state.wait = Wait::Nothing;
             let error = ErrorInfo {
                 error_type: ERROR_TYPE_TIMEOUT.to_string(),
@@ -961,6 +1003,46 @@ fn fire_timer(
                 retryable: false,
             });
             step_failed(state, definition, error, now, t);
+        }
+        TimerId::Escalate { step, attempt } => {
+            let Wait::Task { task_id } = state.wait.clone() else {
+                return Err(Rejection::NotCurrent);
+            };
+            if !is_current(step) || attempt != state.attempt {
+                return Err(Rejection::NotCurrent);
+            }
+            let StepKind::Human {
+                escalation: Some(escalation),
+                ..
+            } = &step.resolve(definition).kind
+            else {
+                return Err(Rejection::NotCurrent);
+            };
+            match &escalation.action {
+                EscalationAction::Reassign { assignee, group } => {
+                    let mut spec = human_task(state, definition, step, attempt)
+                        .map_err(|_| Rejection::NotCurrent)?;
+                    spec.input["assignee"] = json!(assignee);
+                    spec.input["group"] = json!(group);
+                    t.events.push(EventKind::HumanTaskEscalated {
+                        step_id: step.step_id(definition),
+                        assignee: assignee.clone(),
+                        group: group.clone(),
+                    });
+                    t.effects.push(Effect::WithdrawTask { task_id });
+                    t.effects.push(Effect::OfferTask(spec));
+                }
+                EscalationAction::Fail => {
+                    t.effects.push(Effect::WithdrawTask { task_id });
+                    cancel_attempt_timers(state, definition, t);
+                    state.wait = Wait::Nothing;
+                    let error = ErrorInfo {
+                        error_type: ERROR_TYPE_TIMEOUT.to_string(),
+                        message: format!("nobody completed `{}` in time", step.step_id(definition)),
+                    };
+                    attempt_failed_after_cancel(state, definition, error, false, now, t);
+                }
+            }
         }
         TimerId::InstanceTimeout | TimerId::InstanceDeadline => {
             let error = ErrorInfo {
@@ -1144,6 +1226,31 @@ fn schedule_attempt(
             // A `fail` step means it: never retried (it may be caught).
             attempt_failed_after_cancel(state, definition, error, false, now, t);
         }
+        StepKind::Human { escalation, .. } => {
+            let spec = match human_task(state, definition, current, attempt) {
+                Ok(spec) => spec,
+                Err(message) => return expression_failed(state, definition, &message, now, t),
+            };
+            t.events.push(EventKind::StepScheduled {
+                step_id,
+                attempt,
+                input: Some(spec.input.clone()),
+            });
+            state.wait = Wait::Task {
+                task_id: spec.task_id.clone(),
+            };
+            t.effects.push(Effect::OfferTask(spec));
+            t.effects.extend(timeout_timer);
+            if let Some(escalation) = escalation {
+                t.effects.push(Effect::StartTimer {
+                    timer: TimerId::Escalate {
+                        step: current,
+                        attempt,
+                    },
+                    fire_at: now.saturating_add(millis(escalation.after)),
+                });
+            }
+        }
         StepKind::Wait { signal } => {
             t.events.push(EventKind::StepScheduled {
                 step_id,
@@ -1166,6 +1273,45 @@ fn schedule_attempt(
             }
         }
     }
+}
+
+/// The task a human step offers: on the human queue, its input what people see.
+fn human_task(
+    state: &InstanceState,
+    definition: &Definition,
+    step: StepRef,
+    attempt: u32,
+) -> Result<TaskSpec, String> {
+    let StepKind::Human {
+        title,
+        assignee,
+        group,
+        form,
+        ..
+    } = &step.resolve(definition).kind
+    else {
+        unreachable!("only human steps have human tasks")
+    };
+    let title = match title.eval(&state.context).map_err(|err| err.message)? {
+        Value::String(text) => text,
+        other => other.to_string(),
+    };
+    let step_id = step.step_id(definition);
+    Ok(TaskSpec {
+        task_id: task_id(&state.id, &step_id, attempt),
+        queue: HUMAN_QUEUE.to_string(),
+        idempotency_key: format!("{}:{step_id}", state.id),
+        input: json!({
+            "title": title,
+            "assignee": assignee,
+            "group": group,
+            "schema": form.as_ref().map(|f| f.schema.clone()),
+        }),
+        step_id,
+        attempt,
+        queue_timeout: None,
+        heartbeat_timeout: None,
+    })
 }
 
 /// Evaluates an HTTP step's request for `attempt` against `context`.
@@ -1232,7 +1378,7 @@ fn complete_step(
     t: &mut Transition,
 ) {
     let current = state.current.expect("a completing step is current");
-    cancel_attempt_timers(state, t);
+    cancel_attempt_timers(state, definition, t);
     cancel_step_expiry(state, definition, t);
     t.events.push(EventKind::StepCompleted {
         step_id: current.step_id(definition),
@@ -1348,7 +1494,7 @@ fn attempt_failed(
     now: u64,
     t: &mut Transition,
 ) {
-    cancel_attempt_timers(state, t);
+    cancel_attempt_timers(state, definition, t);
     attempt_failed_after_cancel(state, definition, error, retryable, now, t);
 }
 
@@ -1641,7 +1787,7 @@ fn withdraw_attempt(state: &InstanceState, t: &mut Transition) {
 fn stop_current_step(state: &mut InstanceState, definition: &Definition, t: &mut Transition) {
     withdraw_attempt(state, t);
     if state.current.is_some() {
-        cancel_attempt_timers(state, t);
+        cancel_attempt_timers(state, definition, t);
         cancel_step_expiry(state, definition, t);
     }
     state.current = None;
@@ -1649,12 +1795,21 @@ fn stop_current_step(state: &mut InstanceState, definition: &Definition, t: &mut
 }
 
 /// Cancels the timers of the current attempt (its timeout, its sleep, the retry wait).
-fn cancel_attempt_timers(state: &InstanceState, t: &mut Transition) {
+fn cancel_attempt_timers(state: &InstanceState, definition: &Definition, t: &mut Transition) {
     let Some(step) = state.current else { return };
     let attempt = state.attempt;
     t.effects.push(Effect::CancelTimer {
         timer: TimerId::AttemptTimeout { step, attempt },
     });
+    if let StepKind::Human {
+        escalation: Some(_),
+        ..
+    } = &step.resolve(definition).kind
+    {
+        t.effects.push(Effect::CancelTimer {
+            timer: TimerId::Escalate { step, attempt },
+        });
+    }
     match state.wait {
         Wait::Sleep => t.effects.push(Effect::CancelTimer {
             timer: TimerId::Sleep { step, attempt },

@@ -884,3 +884,129 @@ proptest! {
         }
     }
 }
+
+fn approval_step(escalation: Option<crate::dsl::Escalation>) -> Step {
+    Step::new(
+        "approve",
+        StepKind::Human {
+            title: Template::from_value(json!("${ \"Approve \" + .input.order }")).unwrap(),
+            assignee: Some("ann".into()),
+            group: Some("managers".into()),
+            form: Some(
+                crate::dsl::FormSchema::compile(json!({
+                    "type": "object",
+                    "required": ["approved"],
+                    "properties": { "approved": { "type": "boolean" } }
+                }))
+                .unwrap(),
+            ),
+            escalation,
+        },
+    )
+}
+
+#[test]
+fn human_tasks_check_their_form_and_escalate() {
+    use crate::dsl::{Escalation, EscalationAction};
+    let mut d = three_steps();
+    d.steps[0] = approval_step(Some(Escalation {
+        after: Duration::from_secs(3600),
+        action: EscalationAction::Reassign {
+            assignee: Some("bob".into()),
+            group: None,
+        },
+    }));
+    let (mut state, t) = start(&d, 1, "h", json!({"order": "o-7"}), 0);
+    let Effect::OfferTask(spec) = &t.effects[0] else {
+        panic!("{t:?}")
+    };
+    assert_eq!(spec.queue, crate::dsl::HUMAN_QUEUE);
+    assert_eq!(spec.input["title"], json!("Approve o-7"));
+    assert_eq!(spec.input["assignee"], json!("ann"));
+    assert!(timers(&t).contains(&(
+        TimerId::Escalate {
+            step: main(0),
+            attempt: 1
+        },
+        3_600_000
+    )));
+    // Invalid data is refused with a pointer per problem, and changes nothing.
+    let before = state.clone();
+    let bad = handle(
+        &mut state,
+        &d,
+        Command::CompleteHuman {
+            task_id: "h:approve:1".into(),
+            by: "ann".into(),
+            data: json!({"approved": "yes"}),
+        },
+        5,
+    );
+    let Err(Rejection::InvalidData(problems)) = bad else {
+        panic!("{bad:?}")
+    };
+    assert_eq!(problems[0].0, "/approved");
+    assert_eq!(state, before);
+    // Escalation reassigns.
+    let t = handle(
+        &mut state,
+        &d,
+        Command::FireTimer {
+            timer: TimerId::Escalate {
+                step: main(0),
+                attempt: 1,
+            },
+        },
+        3_600_000,
+    )
+    .unwrap();
+    assert_eq!(types(&t), ["human_task_escalated"]);
+    let Some(Effect::OfferTask(reassigned)) = t.effects.last() else {
+        panic!("{t:?}")
+    };
+    assert_eq!(reassigned.input["assignee"], json!("bob"));
+    let t = handle(
+        &mut state,
+        &d,
+        Command::CompleteHuman {
+            task_id: "h:approve:1".into(),
+            by: "bob".into(),
+            data: json!({"approved": true}),
+        },
+        3_600_001,
+    )
+    .unwrap();
+    assert_eq!(types(&t), ["step_completed", "step_scheduled"]);
+    assert_eq!(
+        state.context["steps"]["approve"]["output"],
+        json!({"by": "bob", "data": {"approved": true}})
+    );
+}
+
+#[test]
+fn a_human_task_nobody_completes_fails_on_escalation() {
+    use crate::dsl::{Escalation, EscalationAction};
+    let mut d = three_steps();
+    d.steps[0] = approval_step(Some(Escalation {
+        after: Duration::from_secs(60),
+        action: EscalationAction::Fail,
+    }));
+    let (mut state, _) = start(&d, 1, "h", json!({"order": "o-8"}), 0);
+    let t = handle(
+        &mut state,
+        &d,
+        Command::FireTimer {
+            timer: TimerId::Escalate {
+                step: main(0),
+                attempt: 1,
+            },
+        },
+        60_000,
+    )
+    .unwrap();
+    assert_eq!(types(&t), ["step_failed", "instance_failed"]);
+    assert!(t.effects.contains(&Effect::WithdrawTask {
+        task_id: "h:approve:1".into()
+    }));
+    assert_eq!(state.error.unwrap().error_type, ERROR_TYPE_TIMEOUT);
+}
