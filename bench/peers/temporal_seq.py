@@ -41,6 +41,11 @@ class SeqWorkflow:
 
 async def worker_main(args):
     client = await Client.connect(args.address, namespace="default")
+    extra = {}
+    if args.unsandboxed:
+        from temporalio.worker import UnsandboxedWorkflowRunner
+
+        extra["workflow_runner"] = UnsandboxedWorkflowRunner()
     worker = Worker(
         client,
         task_queue=TASK_QUEUE,
@@ -48,9 +53,16 @@ async def worker_main(args):
         activities=[noop],
         max_concurrent_activities=args.concurrency,
         max_concurrent_workflow_tasks=args.concurrency,
+        **extra,
     )
     print("worker ready", file=sys.stderr, flush=True)
-    await worker.run()
+    import signal
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    async with worker:
+        await stop.wait()
 
 
 async def drive_main(args):
@@ -87,6 +99,8 @@ def main():
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop starting new instances after this many seconds")
+    p.add_argument("--unsandboxed", action="store_true",
+                   help="worker: run workflows without the Python SDK's sandbox")
     args = p.parse_args()
     asyncio.run(worker_main(args) if args.mode == "worker" else drive_main(args))
 

@@ -1026,17 +1026,47 @@ steps:
 output: "${ .steps.approve.output }"
 "#;
     assert_eq!(h.deploy(definition).await.0, 201);
-    assert_eq!(h.post("/v1/instances", json!({"definition": "approval", "id": "a-1", "input": {"order": "o-1"}})).await.0, 201);
+    assert_eq!(
+        h.post(
+            "/v1/instances",
+            json!({"definition": "approval", "id": "a-1", "input": {"order": "o-1"}})
+        )
+        .await
+        .0,
+        201
+    );
     let (status, listed) = h.get("/v1/human-tasks?assignee=ann").await;
     assert_eq!(status, 200);
     let task = listed["tasks"][0].clone();
     assert_eq!(task["title"], json!("Approve order o-1"));
     assert_eq!(task["group"], json!("managers"));
-    assert_eq!(h.get("/v1/human-tasks?assignee=bob").await.1["tasks"], json!([]));
-    check_refused(&h, "GET", "/v1/human-tasks?who=x", None, 400, "invalid_request").await;
+    assert_eq!(
+        h.get("/v1/human-tasks?assignee=bob").await.1["tasks"],
+        json!([])
+    );
+    check_refused(
+        &h,
+        "GET",
+        "/v1/human-tasks?who=x",
+        None,
+        400,
+        "invalid_request",
+    )
+    .await;
     // Workers cannot poll the human queue.
-    check_refused(&h, "POST", "/v1/tasks/poll", json_body(r#"{"queues": ["~human"]}"#), 400, "invalid_request").await;
-    let complete = format!("/v1/human-tasks/{}/complete", task["task_id"].as_str().unwrap());
+    check_refused(
+        &h,
+        "POST",
+        "/v1/tasks/poll",
+        json_body(r#"{"queues": ["~human"]}"#),
+        400,
+        "invalid_request",
+    )
+    .await;
+    let complete = format!(
+        "/v1/human-tasks/{}/complete",
+        task["task_id"].as_str().unwrap()
+    );
     let refused = check_refused(
         &h,
         "POST",
@@ -1046,15 +1076,52 @@ output: "${ .steps.approve.output }"
         "invalid_data",
     )
     .await;
-    let pointers: Vec<&str> = refused["error"]["problems"].as_array().unwrap().iter().map(|p| p["pointer"].as_str().unwrap()).collect();
-    assert!(pointers.contains(&"/approved") && pointers.contains(&"/note"), "{refused}");
-    check_refused(&h, "POST", &complete, json_body(r#"{"data": {}}"#), 400, "invalid_request").await;
-    let (status, _) = h.post(&complete, json!({"by": "ann", "data": {"approved": true}})).await;
+    let pointers: Vec<&str> = refused["error"]["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pointer"].as_str().unwrap())
+        .collect();
+    assert!(
+        pointers.contains(&"/approved") && pointers.contains(&"/note"),
+        "{refused}"
+    );
+    check_refused(
+        &h,
+        "POST",
+        &complete,
+        json_body(r#"{"data": {}}"#),
+        400,
+        "invalid_request",
+    )
+    .await;
+    let (status, _) = h
+        .post(&complete, json!({"by": "ann", "data": {"approved": true}}))
+        .await;
     assert_eq!(status, 200);
     let (_, done) = h.get("/v1/instances/a-1").await;
     assert_eq!(done["status"], json!("completed"));
-    assert_eq!(done["output"], json!({"by": "ann", "data": {"approved": true}}));
-    check_refused(&h, "POST", &complete, json_body(r#"{"by": "ann", "data": {"approved": true}}"#), 409, "conflict").await;
-    check_refused(&h, "POST", "/v1/human-tasks/nope/complete", json_body(r#"{"by": "ann"}"#), 404, "not_found").await;
+    assert_eq!(
+        done["output"],
+        json!({"by": "ann", "data": {"approved": true}})
+    );
+    check_refused(
+        &h,
+        "POST",
+        &complete,
+        json_body(r#"{"by": "ann", "data": {"approved": true}}"#),
+        409,
+        "conflict",
+    )
+    .await;
+    check_refused(
+        &h,
+        "POST",
+        "/v1/human-tasks/nope/complete",
+        json_body(r#"{"by": "ann"}"#),
+        404,
+        "not_found",
+    )
+    .await;
     h.stop().await;
 }

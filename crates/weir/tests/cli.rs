@@ -68,7 +68,13 @@ fn deploy_start_wait_status_history_list_cancel() {
         text(&output.stdout)
     );
 
-    let _worker = start_worker(std::slice::from_ref(&base), &[]);
+    let _worker = start_worker(
+        std::slice::from_ref(&base),
+        &[
+            "--queues",
+            "inventory,payments,shipping,inventory-release,payments-refund",
+        ],
+    );
     let output = weir(
         &base,
         &[
@@ -80,7 +86,6 @@ fn deploy_start_wait_status_history_list_cancel() {
             "cli-1",
             "--input",
             r#"{"sku": "A-1", "qty": 2}"#,
-            "--wait",
         ],
     );
     assert!(
@@ -89,10 +94,51 @@ fn deploy_start_wait_status_history_list_cancel() {
         text(&output.stdout),
         text(&output.stderr)
     );
-    let status = weir(&base, &["--output", "json", "status", "cli-1"]);
-    let instance: Value = serde_json::from_slice(&status.stdout).expect("status prints JSON");
-    assert_eq!(instance["status"], "completed");
+    // The example waits for a manager's approval: give it.
+    let task = eventually(Duration::from_secs(30), || {
+        let (_, listed) = ureq_get(&format!("{base}/v1/human-tasks?group=managers")).ok()?;
+        listed["tasks"].as_array()?.first().cloned()
+    })
+    .expect("the approval task appears");
+    assert_eq!(task["title"], "Approve order of 2 x A-1");
+    let complete = format!(
+        "{base}/v1/human-tasks/{}/complete",
+        task["task_id"].as_str().unwrap()
+    );
+    let (code, _) = post_json(
+        &complete,
+        &serde_json::json!({"by": "ann", "data": {"approved": true}}),
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    let instance = eventually(Duration::from_secs(30), || {
+        let status = weir(&base, &["--output", "json", "status", "cli-1"]);
+        let instance: Value = serde_json::from_slice(&status.stdout).ok()?;
+        (instance["status"] == "completed").then_some(instance)
+    })
+    .expect("the instance completes");
     assert_eq!(instance["output"]["shipment"], "shipping-cli-1");
+    assert_eq!(instance["output"]["approved_by"], "ann");
+
+    // `start --wait` follows an instance to its end.
+    std::fs::write(
+        dir.path().join("quick.yaml"),
+        "name: quick\nsteps:\n  - id: a\n    task: inventory\n  - id: b\n    sleep: 100ms\n",
+    )
+    .unwrap();
+    assert!(weir(
+        &base,
+        &["deploy", dir.path().join("quick.yaml").to_str().unwrap()]
+    )
+    .status
+    .success());
+    let waited = weir(&base, &["start", "quick", "--id", "cli-3", "--wait"]);
+    assert!(
+        waited.status.success(),
+        "{}\n{}",
+        text(&waited.stdout),
+        text(&waited.stderr)
+    );
 
     let history = weir(&base, &["history", "cli-1"]);
     let table = text(&history.stdout);
