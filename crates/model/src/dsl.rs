@@ -40,7 +40,9 @@ pub const YAML_NODES_MAX: usize = 100_000;
 pub const HTTP_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 
 /// The kinds of step, each the key that introduces it.
-pub const STEP_KINDS: [&str; 7] = ["task", "http", "sleep", "set", "fail", "wait", "human"];
+pub const STEP_KINDS: [&str; 8] = [
+    "task", "http", "sleep", "set", "fail", "wait", "human", "switch",
+];
 
 const DEFINITION_KEYS: [&str; 8] = [
     "name",
@@ -52,7 +54,8 @@ const DEFINITION_KEYS: [&str; 8] = [
     "steps",
     "output",
 ];
-const STEP_KEYS: [&str; 17] = [
+const STEP_KEYS: [&str; 18] = [
+    "switch",
     "human",
     "id",
     "task",
@@ -85,6 +88,17 @@ const COMPENSATE_KEYS: [&str; 10] = [
     "step_timeout",
 ];
 const FAIL_KEYS: [&str; 2] = ["type", "message"];
+const SWITCH_KEYS: [&str; 2] = ["cases", "default"];
+const CASE_KEYS: [&str; 2] = ["when", "steps"];
+
+/// One case of a `switch`.
+#[derive(Debug, Clone)]
+pub struct Case {
+    /// The condition: the case is taken when it is neither `null` nor `false`.
+    pub when: Template,
+    /// Steps run when it is taken (leaf step kinds, in order).
+    pub steps: Vec<Step>,
+}
 const HUMAN_KEYS: [&str; 5] = ["title", "assignee", "group", "schema", "escalation"];
 const ESCALATION_KEYS: [&str; 4] = ["after", "reassign_to", "reassign_group", "fail"];
 
@@ -299,6 +313,14 @@ pub enum StepKind {
     Wait {
         /// The signal's name.
         signal: String,
+    },
+    /// Runs the steps of the first case whose condition holds, or the default steps; the
+    /// last of them gives the step's output (`null` when none ran).
+    Switch {
+        /// The cases, tried in order.
+        cases: Vec<Case>,
+        /// Steps run when no case holds.
+        default: Vec<Step>,
     },
     /// A task for people: completed through the API with form data (`{"by", "data"}` is
     /// the step's output). `timeout` bounds it.
@@ -1175,6 +1197,11 @@ impl Checker {
                     step.kind = kind;
                 }
             }
+            "switch" => {
+                if let Some(kind) = self.switch(value, from) {
+                    step.kind = kind;
+                }
+            }
             _ => {
                 if let Some(duration) = self.duration(value) {
                     step.kind = StepKind::Sleep { duration };
@@ -1280,34 +1307,67 @@ impl Checker {
                 }
             }
             if let Some(entry) = get(&entries, "steps") {
-                if let Data::Seq(step_nodes) = &entry.value.data {
-                    for step_node in step_nodes {
-                        let Some(step_entries) = self.mapping(step_node) else {
-                            continue;
-                        };
-                        let mut step = Step::new(
-                            String::new(),
-                            StepKind::Sleep {
-                                duration: Duration::ZERO,
-                            },
-                        );
-                        // Handler steps may read the failed step's predecessors.
-                        self.kind_and_options(
-                            step_node,
-                            &step_entries,
-                            &COMPENSATE_KEYS,
-                            Some(index),
-                            &mut step,
-                        );
-                        handler.steps.push(step);
-                    }
-                } else {
-                    self.expected(entry.value, "a sequence of steps");
-                }
+                // Handler steps may read the failed step's predecessors.
+                handler.steps = self.nested_steps(entry.value, Some(index));
             }
             handlers.push(handler);
         }
         handlers
+    }
+
+    fn switch(&mut self, node: &Node, from: Option<usize>) -> Option<StepKind> {
+        let entries = self.mapping(node)?;
+        self.unknown_keys(&entries, &SWITCH_KEYS);
+        let mut cases = Vec::new();
+        if let Some(entry) = self.require(node, &entries, "cases") {
+            let Data::Seq(items) = &entry.value.data else {
+                self.expected(entry.value, "a sequence of cases");
+                return None;
+            };
+            for item in items {
+                let Some(case_entries) = self.mapping(item) else {
+                    continue;
+                };
+                self.unknown_keys(&case_entries, &CASE_KEYS);
+                let when = match self.require(item, &case_entries, "when") {
+                    Some(e) => self.template(e.value, from),
+                    None => Template::Literal(Value::Null),
+                };
+                let steps = match get(&case_entries, "steps") {
+                    Some(e) => self.nested_steps(e.value, from),
+                    None => Vec::new(),
+                };
+                cases.push(Case { when, steps });
+            }
+        }
+        let default = match get(&entries, "default") {
+            Some(e) => self.nested_steps(e.value, from),
+            None => Vec::new(),
+        };
+        Some(StepKind::Switch { cases, default })
+    }
+
+    /// Steps nested in another step (catch handlers, switch branches): leaf kinds, no ids.
+    fn nested_steps(&mut self, node: &Node, from: Option<usize>) -> Vec<Step> {
+        let Data::Seq(items) = &node.data else {
+            self.expected(node, "a sequence of steps");
+            return Vec::new();
+        };
+        let mut steps = Vec::with_capacity(items.len());
+        for item in items {
+            let Some(entries) = self.mapping(item) else {
+                continue;
+            };
+            let mut step = Step::new(
+                String::new(),
+                StepKind::Sleep {
+                    duration: Duration::ZERO,
+                },
+            );
+            self.kind_and_options(item, &entries, &COMPENSATE_KEYS, from, &mut step);
+            steps.push(step);
+        }
+        steps
     }
 
     /// A deadline: an RFC 3339 timestamp or an expression yielding one.

@@ -111,6 +111,16 @@ pub enum StepRef {
         /// Index of the step it compensates.
         index: usize,
     },
+    /// A step of the branch a `switch` took: `cases[case].steps[step]`, or
+    /// `default[step]` when `case` is the number of cases.
+    Branch {
+        /// Index of the switch step.
+        index: usize,
+        /// Which case.
+        case: usize,
+        /// Which of its steps.
+        step: usize,
+    },
     /// `steps[index].catch[handler].steps[step]`.
     Handler {
         /// Index of the step whose failure was caught.
@@ -136,6 +146,13 @@ impl StepRef {
                 handler,
                 step,
             } => &definition.steps[index].catch[handler].steps[step],
+            StepRef::Branch { index, case, step } => match &definition.steps[index].kind {
+                StepKind::Switch { cases, default } => match cases.get(case) {
+                    Some(taken) => &taken.steps[step],
+                    None => &default[step],
+                },
+                _ => unreachable!("branch refs point into switch steps"),
+            },
         }
     }
 
@@ -150,6 +167,9 @@ impl StepRef {
                 handler,
                 step,
             } => format!("{}~catch{handler}.{step}", definition.steps[index].id),
+            StepRef::Branch { index, case, step } => {
+                format!("{}~case{case}.{step}", definition.steps[index].id)
+            }
         }
     }
 
@@ -163,6 +183,7 @@ impl StepRef {
                 handler,
                 step,
             } => format!("{index}h{handler}.{step}"),
+            StepRef::Branch { index, case, step } => format!("{index}c{case}.{step}"),
         }
     }
 
@@ -170,6 +191,14 @@ impl StepRef {
         if let Some(index) = key.strip_suffix('u') {
             return Some(StepRef::Undo {
                 index: index.parse().ok()?,
+            });
+        }
+        if let Some((index, rest)) = key.split_once('c') {
+            let (case, step) = rest.split_once('.')?;
+            return Some(StepRef::Branch {
+                index: index.parse().ok()?,
+                case: case.parse().ok()?,
+                step: step.parse().ok()?,
             });
         }
         if let Some((index, rest)) = key.split_once('h') {
@@ -857,8 +886,10 @@ pub fn handle(
                     state.status = InstanceStatus::Compensating;
                     failed_at
                 }
-                // A failed handler step retries the caught step from its start.
-                StepRef::Main { index } | StepRef::Handler { index, .. } => {
+                // A failed handler or branch step retries its main step from its start.
+                StepRef::Main { index }
+                | StepRef::Handler { index, .. }
+                | StepRef::Branch { index, .. } => {
                     state.status = InstanceStatus::Running;
                     state.caught = None;
                     state.cursor = index;
@@ -1226,6 +1257,42 @@ fn schedule_attempt(
             // A `fail` step means it: never retried (it may be caught).
             attempt_failed_after_cancel(state, definition, error, false, now, t);
         }
+        StepKind::Switch { cases, default } => {
+            let mut taken = cases.len();
+            for (index, case) in cases.iter().enumerate() {
+                match case.when.eval(&state.context) {
+                    Ok(Value::Null | Value::Bool(false)) => {}
+                    Ok(_) => {
+                        taken = index;
+                        break;
+                    }
+                    Err(err) => return expression_failed(state, definition, &err.message, now, t),
+                }
+            }
+            t.events.push(EventKind::StepScheduled {
+                step_id,
+                attempt,
+                input: Some(json!({ "case": if taken < cases.len() { json!(taken) } else { json!("default") } })),
+            });
+            let branch = cases.get(taken).map_or(default, |c| &c.steps);
+            let StepRef::Main { index } = current else {
+                unreachable!("a switch is a main step")
+            };
+            if branch.is_empty() {
+                return complete_step(state, definition, Value::Null, now, t);
+            }
+            begin(
+                state,
+                definition,
+                StepRef::Branch {
+                    index,
+                    case: taken,
+                    step: 0,
+                },
+                now,
+                t,
+            );
+        }
         StepKind::Human { escalation, .. } => {
             let spec = match human_task(state, definition, current, attempt) {
                 Ok(spec) => spec,
@@ -1443,12 +1510,49 @@ fn complete_step(
                 }
             }
         }
+        StepRef::Branch { index, case, step } => {
+            let StepKind::Switch { cases, default } = &definition.steps[index].kind else {
+                unreachable!("branch refs point into switch steps")
+            };
+            let branch = cases.get(case).map_or(default, |c| &c.steps);
+            if step + 1 < branch.len() {
+                begin(
+                    state,
+                    definition,
+                    StepRef::Branch {
+                        index,
+                        case,
+                        step: step + 1,
+                    },
+                    now,
+                    t,
+                );
+                return;
+            }
+            // The branch is done: the switch step completes with its last output.
+            resume_switch(state, index);
+            complete_step(state, definition, output, now, t);
+        }
         StepRef::Undo { index } => {
             let done = state.compensating.pop();
             assert_eq!(done, Some(index), "compensations run in order");
             next_compensation(state, definition, now, t);
         }
     }
+}
+
+/// Makes the switch step at `index` current again, as it was when its branch began.
+fn resume_switch(state: &mut InstanceState, index: usize) {
+    let main = StepRef::Main { index };
+    let attempt = state
+        .attempts
+        .get(&main.key())
+        .copied()
+        .expect("a switch that branched was scheduled");
+    state.current = Some(main);
+    state.attempt = attempt;
+    state.attempt_first = attempt;
+    state.wait = Wait::Nothing;
 }
 
 /// Runs the next main step, or completes the instance.
@@ -1616,6 +1720,11 @@ fn step_failed(
                 ),
             };
             fail_instance(state, definition, error, now, t, true);
+        }
+        StepRef::Branch { index, .. } => {
+            // A failed branch step fails the switch step, which its own catch may handle.
+            resume_switch(state, index);
+            step_failed(state, definition, error, now, t);
         }
         StepRef::Handler { .. } => {
             state.failed_at = Some(current);

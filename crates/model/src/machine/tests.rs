@@ -1010,3 +1010,62 @@ fn a_human_task_nobody_completes_fails_on_escalation() {
     }));
     assert_eq!(state.error.unwrap().error_type, ERROR_TYPE_TIMEOUT);
 }
+
+#[test]
+fn switch_runs_the_first_matching_branch() {
+    let source = r#"
+name: route
+steps:
+  - id: a
+    task: q
+  - id: route
+    switch:
+      cases:
+        - when: "${ .input.qty > 10 }"
+          steps:
+            - task: approvals
+            - set: { big: true }
+        - when: "${ .input.express }"
+          steps:
+            - task: express
+      default:
+        - set: { big: false }
+  - id: ship
+    task: shipping
+    input: { route: "${ .steps.route.output }" }
+"#;
+    let d = crate::dsl::parse(source).unwrap();
+    let (mut state, _) = start(&d, 1, "s", json!({"qty": 20}), 0);
+    let t = complete(&mut state, &d, "s:a:1", 1);
+    assert_eq!(offered(&t), ["s:route~case0.0:1"]);
+    let t = complete(&mut state, &d, "s:route~case0.0:1", 2);
+    // The set step ran, the switch completed with its output, and the next step got it.
+    assert_eq!(
+        state.context["steps"]["route"]["output"],
+        json!({"big": true})
+    );
+    let Some(Effect::OfferTask(ship)) =
+        t.effects.iter().find(|e| matches!(e, Effect::OfferTask(_)))
+    else {
+        panic!()
+    };
+    assert_eq!(ship.input, json!({"route": {"big": true}}));
+
+    let (mut other, _) = start(&d, 1, "o", json!({"qty": 1, "express": false}), 0);
+    let t = complete(&mut other, &d, "o:a:1", 1);
+    assert_eq!(offered(&t), ["o:ship:1"], "the default branch ran at once");
+    assert_eq!(other.context["vars"]["big"], json!(false));
+
+    // A failing branch step fails the switch step.
+    let (mut failing, _) = start(&d, 1, "f", json!({"qty": 1, "express": true}), 0);
+    complete(&mut failing, &d, "f:a:1", 1);
+    let t = fail(&mut failing, &d, "f:route~case1.0:1", "fatal", false, 2);
+    assert_eq!(types(&t), ["step_failed", "instance_failed"]);
+    assert_eq!(failing.failed_at, Some(main(1)));
+    let t = handle(&mut failing, &d, Command::Retry { by: by() }, 3).unwrap();
+    assert_eq!(
+        offered(&t),
+        ["f:route~case1.0:2"],
+        "retry runs the switch again"
+    );
+}
