@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use crate::error::{ApiError, Error};
 use crate::wire::{
     DefinitionList, DefinitionSource, DefinitionSummary, Deployed, Event, History, Instance,
-    InstanceFilter, InstancePage, PollResponse, PolledTask, StartRequest, Started,
+    InstanceFilter, InstancePage, OperationRequest, PollResponse, PolledTask, StartRequest,
+    Started,
 };
 use crate::TaskError;
 
@@ -42,9 +43,13 @@ pub const SERVER_URLS_MAX: usize = 64;
 /// Cheap to clone: clones share the connection pool and the choice of node. A request goes
 /// to the node that answered last; when that node cannot be reached (or answers 503, or
 /// another 5xx to a request that is safe to repeat), the request is tried once on each of
-/// the other nodes, and the first that answers is used from then on. The client does not
-/// sleep between nodes: callers that want to retry a failed call do so with their own
-/// backoff (the [`Worker`](crate::Worker) does).
+/// the other nodes, and the first that answers is used from then on. A request that is not
+/// safe to repeat (a deploy, a start without an id, every operation on an instance such as
+/// cancel, pause or restart, a signal) moves to another node only when the connection could
+/// not be opened or the node answered 503; after a timeout or a cut connection it may have
+/// taken effect, so the error is returned instead. The client does not sleep between
+/// nodes: callers that want to retry a failed call do so with their own backoff (the
+/// [`Worker`](crate::Worker) does).
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), weir_sdk::Error> {
@@ -325,16 +330,175 @@ impl Client {
         Ok(history.events)
     }
 
-    /// Cancels an instance (`POST /v1/instances/{id}/cancel`) and returns it.
-    /// An instance that has already ended is an [`Error::Api`] with status 409.
+    /// Cancels an instance (`POST /v1/instances/{id}/cancel`) and returns it; the same as
+    /// [`cancel_by`](Client::cancel_by) without saying who asked.
     pub async fn cancel(&self, id: &str) -> Result<Instance, Error> {
+        self.cancel_by(id, None).await
+    }
+
+    /// Cancels an instance gracefully (`POST /v1/instances/{id}/cancel`) and returns it: its
+    /// completed steps' compensations run first (the status is `compensating` meanwhile), then
+    /// it ends `cancelled`. `by` names who asked in the history (the server's default when
+    /// `None`). An instance that has ended is an [`Error::Api`] with status 409.
+    ///
+    /// Like every operation on an instance, the request is not repeated where it may have
+    /// reached a node (see [`Client`]): after an ambiguous failure, read the instance to
+    /// learn whether it took effect.
+    pub async fn cancel_by(&self, id: &str, by: Option<&str>) -> Result<Instance, Error> {
+        let request = OperationRequest {
+            by,
+            ..OperationRequest::default()
+        };
+        self.operation(id, "cancel", &request).await
+    }
+
+    /// Ends an instance at once, without compensation (`POST /v1/instances/{id}/terminate`),
+    /// and returns it (`terminated`). `reason` is recorded in the history and the instance's
+    /// error (the server's default when `None`). An ended instance is a 409.
+    pub async fn terminate(
+        &self,
+        id: &str,
+        by: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<Instance, Error> {
+        let request = OperationRequest {
+            by,
+            reason,
+            from_step: None,
+        };
+        self.operation(id, "terminate", &request).await
+    }
+
+    /// Pauses a running instance (`POST /v1/instances/{id}/pause`): no new attempt starts until
+    /// it is resumed; attempts in flight finish. Returns it (`paused`); 409 when it is not
+    /// running.
+    pub async fn pause(&self, id: &str, by: Option<&str>) -> Result<Instance, Error> {
+        let request = OperationRequest {
+            by,
+            ..OperationRequest::default()
+        };
+        self.operation(id, "pause", &request).await
+    }
+
+    /// Resumes a paused instance (`POST /v1/instances/{id}/resume`) and returns it; 409 when
+    /// it is not paused.
+    pub async fn resume(&self, id: &str, by: Option<&str>) -> Result<Instance, Error> {
+        let request = OperationRequest {
+            by,
+            ..OperationRequest::default()
+        };
+        self.operation(id, "resume", &request).await
+    }
+
+    /// Resumes a `failed` instance from its failed step (`POST /v1/instances/{id}/retry`) and
+    /// returns it; 409 for an instance in another status.
+    pub async fn retry(&self, id: &str, by: Option<&str>) -> Result<Instance, Error> {
+        let request = OperationRequest {
+            by,
+            ..OperationRequest::default()
+        };
+        self.operation(id, "retry", &request).await
+    }
+
+    /// Runs an ended instance again from step `from_step` (`POST /v1/instances/{id}/rerun`)
+    /// and returns it; 409 when it has not ended, 400 `invalid_request` for an unknown step.
+    pub async fn rerun(
+        &self,
+        id: &str,
+        from_step: &str,
+        by: Option<&str>,
+    ) -> Result<Instance, Error> {
+        let request = OperationRequest {
+            by,
+            reason: None,
+            from_step: Some(from_step),
+        };
+        self.operation(id, "rerun", &request).await
+    }
+
+    /// Starts a new instance with the same definition version and input as instance `id`
+    /// (`POST /v1/instances/{id}/restart`) and returns the NEW instance; its
+    /// [`Instance::restarted_from`] is `id`.
+    pub async fn restart(&self, id: &str, by: Option<&str>) -> Result<Instance, Error> {
+        let request = OperationRequest {
+            by,
+            ..OperationRequest::default()
+        };
+        self.operation(id, "restart", &request).await
+    }
+
+    /// Delivers signal `name` with `payload` to an instance
+    /// (`POST /v1/instances/{id}/signals/{name}`) and returns the instance. The signal is kept
+    /// until a `wait` step takes it. Not repeated where it may have reached a node: a repeat
+    /// would deliver the signal twice.
+    pub async fn signal(&self, id: &str, name: &str, payload: &Value) -> Result<Instance, Error> {
         let timeout = self.inner.request_timeout;
         self.call(
             Method::POST,
-            &["v1", "instances", id, "cancel"],
+            &["v1", "instances", id, "signals", name],
             &[],
-            Body::Empty,
-            Repeat::Safe,
+            json_body(payload)?,
+            Repeat::Unsafe,
+            timeout,
+        )
+        .await
+    }
+
+    /// Open human tasks, optionally only an assignee's or a group's (`GET /v1/human-tasks`).
+    pub async fn human_tasks(
+        &self,
+        assignee: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<Vec<crate::wire::HumanTask>, Error> {
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if let Some(assignee) = assignee {
+            query.push(("assignee", assignee.to_string()));
+        }
+        if let Some(group) = group {
+            query.push(("group", group.to_string()));
+        }
+        let list: crate::wire::HumanTaskList = self.get(&["v1", "human-tasks"], &query).await?;
+        Ok(list.tasks)
+    }
+
+    /// Completes a human task with form data (`POST /v1/human-tasks/{task_id}/complete`);
+    /// data that does not match the task's schema is refused with 422 `invalid_data`.
+    pub async fn complete_human_task(
+        &self,
+        task_id: &str,
+        by: &str,
+        data: &Value,
+    ) -> Result<(), Error> {
+        let timeout = self.inner.request_timeout;
+        let _: Value = self
+            .call(
+                Method::POST,
+                &["v1", "human-tasks", task_id, "complete"],
+                &[],
+                json_body(&json!({ "by": by, "data": data }))?,
+                Repeat::Unsafe,
+                timeout,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `POST /v1/instances/{id}/{action}` with `request` as the body. None of these is
+    /// idempotent (a repeated cancel or pause is a 409, a repeated restart starts another
+    /// instance), so none is repeated where it may have reached a node.
+    async fn operation(
+        &self,
+        id: &str,
+        action: &str,
+        request: &OperationRequest<'_>,
+    ) -> Result<Instance, Error> {
+        let timeout = self.inner.request_timeout;
+        self.call(
+            Method::POST,
+            &["v1", "instances", id, action],
+            &[],
+            json_body(request)?,
+            Repeat::Unsafe,
             timeout,
         )
         .await

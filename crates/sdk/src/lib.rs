@@ -48,8 +48,8 @@ mod worker;
 pub use client::{Client, SourceFormat, REQUEST_TIMEOUT_DEFAULT, SERVER_URLS_MAX};
 pub use error::{ApiError, Error, Problem};
 pub use wire::{
-    DefinitionSource, DefinitionSummary, Deployed, Event, Instance, InstanceError, InstanceFilter,
-    InstancePage, InstanceStatus, PolledTask, StartRequest, Started,
+    DefinitionSource, DefinitionSummary, Deployed, Event, HumanTask, Instance, InstanceError,
+    InstanceFilter, InstancePage, InstanceStatus, PolledTask, StartRequest, Started,
 };
 pub use worker::{
     Heartbeat, Task, TaskError, Worker, WorkerBuilder, WorkerStats, CONCURRENCY_MAX,

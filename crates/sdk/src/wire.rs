@@ -39,6 +39,37 @@ pub struct Deployed {
     pub extra: Map<String, Value>,
 }
 
+/// An open human task, from `GET /v1/human-tasks`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HumanTask {
+    /// The task's id, to complete it with.
+    pub task_id: String,
+    /// The instance it belongs to.
+    pub instance_id: String,
+    /// The step (`approve`, or `approve~undo` for a compensation).
+    pub step_id: String,
+    /// What to do.
+    #[serde(default)]
+    pub title: Value,
+    /// Who should do it.
+    #[serde(default)]
+    pub assignee: Option<String>,
+    /// Which group may do it.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// The form's JSON Schema, if any.
+    #[serde(default)]
+    pub schema: Option<Value>,
+    /// Fields this SDK does not know.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct HumanTaskList {
+    pub tasks: Vec<HumanTask>,
+}
+
 /// One entry of `GET /v1/definitions`: the latest version of one definition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DefinitionSummary {
@@ -85,6 +116,21 @@ pub struct StartRequest {
     pub id: Option<String>,
 }
 
+/// The body of an operation on an instance (`POST /v1/instances/{id}/cancel`, `terminate`,
+/// `pause`, `resume`, `retry`, `rerun`, `restart`); `None` fields are not sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub(crate) struct OperationRequest<'a> {
+    /// Who asked, recorded in the instance's history.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) by: Option<&'a str>,
+    /// Why (terminate only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<&'a str>,
+    /// The step to run again from (rerun only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) from_step: Option<&'a str>,
+}
+
 /// The answer to `POST /v1/instances`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Started {
@@ -127,6 +173,14 @@ pub struct Instance {
     /// Fields this SDK does not know.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+impl Instance {
+    /// The instance this one was restarted from (set in the answer to
+    /// [`Client::restart`](crate::Client::restart)).
+    pub fn restarted_from(&self) -> Option<&str> {
+        self.extra.get("restarted_from").and_then(Value::as_str)
+    }
 }
 
 /// Why an instance (or a step) failed.
@@ -411,6 +465,50 @@ mod tests {
             serde_json::to_value(&request).expect("serializable"),
             json!({"definition": "order", "version": 2, "input": {}, "id": "o-1"})
         );
+    }
+
+    #[test]
+    fn operation_bodies_omit_absent_fields() {
+        // Goal: every operation's body carries exactly the fields given, none as null (the
+        // server refuses unknown fields); method: one body per operation shape.
+        let body = |request: OperationRequest| serde_json::to_value(request).expect("serializable");
+        assert_eq!(body(OperationRequest::default()), json!({}));
+        assert_eq!(
+            body(OperationRequest {
+                by: Some("alice"),
+                ..OperationRequest::default()
+            }),
+            json!({"by": "alice"})
+        );
+        assert_eq!(
+            body(OperationRequest {
+                by: Some("alice"),
+                reason: Some("stuck"),
+                from_step: None,
+            }),
+            json!({"by": "alice", "reason": "stuck"})
+        );
+        assert_eq!(
+            body(OperationRequest {
+                by: None,
+                reason: None,
+                from_step: Some("charge"),
+            }),
+            json!({"from_step": "charge"})
+        );
+    }
+
+    #[test]
+    fn restarted_instances_name_their_origin() {
+        let mut instance: Instance = serde_json::from_value(json!({
+            "id": "i2", "definition": "order", "version": 1, "status": "running",
+            "input": {}, "created_at": "2026-01-01T00:00:00Z",
+            "updated_at": "2026-01-01T00:00:00Z", "restarted_from": "i1"
+        }))
+        .expect("valid instance");
+        assert_eq!(instance.restarted_from(), Some("i1"));
+        instance.extra.clear();
+        assert_eq!(instance.restarted_from(), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,8 +103,9 @@ impl TaskError {
 /// A handle on the lease of the task being handled.
 ///
 /// The worker heartbeats every task in flight by itself; a handler uses this handle to send
-/// one at once (after a long blocking stretch) or to learn that the lease was lost, in which
-/// case its result will not be accepted and it may stop early. Cheap to clone.
+/// one at once (after a long blocking stretch), to learn that the lease was lost, in which
+/// case its result will not be accepted and it may stop early, or to report the task
+/// completed before it returns ([`complete`](Heartbeat::complete)). Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Heartbeat {
     inner: Arc<HeartbeatInner>,
@@ -115,6 +116,9 @@ struct HeartbeatInner {
     /// `None` for a detached handle.
     lease: Option<Lease>,
     lost: watch::Sender<bool>,
+    /// Set once [`Heartbeat::complete`] succeeded: the worker then ignores the handler's
+    /// result.
+    reported: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -122,6 +126,7 @@ struct Lease {
     client: Client,
     task_id: String,
     lease_token: String,
+    stats: WorkerStats,
 }
 
 impl Heartbeat {
@@ -134,7 +139,11 @@ impl Heartbeat {
     fn with_lease(lease: Option<Lease>) -> Heartbeat {
         let (lost, _) = watch::channel(false);
         Heartbeat {
-            inner: Arc::new(HeartbeatInner { lease, lost }),
+            inner: Arc::new(HeartbeatInner {
+                lease,
+                lost,
+                reported: AtomicBool::new(false),
+            }),
         }
     }
 
@@ -154,6 +163,46 @@ impl Heartbeat {
             }
         }
         result
+    }
+
+    /// Reports the task completed with `output` now, from inside the handler, instead of
+    /// waiting for the handler to return (for a handler with cleanup to do after reporting).
+    ///
+    /// Once a call has succeeded the task counts as completed and the worker ignores what the
+    /// handler returns. Every call sends a completion: one made after a success is refused
+    /// by the server with 409 (the lease is spent), which is how a duplicate delivery looks.
+    /// A stale-lease answer marks the lease lost. After any other error nothing is recorded:
+    /// returning the output from the handler makes the worker report it with its usual
+    /// retries. A detached handle succeeds without sending anything.
+    ///
+    /// The call goes to one node (or the next ones when that one cannot be reached) without
+    /// the worker's retry backoff.
+    pub async fn complete(&self, output: &Value) -> Result<(), Error> {
+        let Some(lease) = &self.inner.lease else {
+            self.inner.reported.store(true, Ordering::Relaxed);
+            return Ok(());
+        };
+        let result = lease
+            .client
+            .complete(&lease.task_id, &lease.lease_token, output)
+            .await;
+        match &result {
+            Ok(()) => {
+                if !self.inner.reported.swap(true, Ordering::Relaxed) {
+                    lease.stats.inner.completed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(error) if error.is_stale_lease() => {
+                self.inner.lost.send_replace(true);
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// True once [`complete`](Heartbeat::complete) has succeeded for this task.
+    pub fn is_reported(&self) -> bool {
+        self.inner.reported.load(Ordering::Relaxed)
     }
 
     /// True once the server has refused this task's lease.
@@ -182,7 +231,8 @@ pub struct WorkerStats {
 #[derive(Debug, Default)]
 struct StatsInner {
     completed: AtomicU64,
-    failed: AtomicU64,
+    failed_retryable: AtomicU64,
+    failed_non_retryable: AtomicU64,
     lease_lost: AtomicU64,
     unreported: AtomicU64,
     in_flight: AtomicU64,
@@ -196,7 +246,17 @@ impl WorkerStats {
 
     /// Tasks reported failed (handler errors and panics).
     pub fn failed(&self) -> u64 {
-        self.inner.failed.load(Ordering::Relaxed)
+        self.failed_retryable() + self.failed_non_retryable()
+    }
+
+    /// Tasks reported failed with a retryable error (panics included).
+    pub fn failed_retryable(&self) -> u64 {
+        self.inner.failed_retryable.load(Ordering::Relaxed)
+    }
+
+    /// Tasks reported failed with a non-retryable error.
+    pub fn failed_non_retryable(&self) -> u64 {
+        self.inner.failed_non_retryable.load(Ordering::Relaxed)
     }
 
     /// Tasks whose result was dropped because the server refused the lease.
@@ -552,6 +612,7 @@ async fn handle(shared: Arc<Shared>, task: PolledTask, permit: OwnedSemaphorePer
         client: shared.client.clone(),
         task_id: task_id.clone(),
         lease_token: lease_token.clone(),
+        stats: shared.stats.clone(),
     }));
     let task = Task {
         task_id: task_id.clone(),
@@ -573,6 +634,10 @@ async fn handle(shared: Arc<Shared>, task: PolledTask, permit: OwnedSemaphorePer
         Ok(result) => result,
         Err(join_error) => Err(TaskError::retryable("panic", panic_message(join_error))),
     };
+    if heartbeat.is_reported() {
+        // The handler completed the task itself (and was counted then).
+        return;
+    }
     if heartbeat.is_lease_lost() {
         tracing::debug!(
             task_id,
@@ -598,8 +663,13 @@ async fn heartbeat_loop(heartbeat: &Heartbeat, interval: Duration) -> Infallible
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        if heartbeat.is_reported() {
+            // The lease is spent: a heartbeat could only be refused.
+            return std::future::pending().await;
+        }
         match heartbeat.beat().await {
             Ok(()) => {}
+            Err(_) if heartbeat.is_reported() => return std::future::pending().await,
             Err(error) if error.is_stale_lease() => {
                 tracing::warn!(%error, "heartbeat refused, lease lost");
                 return std::future::pending().await;
@@ -630,7 +700,12 @@ async fn fail(shared: &Shared, task_id: &str, lease_token: &str, error: &TaskErr
     let outcome = report(|| shared.client.fail(task_id, lease_token, error)).await;
     match outcome {
         Report::Done => {
-            shared.stats.inner.failed.fetch_add(1, Ordering::Relaxed);
+            let counter = if error.retryable {
+                &shared.stats.inner.failed_retryable
+            } else {
+                &shared.stats.inner.failed_non_retryable
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
         }
         outcome => count_undelivered(shared, task_id, "failure", outcome),
     }
@@ -824,5 +899,8 @@ mod tests {
         let heartbeat = Heartbeat::detached();
         assert!(heartbeat.beat().await.is_ok());
         assert!(!heartbeat.is_lease_lost());
+        assert!(!heartbeat.is_reported());
+        assert!(heartbeat.complete(&Value::Null).await.is_ok());
+        assert!(heartbeat.is_reported());
     }
 }

@@ -37,7 +37,8 @@ struct FakeState {
     fails: HashMap<String, Value>,
     complete_calls: HashMap<String, usize>,
     heartbeats: HashMap<String, usize>,
-    /// Tasks whose lease is refused (409) on complete, fail and heartbeat.
+    /// Tasks whose lease is refused (409) on complete, fail and heartbeat; a task joins once
+    /// completed or failed, as on a real node.
     stale: HashSet<String>,
     /// When set, every poll is answered with this status.
     poll_status: Option<StatusCode>,
@@ -146,10 +147,12 @@ async fn task_call(
         match action.as_str() {
             "complete" => {
                 state.leased.remove(&task_id);
+                state.stale.insert(task_id.clone());
                 state.completes.insert(task_id, body);
             }
             "fail" => {
                 state.leased.remove(&task_id);
+                state.stale.insert(task_id.clone());
                 state.fails.insert(task_id, body);
             }
             "heartbeat" => *state.heartbeats.entry(task_id).or_default() += 1,
@@ -300,6 +303,59 @@ async fn failures_and_panics_are_reported() {
     );
     assert!(state.completes.is_empty());
     assert_eq!(stats.failed(), 2);
+    assert_eq!(stats.failed_retryable(), 1);
+    assert_eq!(stats.failed_non_retryable(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_may_complete_its_task_itself() {
+    // Goal: `Heartbeat::complete` reports the task at once; a second completion (a duplicate)
+    // is sent and refused with 409; what the handler returns afterwards is ignored, and the
+    // task counts once as completed, not as lease lost (not even when a heartbeat is refused
+    // after the completion). Method: one task completed twice by its handler, heartbeated
+    // every 10 ms.
+    let (fake, url) = start_fake(1).await;
+    fake.add_tasks(&["self"]);
+    let (done, done_by_handler) = (Arc::new(Notify::new()), Arc::new(Mutex::new(None)));
+    let (notify, outcome) = (done.clone(), done_by_handler.clone());
+    let worker = builder(vec![url])
+        .concurrency(1)
+        .heartbeat_interval(Duration::from_millis(10))
+        .queue("q", move |_task: Task, heartbeat| {
+            let (notify, outcome) = (notify.clone(), outcome.clone());
+            async move {
+                let first = heartbeat.complete(&json!("first")).await;
+                let second = heartbeat.complete(&json!("second")).await;
+                // Time for heartbeats, refused now that the lease is spent.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                *outcome.lock().expect("outcome lock") = Some((
+                    first.is_ok(),
+                    second.as_ref().err().map(weir_sdk::Error::is_stale_lease),
+                    heartbeat.is_reported(),
+                ));
+                notify.notify_one();
+                Ok(json!("ignored"))
+            }
+        })
+        .build()
+        .expect("valid worker");
+    let running = run(worker);
+    tokio::time::timeout(WAIT_MAX, done.notified())
+        .await
+        .expect("handler finished");
+    let stats = running.stats.clone();
+    running.stop().await;
+
+    assert_eq!(
+        *done_by_handler.lock().expect("outcome lock"),
+        Some((true, Some(true), true))
+    );
+    let state = fake.state();
+    assert_eq!(state.complete_calls["self"], 2);
+    assert_eq!(state.completes["self"]["output"], "first");
+    assert_eq!(stats.completed(), 1);
+    assert_eq!(stats.lease_lost(), 0);
+    assert_eq!(stats.unreported(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -94,23 +94,55 @@ fn deploy_start_wait_status_history_list_cancel() {
         text(&output.stdout),
         text(&output.stderr)
     );
-    // The example waits for a manager's approval: give it.
+    // The example waits for a manager's approval: give it, through `weir tasks`.
     let task = eventually(Duration::from_secs(30), || {
-        let (_, listed) = ureq_get(&format!("{base}/v1/human-tasks?group=managers")).ok()?;
+        let listed = weir(
+            &base,
+            &["--output", "json", "tasks", "list", "--group", "managers"],
+        );
+        let listed: Value = serde_json::from_slice(&listed.stdout).ok()?;
         listed["tasks"].as_array()?.first().cloned()
     })
     .expect("the approval task appears");
     assert_eq!(task["title"], "Approve order of 2 x A-1");
-    let complete = format!(
-        "{base}/v1/human-tasks/{}/complete",
-        task["task_id"].as_str().unwrap()
+    let task_id = task["task_id"].as_str().unwrap();
+    let table = weir(&base, &["tasks", "list"]);
+    assert!(
+        text(&table.stdout).contains("Approve order of 2 x A-1"),
+        "{}",
+        text(&table.stdout)
     );
-    let (code, _) = post_json(
-        &complete,
-        &serde_json::json!({"by": "ann", "data": {"approved": true}}),
-    )
-    .unwrap();
-    assert_eq!(code, 200);
+    let invalid = weir(
+        &base,
+        &[
+            "tasks",
+            "complete",
+            task_id,
+            "--data",
+            r#"{"approved": "yes"}"#,
+            "--by",
+            "ann",
+        ],
+    );
+    assert_eq!(invalid.status.code(), Some(1));
+    assert!(
+        text(&invalid.stderr).contains("invalid_data"),
+        "{}",
+        text(&invalid.stderr)
+    );
+    let done = weir(
+        &base,
+        &[
+            "tasks",
+            "complete",
+            task_id,
+            "--data",
+            r#"{"approved": true}"#,
+            "--by",
+            "ann",
+        ],
+    );
+    assert!(done.status.success(), "{}", text(&done.stderr));
     let instance = eventually(Duration::from_secs(30), || {
         let status = weir(&base, &["--output", "json", "status", "cli-1"]);
         let instance: Value = serde_json::from_slice(&status.stdout).ok()?;

@@ -1,4 +1,4 @@
-//! `weir start`, `status`, `list`, `history` and `cancel`.
+//! `weir start`, `status`, `list` and `history`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,7 +36,8 @@ pub struct StartArgs {
     /// Version of the definition to run (default: the latest).
     #[arg(long)]
     pub version: Option<u64>,
-    /// Show the instance's progress until it ends; exit 0 only if it completed.
+    /// Show the instance's progress until it ends (it goes on through `paused` and
+    /// `compensating`); exit 0 only if it completed, 1 if it ended otherwise.
     #[arg(long)]
     pub wait: bool,
 }
@@ -51,7 +52,8 @@ pub struct IdArgs {
 /// Arguments of `weir list`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// Only instances with this status (running, completed, failed, cancelled, ...).
+    /// Only instances with this status: running, paused, compensating, completed, failed,
+    /// compensated, cancelled or terminated.
     #[arg(long)]
     pub status: Option<String>,
     /// Only instances of this definition.
@@ -69,7 +71,7 @@ pub struct ListArgs {
 pub async fn start(context: &Context, args: StartArgs) -> anyhow::Result<ExitCode> {
     let input = match (args.input, &args.input_file) {
         (Some(input), _) => input,
-        (None, Some(path)) => read_input_file(path)?,
+        (None, Some(path)) => read_json_file(path, "input")?,
         (None, None) => json!({}),
     };
     let request = StartRequest {
@@ -200,15 +202,6 @@ pub async fn history(context: &Context, args: &IdArgs) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn cancel(context: &Context, args: &IdArgs) -> anyhow::Result<ExitCode> {
-    let instance = context.client.cancel(&args.id).await?;
-    match context.output {
-        Output::Table => print_stdout(&format!("{} is {}\n", instance.id, instance.status)),
-        Output::Json => print_json(&instance)?,
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 /// An instance as key-value lines.
 pub fn describe_instance(instance: &Instance) -> String {
     let mut lines = vec![
@@ -222,18 +215,59 @@ pub fn describe_instance(instance: &Instance) -> String {
         ("updated", instance.updated_at.clone()),
         ("input", instance.input.to_string()),
     ];
+    if let Some(from) = instance.restarted_from() {
+        lines.push(("restarted from", from.to_owned()));
+    }
     if !instance.output.is_null() {
         lines.push(("output", instance.output.to_string()));
     }
     if let Some(error) = &instance.error {
         lines.push(("error", format!("{}: {}", error.error_type, error.message)));
     }
+    if let Some(hint) = status_hint(instance) {
+        lines.push(("hint", hint));
+    }
     pairs(&lines)
+}
+
+/// What an operator can do next with an instance in its status, for the statuses that wait
+/// on one.
+fn status_hint(instance: &Instance) -> Option<String> {
+    let id = &instance.id;
+    match instance.status {
+        InstanceStatus::Paused => Some(format!("no new step starts until `weir resume {id}`")),
+        InstanceStatus::Compensating => {
+            Some("undoing completed steps; it ends compensated or cancelled".to_owned())
+        }
+        InstanceStatus::Failed => Some(format!("`weir retry {id}` resumes from the failed step")),
+        _ => None,
+    }
 }
 
 /// The part of an event that its type does not say: its error, else its output, else its
 /// other fields.
 pub fn event_detail(event: &Event) -> String {
+    let field = |name: &str| event.fields.get(name).map(compact).unwrap_or_default();
+    match event.event_type.as_str() {
+        "compensation_started" => {
+            let steps: Vec<String> = event
+                .fields
+                .get("steps")
+                .and_then(Value::as_array)
+                .map(|steps| steps.iter().map(compact).collect())
+                .unwrap_or_default();
+            return format!("undo {} ({})", steps.join(", "), field("reason"));
+        }
+        "step_caught" => {
+            let error = event.error().map(error_text).unwrap_or_default();
+            return format!("{error} (handler {})", field("handler"));
+        }
+        "instance_terminated" => return format!("by {}: {}", field("by"), field("reason")),
+        "signal_received" => return format!("{} {}", field("name"), field("payload")),
+        "cancel_requested" | "instance_cancelled" | "instance_paused" | "instance_resumed"
+        | "instance_retried" | "instance_rerun" => return format!("by {}", field("by")),
+        _ => {}
+    }
     if let Some(error) = event.error() {
         return error_text(error);
     }
@@ -243,7 +277,12 @@ pub fn event_detail(event: &Event) -> String {
     let rest: serde_json::Map<String, Value> = event
         .fields
         .iter()
-        .filter(|(key, _)| !matches!(key.as_str(), "step_id" | "attempt" | "instance_id"))
+        .filter(|(key, _)| {
+            !matches!(
+                key.as_str(),
+                "step_id" | "attempt" | "instance_id" | "epoch"
+            )
+        })
         .map(|(key, value)| (key.clone(), value.clone()))
         .collect();
     if rest.is_empty() {
@@ -261,13 +300,15 @@ pub fn error_text(error: &Value) -> String {
     }
 }
 
-fn parse_json(text: &str) -> Result<Value, String> {
+pub fn parse_json(text: &str) -> Result<Value, String> {
     serde_json::from_str(text).map_err(|error| format!("not valid JSON: {error}"))
 }
 
-fn read_input_file(path: &PathBuf) -> anyhow::Result<Value> {
+/// The JSON value in file `path` (`-` for stdin); `what` names it in errors.
+pub fn read_json_file(path: &PathBuf, what: &str) -> anyhow::Result<Value> {
     let text = if path.as_os_str() == "-" {
-        std::io::read_to_string(std::io::stdin()).context("cannot read the input from stdin")?
+        std::io::read_to_string(std::io::stdin())
+            .with_context(|| format!("cannot read the {what} from stdin"))?
     } else {
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
     };
@@ -302,7 +343,34 @@ mod tests {
                        "fire_at": "2026-01-01T00:00:10Z"}),
                 r#"{"fire_at":"2026-01-01T00:00:10Z"}"#,
             ),
-            (json!({"seq": 4, "type": "instance_started", "at": at}), ""),
+            (
+                json!({"seq": 4, "type": "instance_started", "at": at, "epoch": 1}),
+                "",
+            ),
+            (
+                json!({"seq": 5, "type": "compensation_started", "at": at,
+                       "steps": ["b", "a"], "reason": "charge failed"}),
+                "undo b, a (charge failed)",
+            ),
+            (
+                json!({"seq": 6, "type": "step_caught", "at": at, "step_id": "charge",
+                       "error": {"type": "card_declined", "message": "no"}, "handler": 0}),
+                "card_declined: no (handler 0)",
+            ),
+            (
+                json!({"seq": 7, "type": "instance_terminated", "at": at, "by": "alice",
+                       "reason": "stuck"}),
+                "by alice: stuck",
+            ),
+            (
+                json!({"seq": 8, "type": "instance_paused", "at": at, "by": "alice"}),
+                "by alice",
+            ),
+            (
+                json!({"seq": 9, "type": "signal_received", "at": at, "name": "approve",
+                       "payload": {"ok": true}}),
+                r#"approve {"ok":true}"#,
+            ),
         ] {
             assert_eq!(event_detail(&event(body)), expected);
         }
@@ -325,7 +393,22 @@ mod tests {
              created     2026-01-01T00:00:00Z\n\
              updated     2026-01-01T00:00:02Z\n\
              input       {\"sku\":\"a\"}\n\
-             error       card_declined: no funds\n"
+             error       card_declined: no funds\n\
+             hint        `weir retry o-1` resumes from the failed step\n"
         );
+    }
+
+    #[test]
+    fn restarted_and_paused_instances() {
+        let instance: Instance = serde_json::from_value(json!({
+            "id": "o-2", "definition": "order", "version": 2, "status": "paused",
+            "input": {}, "output": null, "error": null, "restarted_from": "o-1",
+            "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:02Z"
+        }))
+        .expect("valid instance");
+        let text = describe_instance(&instance);
+        assert!(text.contains("restarted from  o-1\n"), "{text}");
+        assert!(text.contains("status          paused\n"), "{text}");
+        assert!(text.contains("`weir resume o-2`"), "{text}");
     }
 }

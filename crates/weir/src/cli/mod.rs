@@ -6,7 +6,9 @@
 mod definitions;
 mod follow;
 mod instances;
+mod operations;
 mod table;
+mod tasks;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -61,8 +63,25 @@ pub enum Command {
     List(instances::ListArgs),
     /// Show the event history of an instance.
     History(instances::IdArgs),
-    /// Cancel a running instance.
-    Cancel(instances::IdArgs),
+    /// Cancel an instance gracefully: its completed steps are undone (compensated) first.
+    Cancel(operations::OperationArgs),
+    /// End an instance at once, without compensation.
+    Terminate(operations::TerminateArgs),
+    /// Pause a running instance: no new step starts until it is resumed.
+    Pause(operations::OperationArgs),
+    /// Resume a paused instance.
+    Resume(operations::OperationArgs),
+    /// Resume a failed instance from its failed step.
+    Retry(operations::OperationArgs),
+    /// Run an ended instance again from a step.
+    Rerun(operations::RerunArgs),
+    /// Start a new instance with the same definition version and input; prints the new one.
+    Restart(operations::OperationArgs),
+    /// Send a signal to an instance (kept until a `wait` step takes it).
+    Signal(operations::SignalArgs),
+    /// Human tasks: list them, complete them.
+    #[command(subcommand)]
+    Tasks(tasks::TasksCommand),
 }
 
 /// Runs a client subcommand and returns the process's exit code.
@@ -96,7 +115,15 @@ pub fn run(global: Global, command: Command) -> ExitCode {
             Command::Status(args) => instances::status(&context, &args).await,
             Command::List(args) => instances::list(&context, &args).await,
             Command::History(args) => instances::history(&context, &args).await,
-            Command::Cancel(args) => instances::cancel(&context, &args).await,
+            Command::Cancel(args) => operations::cancel(&context, &args).await,
+            Command::Terminate(args) => operations::terminate(&context, &args).await,
+            Command::Pause(args) => operations::pause(&context, &args).await,
+            Command::Resume(args) => operations::resume(&context, &args).await,
+            Command::Retry(args) => operations::retry(&context, &args).await,
+            Command::Rerun(args) => operations::rerun(&context, &args).await,
+            Command::Restart(args) => operations::restart(&context, &args).await,
+            Command::Signal(args) => operations::signal(&context, &args).await,
+            Command::Tasks(command) => tasks::run(&context, &command).await,
         }
     });
     finish(result)
@@ -211,9 +238,56 @@ mod tests {
             &["list", "--limit", "0"],
             &["status"],
             &["list", "--output", "yaml"],
+            &["rerun", "i1"],
+            &["terminate"],
+            &["signal", "i1"],
+            &["signal", "i1", "go", "--payload", "{not json"],
+            &[
+                "signal",
+                "i1",
+                "go",
+                "--payload",
+                "1",
+                "--payload-file",
+                "x.json",
+            ],
         ] {
             let error = parse(arguments).expect_err("usage error");
             assert_eq!(error.exit_code(), 2, "{arguments:?}");
+        }
+    }
+
+    #[test]
+    fn operations_parse() {
+        // Goal: every operation takes its id, `--by` and its own flags; method: one line each.
+        let parsed = parse(&["terminate", "i1", "--reason", "stuck", "--by", "alice"])
+            .expect("valid arguments");
+        let Command::Terminate(args) = parsed.command else {
+            panic!("not terminate: {:?}", parsed.command);
+        };
+        assert_eq!(args.reason.as_deref(), Some("stuck"));
+        assert_eq!(args.by.who(), "alice");
+        let parsed = parse(&["rerun", "i1", "--from-step", "charge"]).expect("valid arguments");
+        let Command::Rerun(args) = parsed.command else {
+            panic!("not rerun: {:?}", parsed.command);
+        };
+        assert_eq!(
+            (args.id.as_str(), args.from_step.as_str()),
+            ("i1", "charge")
+        );
+        let parsed = parse(&["signal", "i1", "approve", "--payload", r#"{"ok":true}"#])
+            .expect("valid arguments");
+        let Command::Signal(args) = parsed.command else {
+            panic!("not signal: {:?}", parsed.command);
+        };
+        assert_eq!(args.name, "approve");
+        assert_eq!(args.payload, Some(serde_json::json!({"ok": true})));
+        for command in ["cancel", "pause", "resume", "retry", "restart"] {
+            let parsed = parse(&[command, "i1", "--by", "bob"]).expect("valid arguments");
+            assert!(
+                format!("{:?}", parsed.command).contains("\"bob\""),
+                "{command}"
+            );
         }
     }
 
