@@ -53,6 +53,11 @@ const IMPURE_FILTERS: [&str; 11] = [
     "input_filename",
 ];
 
+/// Words refused in expressions because they can loop without end (jaq has no
+/// evaluation budget, and an expression runs inside a partition's actor): user
+/// definitions (which may recurse) and the unbounded loop builtins.
+const UNBOUNDED_WORDS: [&str; 5] = ["def", "repeat", "while", "until", "recurse"];
+
 type Data = jaq_core::data::JustLut<Val>;
 type Filter = jaq_core::Filter<Data>;
 
@@ -507,11 +512,18 @@ fn check_size(code: &str) -> Result<(), String> {
                 }
                 c if c.is_whitespace() => {}
                 c if c.is_alphanumeric() || "_.$@:".contains(c) => {
-                    while chars
+                    let mut word = String::from(c);
+                    while let Some(&next) = chars
                         .peek()
-                        .is_some_and(|c| c.is_alphanumeric() || "_.$@:".contains(*c))
+                        .filter(|c| c.is_alphanumeric() || "_.$@:".contains(**c))
                     {
+                        word.push(next);
                         chars.next();
+                    }
+                    if UNBOUNDED_WORDS.contains(&word.as_str()) {
+                        return Err(format!(
+                            "`{word}` is not available: expressions must terminate, and a loop here could hang its partition"
+                        ));
                     }
                     tokens += 1;
                 }
@@ -973,7 +985,7 @@ mod tests {
             (".input | keys", json!(["big", "items", "n", "sku", "x"])),
             ("[.input.items[] | . * 10] | add", json!(60)),
             ("\"a-b\" | ascii_upcase | test(\"A\")", json!(true)),
-            ("[limit(3; repeat(1))]", json!([1, 1, 1])),
+            ("[limit(3; range(10))]", json!([0, 1, 2])),
             (
                 "\"2015-03-05T23:51:47Z\" | fromdateiso8601",
                 json!(1425599507),
@@ -1033,6 +1045,14 @@ mod tests {
                 "cannot load module `a`: module loading not supported",
             ),
             ("input", "undefined filter `input/0`"),
+            (
+                "def f: f; f",
+                "`def` is not available: expressions must terminate, and a loop here could hang its partition",
+            ),
+            (
+                "1 | repeat(.)",
+                "`repeat` is not available: expressions must terminate, and a loop here could hang its partition",
+            ),
         ];
         for (source, expected) in cases {
             assert_eq!(
