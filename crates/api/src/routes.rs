@@ -223,7 +223,7 @@ async fn start(State(state): State<AppState>, body: Body) -> Result<Response, Ap
             version: body.version,
             input: body.input.unwrap_or_else(|| json!({})),
             id: body.id,
-            restarted_from: None,
+            restart: None,
         })
         .await?;
     let status = match outcome {
@@ -426,8 +426,8 @@ async fn restart(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let _ = operation_body(&state, body).await?;
-    let view = state.engine.restart(&id).await?;
+    let body = operation_body(&state, body).await?;
+    let view = state.engine.restart(&id, by(&body)).await?;
     let mut object = instance_json(&view);
     object["restarted_from"] = Value::String(id);
     Ok((StatusCode::CREATED, Json(object)).into_response())

@@ -880,12 +880,19 @@ async fn recovery_operations_signals_and_compensation() {
     h.finish(&ship, json!({})).await;
     let (_, rerun_done) = h.get("/v1/instances/s-1").await;
     assert_eq!(rerun_done["status"], json!("completed"));
-    let (status, restarted) = h.post("/v1/instances/s-1/restart", json!({})).await;
+    let (status, restarted) = h
+        .post("/v1/instances/s-1/restart", json!({"by": "ops"}))
+        .await;
     assert_eq!(status, 201);
     assert_eq!(restarted["restarted_from"], json!("s-1"));
     assert_ne!(restarted["id"], json!("s-1"));
-    // Out of the way of what follows.
     let restarted_id = restarted["id"].as_str().unwrap();
+    let (_, history) = h
+        .get(&format!("/v1/instances/{restarted_id}/history"))
+        .await;
+    assert_eq!(history["events"][0]["restarted_from"], json!("s-1"));
+    assert_eq!(history["events"][0]["restarted_by"], json!("ops"));
+    // Out of the way of what follows.
     let (status, _) = h
         .post(
             &format!("/v1/instances/{restarted_id}/terminate"),

@@ -154,8 +154,8 @@ pub struct StartRequest {
     pub input: Value,
     /// Id; generated when `None`.
     pub id: Option<String>,
-    /// The instance this one restarts.
-    pub restarted_from: Option<String>,
+    /// The instance this one restarts, and who asked.
+    pub restart: Option<machine::Restart>,
 }
 
 /// State shared by the engine's parts.
@@ -549,7 +549,7 @@ impl Engine {
             version,
             id: id.clone(),
             input: request.input.clone(),
-            restarted_from: request.restarted_from.clone(),
+            restart: request.restart.clone(),
             reply,
         };
         self.send(partition, message).await?;
@@ -719,7 +719,7 @@ impl Engine {
 
     /// Starts a new instance with the same definition version and input as an ended one,
     /// linked to it (`restarted_from`).
-    pub async fn restart(&self, id: &str) -> Result<InstanceView, Error> {
+    pub async fn restart(&self, id: &str, by: &str) -> Result<InstanceView, Error> {
         let old = self
             .instance(id)
             .await?
@@ -737,7 +737,10 @@ impl Engine {
                 version: Some(old.version),
                 input: old.input,
                 id: None,
-                restarted_from: Some(id.to_string()),
+                restart: Some(machine::Restart {
+                    from: id.to_string(),
+                    by: by.to_string(),
+                }),
             })
             .await?;
         Ok(view)

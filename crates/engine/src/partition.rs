@@ -35,7 +35,7 @@ pub(crate) enum Message {
         version: u32,
         id: String,
         input: Value,
-        restarted_from: Option<String>,
+        restart: Option<machine::Restart>,
         reply: oneshot::Sender<Result<StartOutcome, Error>>,
     },
     Apply {
@@ -211,21 +211,15 @@ impl PartitionActor {
                     version,
                     id,
                     input,
-                    restarted_from,
+                    restart,
                     reply,
                 } => {
                     if self.instances.contains_key(&id) || self.ended.contains(&id) {
                         let _ = reply.send(Ok(StartOutcome::Existing));
                         continue;
                     }
-                    let (state, transition) = machine::start_restarted(
-                        &definition,
-                        version,
-                        &id,
-                        input,
-                        restarted_from,
-                        now,
-                    );
+                    let (state, transition) =
+                        machine::start_restarted(&definition, version, &id, input, restart, now);
                     self.instances
                         .insert(id.clone(), Active { state, definition });
                     self.record(&mut pending, &id, transition, now);

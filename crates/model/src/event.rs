@@ -29,6 +29,9 @@ pub enum EventKind {
         /// The instance this one restarts, if any.
         #[serde(skip_serializing_if = "Option::is_none", default)]
         restarted_from: Option<String>,
+        /// Who asked for the restart.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        restarted_by: Option<String>,
         /// Definition name.
         definition: String,
         /// Definition version.

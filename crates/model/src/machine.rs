@@ -639,15 +639,28 @@ pub fn start(
     start_restarted(definition, version, id, input, None, now)
 }
 
-/// Starts an instance that restarts `restarted_from` (or none).
+/// Where a restarted instance comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restart {
+    /// The instance it restarts.
+    pub from: String,
+    /// Who asked.
+    pub by: String,
+}
+
+/// Starts an instance, restarting another one or not.
 pub fn start_restarted(
     definition: &Definition,
     version: u32,
     id: &str,
     input: Value,
-    restarted_from: Option<String>,
+    restart: Option<Restart>,
     now: u64,
 ) -> (InstanceState, Transition) {
+    let (restarted_from, restarted_by) = match restart {
+        Some(restart) => (Some(restart.from), Some(restart.by)),
+        None => (None, None),
+    };
     assert!(
         !definition.steps.is_empty(),
         "a validated definition has steps"
@@ -681,6 +694,7 @@ pub fn start_restarted(
     let mut t = Transition::default();
     t.events.push(EventKind::InstanceStarted {
         restarted_from,
+        restarted_by,
         definition: definition.name.clone(),
         version,
         input,
