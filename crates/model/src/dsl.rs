@@ -1489,8 +1489,12 @@ impl Checker {
                 None => self.expected(entry.value, "a number"),
             }
         }
-        if let Some(entry) = get(&entries, "max_interval") {
-            policy.max_interval = self.duration(entry.value);
+        match get(&entries, "max_interval") {
+            Some(entry) => policy.max_interval = self.duration(entry.value),
+            // Without a cap of its own, a block's delays may grow to 100 × its interval
+            // (as Temporal's do): the default policy's 1 min cap would silently cut an
+            // `interval: 1h` down to a minute.
+            None => policy.max_interval = Some(policy.interval.saturating_mul(100)),
         }
         if let Some(entry) = get(&entries, "jitter") {
             if let Some(text) = self.string(entry.value) {
@@ -1765,6 +1769,8 @@ output: { reservation: "${ .steps.reserve.output }", receipt: "${ .steps.charge.
                 max_attempts: 3,
                 backoff: Backoff::Fixed,
                 interval: Duration::from_secs(2),
+                // A block without its own cap gets 100 × its interval.
+                max_interval: Some(Duration::from_secs(200)),
                 non_retryable: vec!["card_declined".to_string()],
                 ..RetryPolicy::default()
             })
@@ -2141,6 +2147,7 @@ output: { reservation: "${ .steps.reserve.output }", receipt: "${ .steps.charge.
         assert_eq!(
             definition.retry,
             Some(RetryPolicy {
+                max_interval: Some(Duration::from_secs(100)),
                 jitter: Jitter::Equal,
                 multiplier: 1.5,
                 ..RetryPolicy::default()

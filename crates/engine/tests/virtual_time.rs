@@ -1,0 +1,150 @@
+//! Goal: the engine runs durable timers, backoff and timeouts on its injected clock, so
+//! a workflow that sleeps for hours and backs off for minutes finishes in virtual time.
+//!
+//! Method: a real engine on a real SQLite file, tokio's clock paused (it jumps ahead
+//! whenever every task waits), the test acting as the worker through the engine's API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use weir_engine::{Config, Engine, StartRequest, TokioClock};
+use weir_model::event::ErrorInfo;
+use weir_store::{SqliteStore, Store};
+
+const DEFINITION: &str = r#"
+name: slow
+steps:
+  - id: charge
+    task: payments
+    timeout: 2m
+    retry: { max_attempts: 3, backoff: exponential, interval: 1m, multiplier: 2 }
+  - id: wait-a-day
+    sleep: 1h
+  - id: approve
+    wait: approved
+    timeout: 3h
+    retry: { max_attempts: 1 }
+"#;
+
+/// Polls in turns of at most `POLL_WAIT_MAX` until a task comes or `wait` has passed.
+async fn poll_until(
+    engine: &Engine,
+    queues: &[String],
+    wait: Duration,
+) -> Vec<weir_engine::TaskOffer> {
+    let deadline = tokio::time::Instant::now() + wait;
+    while tokio::time::Instant::now() < deadline {
+        let offers = engine.poll(queues, 1, weir_engine::POLL_WAIT_MAX).await;
+        if !offers.is_empty() {
+            return offers;
+        }
+    }
+    Vec::new()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_hours_long_workflow_runs_in_virtual_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path(), 4).unwrap());
+    let clock = Arc::new(TokioClock::starting_at(1_000_000));
+    // The worker (this test) holds tasks without heartbeats for minutes: a long task lease
+    // keeps the stalled attempt from being offered again before its step timeout.
+    let config = Config {
+        task_lease: Duration::from_secs(3600),
+        ..Config::default()
+    };
+    let engine = Engine::start(store, config, clock).await.unwrap();
+    engine.deploy(DEFINITION).await.unwrap();
+    let start = |id: &str| StartRequest {
+        definition: "slow".into(),
+        version: None,
+        input: json!({}),
+        id: Some(id.into()),
+        restart: None,
+    };
+    engine.start_instance(start("v-1")).await.unwrap();
+    let queues = ["payments".to_string()];
+
+    // Attempt 1 fails; the retry comes a minute (virtual) later.
+    let first = engine.poll(&queues, 1, Duration::from_secs(1)).await;
+    assert_eq!(first.len(), 1);
+    let error = ErrorInfo {
+        error_type: "flaky".into(),
+        message: "try later".into(),
+    };
+    // Paused time jumps ahead while the runtime waits for the committer thread, so the
+    // wait is measured from before the failure is reported.
+    let before = tokio::time::Instant::now();
+    engine
+        .fail_task(&first[0].task_id, &first[0].lease_token, error, true)
+        .await
+        .unwrap();
+    let second = poll_until(&engine, &queues, Duration::from_secs(120)).await;
+    assert_eq!(second.len(), 1, "the retry is offered after its backoff");
+    assert_eq!(second[0].attempt, 2);
+    let waited = before.elapsed();
+    assert!(
+        waited >= Duration::from_secs(60),
+        "backoff of 1 min, waited {waited:?}"
+    );
+
+    // Attempt 2 stalls past its 2 min timeout; attempt 3 comes 2 min after that.
+    let third = poll_until(&engine, &queues, Duration::from_secs(6 * 60)).await;
+    assert_eq!(third.len(), 1);
+    assert_eq!(third[0].attempt, 3);
+    let late = engine
+        .complete_task(&second[0].task_id, &second[0].lease_token, json!({}))
+        .await;
+    assert!(late.is_err(), "a completion after the timeout is refused");
+    engine
+        .complete_task(
+            &third[0].task_id,
+            &third[0].lease_token,
+            json!({"id": "c-1"}),
+        )
+        .await
+        .unwrap();
+
+    // An hour's sleep, then a signal the wait takes; a second instance's wait times out.
+    engine.start_instance(start("v-2")).await.unwrap();
+    let other = engine.poll(&queues, 1, Duration::from_secs(1)).await;
+    engine
+        .complete_task(&other[0].task_id, &other[0].lease_token, json!({}))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(61 * 60)).await;
+    let after_sleep = engine.instance("v-1").await.unwrap().unwrap();
+    assert_eq!(after_sleep.status, "running", "it waits for the signal now");
+    engine
+        .signal("v-1", "approved", json!({"by": "ann"}))
+        .await
+        .unwrap();
+    let done = engine
+        .wait_instance("v-1", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, "completed");
+    assert_eq!(done.output, Some(json!({"by": "ann"})));
+
+    tokio::time::sleep(Duration::from_secs(5 * 3600)).await;
+    let timed_out = engine.instance("v-2").await.unwrap().unwrap();
+    assert_eq!(timed_out.status, "failed");
+    assert_eq!(timed_out.error.unwrap()["type"], json!("timeout"));
+
+    let history = engine.history("v-1").await.unwrap();
+    let types: Vec<&str> = history
+        .iter()
+        .map(|e| e.event["type"].as_str().unwrap())
+        .collect();
+    assert!(types.contains(&"timer_fired"));
+    assert_eq!(
+        types
+            .iter()
+            .filter(|t| **t == "step_retry_scheduled")
+            .count(),
+        2
+    );
+    engine.shutdown().await;
+}
