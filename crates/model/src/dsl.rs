@@ -40,8 +40,8 @@ pub const YAML_NODES_MAX: usize = 100_000;
 pub const HTTP_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 
 /// The kinds of step, each the key that introduces it.
-pub const STEP_KINDS: [&str; 8] = [
-    "task", "http", "sleep", "set", "fail", "wait", "human", "switch",
+pub const STEP_KINDS: [&str; 10] = [
+    "task", "http", "sleep", "set", "fail", "wait", "human", "switch", "parallel", "foreach",
 ];
 
 const DEFINITION_KEYS: [&str; 8] = [
@@ -54,7 +54,9 @@ const DEFINITION_KEYS: [&str; 8] = [
     "steps",
     "output",
 ];
-const STEP_KEYS: [&str; 18] = [
+const STEP_KEYS: [&str; 20] = [
+    "parallel",
+    "foreach",
     "switch",
     "human",
     "id",
@@ -89,6 +91,24 @@ const COMPENSATE_KEYS: [&str; 10] = [
 ];
 const FAIL_KEYS: [&str; 2] = ["type", "message"];
 const SWITCH_KEYS: [&str; 2] = ["cases", "default"];
+const PARALLEL_KEYS: [&str; 2] = ["branches", "join"];
+const BRANCH_KEYS: [&str; 1] = ["steps"];
+const FOREACH_KEYS: [&str; 3] = ["items", "concurrency", "steps"];
+
+/// Most branches of a `parallel` and most items of a `foreach`: every lane is part of
+/// the instance's state.
+pub const LANES_MAX: usize = 10_000;
+
+/// When a `parallel` step is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Join {
+    /// Every branch completed (the first failure fails the step).
+    All,
+    /// One branch completed (the others are stopped); fails when all failed.
+    Any,
+    /// This many branches completed (the others are stopped); fails when too few can.
+    Count(usize),
+}
 const CASE_KEYS: [&str; 2] = ["when", "steps"];
 
 /// One case of a `switch`.
@@ -321,6 +341,24 @@ pub enum StepKind {
         cases: Vec<Case>,
         /// Steps run when no case holds.
         default: Vec<Step>,
+    },
+    /// Runs branches at once; the output is the completed branches' outputs, in branch
+    /// order (`any`: the winning branch's output).
+    Parallel {
+        /// Each branch's steps (leaf kinds, in order).
+        branches: Vec<Vec<Step>>,
+        /// When the step is done.
+        join: Join,
+    },
+    /// Runs `steps` once per item of `items`, at most `concurrency` at a time; `.item` is
+    /// the item. The output is the array of each item's last output, in item order.
+    Foreach {
+        /// An expression yielding an array.
+        items: Template,
+        /// Most items in progress at once.
+        concurrency: usize,
+        /// Steps run per item (leaf kinds, in order).
+        steps: Vec<Step>,
     },
     /// A task for people: completed through the API with form data (`{"by", "data"}` is
     /// the step's output). `timeout` bounds it.
@@ -1202,6 +1240,16 @@ impl Checker {
                     step.kind = kind;
                 }
             }
+            "parallel" => {
+                if let Some(kind) = self.parallel(value, from) {
+                    step.kind = kind;
+                }
+            }
+            "foreach" => {
+                if let Some(kind) = self.foreach(value, from) {
+                    step.kind = kind;
+                }
+            }
             _ => {
                 if let Some(duration) = self.duration(value) {
                     step.kind = StepKind::Sleep { duration };
@@ -1345,6 +1393,88 @@ impl Checker {
             None => Vec::new(),
         };
         Some(StepKind::Switch { cases, default })
+    }
+
+    fn parallel(&mut self, node: &Node, from: Option<usize>) -> Option<StepKind> {
+        let entries = self.mapping(node)?;
+        self.unknown_keys(&entries, &PARALLEL_KEYS);
+        let mut branches = Vec::new();
+        if let Some(entry) = self.require(node, &entries, "branches") {
+            let Data::Seq(items) = &entry.value.data else {
+                self.expected(entry.value, "a sequence of branches");
+                return None;
+            };
+            if items.is_empty() || items.len() > LANES_MAX {
+                self.report(
+                    entry.value,
+                    format!("a parallel step needs 1 to {LANES_MAX} branches"),
+                );
+            }
+            for item in items {
+                let Some(branch_entries) = self.mapping(item) else {
+                    continue;
+                };
+                self.unknown_keys(&branch_entries, &BRANCH_KEYS);
+                let steps = match self.require(item, &branch_entries, "steps") {
+                    Some(e) => self.nested_steps(e.value, from),
+                    None => Vec::new(),
+                };
+                if steps.is_empty() {
+                    self.report(item, "a branch needs at least one step");
+                }
+                branches.push(steps);
+            }
+        }
+        let mut join = Join::All;
+        if let Some(entry) = get(&entries, "join") {
+            match (&entry.value.data, scalar_text(entry.value).as_deref()) {
+                (Data::Int(n), _) if *n >= 1 && (*n as usize) <= branches.len() => {
+                    join = Join::Count(*n as usize)
+                }
+                (Data::Int(_), _) => self.report(
+                    entry.value,
+                    format!("join must count from 1 to {} branches", branches.len()),
+                ),
+                (_, Some("all")) => join = Join::All,
+                (_, Some("any")) => join = Join::Any,
+                _ => self.report(
+                    entry.value,
+                    "join must be `all`, `any` or a number of branches",
+                ),
+            }
+        }
+        Some(StepKind::Parallel { branches, join })
+    }
+
+    fn foreach(&mut self, node: &Node, from: Option<usize>) -> Option<StepKind> {
+        let entries = self.mapping(node)?;
+        self.unknown_keys(&entries, &FOREACH_KEYS);
+        let items = match self.require(node, &entries, "items") {
+            Some(e) => self.template(e.value, from),
+            None => Template::Literal(Value::Array(Vec::new())),
+        };
+        let mut concurrency = 1;
+        if let Some(entry) = get(&entries, "concurrency") {
+            match entry.value.data {
+                Data::Int(n) if n >= 1 && (n as usize) <= LANES_MAX => concurrency = n as usize,
+                _ => self.report(
+                    entry.value,
+                    format!("concurrency must be from 1 to {LANES_MAX}"),
+                ),
+            }
+        }
+        let steps = match self.require(node, &entries, "steps") {
+            Some(e) => self.nested_steps(e.value, from),
+            None => Vec::new(),
+        };
+        if steps.is_empty() {
+            self.report(node, "a foreach needs at least one step");
+        }
+        Some(StepKind::Foreach {
+            items,
+            concurrency,
+            steps,
+        })
     }
 
     /// Steps nested in another step (catch handlers, switch branches): leaf kinds, no ids.
@@ -1685,6 +1815,20 @@ steps:
         );
         assert!(
             matches!(&definition.steps[3].kind, StepKind::Fail { error_type, .. } if error_type == "rejected")
+        );
+    }
+
+    #[test]
+    fn fan_out_problems() {
+        check(
+            "name: w\nsteps:\n  - id: p\n    parallel: { join: 4, branches: [{ steps: [{ task: q }] }, { steps: [] }] }\n  - id: f\n    foreach: { items: \"${ .input.xs }\", concurrency: 0, steps: [{ parallel: { branches: [] } }] }\n",
+            &[
+                "4:23: join must count from 1 to 2 branches",
+                "4:63: a branch needs at least one step",
+                "6:54: concurrency must be from 1 to 10000",
+                "6:67: unknown key `parallel`",
+                "6:89: a parallel step needs 1 to 10000 branches",
+            ],
         );
     }
 

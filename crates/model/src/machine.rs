@@ -21,7 +21,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::dsl::{CatchThen, Definition, EscalationAction, OnFailure, Step, StepKind, HUMAN_QUEUE};
+use crate::dsl::{
+    CatchThen, Definition, EscalationAction, Join, OnFailure, Step, StepKind, HUMAN_QUEUE,
+};
 use crate::event::{ErrorInfo, EventKind};
 use crate::expr::EvalError;
 use crate::retry::RetryPolicy;
@@ -121,6 +123,15 @@ pub enum StepRef {
         /// Which of its steps.
         step: usize,
     },
+    /// A step of a lane of a `parallel` (its branch `lane`) or `foreach` (its item `lane`).
+    Lane {
+        /// Index of the fan-out step.
+        index: usize,
+        /// Which branch or item.
+        lane: usize,
+        /// Which of the lane's steps.
+        step: usize,
+    },
     /// `steps[index].catch[handler].steps[step]`.
     Handler {
         /// Index of the step whose failure was caught.
@@ -146,6 +157,7 @@ impl StepRef {
                 handler,
                 step,
             } => &definition.steps[index].catch[handler].steps[step],
+            StepRef::Lane { index, lane, step } => &lane_steps(definition, index, lane)[step],
             StepRef::Branch { index, case, step } => match &definition.steps[index].kind {
                 StepKind::Switch { cases, default } => match cases.get(case) {
                     Some(taken) => &taken.steps[step],
@@ -170,6 +182,9 @@ impl StepRef {
             StepRef::Branch { index, case, step } => {
                 format!("{}~case{case}.{step}", definition.steps[index].id)
             }
+            StepRef::Lane { index, lane, step } => {
+                format!("{}~lane{lane}.{step}", definition.steps[index].id)
+            }
         }
     }
 
@@ -184,6 +199,7 @@ impl StepRef {
                 step,
             } => format!("{index}h{handler}.{step}"),
             StepRef::Branch { index, case, step } => format!("{index}c{case}.{step}"),
+            StepRef::Lane { index, lane, step } => format!("{index}l{lane}.{step}"),
         }
     }
 
@@ -191,6 +207,14 @@ impl StepRef {
         if let Some(index) = key.strip_suffix('u') {
             return Some(StepRef::Undo {
                 index: index.parse().ok()?,
+            });
+        }
+        if let Some((index, rest)) = key.split_once('l') {
+            let (lane, step) = rest.split_once('.')?;
+            return Some(StepRef::Lane {
+                index: index.parse().ok()?,
+                lane: lane.parse().ok()?,
+                step: step.parse().ok()?,
             });
         }
         if let Some((index, rest)) = key.split_once('c') {
@@ -239,6 +263,44 @@ pub enum Wait {
     },
     /// The instance is paused; the current attempt starts when it is resumed.
     Paused,
+    /// The lanes of a fan-out step (`parallel`, `foreach`).
+    Lanes,
+}
+
+/// The fields of the step running in one lane of work. The main lane's are the
+/// instance's own (`current`, `attempt`, ...); a fan-out's lanes keep theirs here and are
+/// swapped in while a command for them is applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lane {
+    /// The step running.
+    pub current: Option<StepRef>,
+    /// Its attempt.
+    pub attempt: u32,
+    /// The attempt its run started at.
+    pub attempt_first: u32,
+    /// When its run started.
+    pub step_started_at: u64,
+    /// What it waits for.
+    pub wait: Wait,
+}
+
+/// A running `parallel` or `foreach` step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FanOut {
+    /// The fan-out step's index.
+    pub index: usize,
+    /// Lanes running, by lane number.
+    pub lanes: BTreeMap<usize, Lane>,
+    /// Outputs of the lanes that completed.
+    pub outputs: BTreeMap<usize, Value>,
+    /// Errors of the lanes that failed.
+    pub failures: BTreeMap<usize, ErrorInfo>,
+    /// The next lane to start.
+    pub next: usize,
+    /// Lanes in all.
+    pub total: usize,
+    /// A `foreach`'s items (`.item` of lane `n` is `items[n]`).
+    pub items: Vec<Value>,
 }
 
 /// Why the instance compensates.
@@ -304,6 +366,12 @@ pub struct InstanceState {
     pub signals: BTreeMap<String, VecDeque<Value>>,
     /// The instance this one restarts.
     pub restarted_from: Option<String>,
+    /// The running fan-out step's lanes.
+    #[serde(default)]
+    pub fanout: Option<FanOut>,
+    /// How the lane being applied ended, if it did; only set inside one command.
+    #[serde(skip)]
+    pub lane_result: Option<Result<Value, ErrorInfo>>,
     /// The instance's output once completed.
     pub output: Option<Value>,
     /// Why the instance failed.
@@ -686,6 +754,8 @@ pub fn start_restarted(
         failed_at: None,
         signals: BTreeMap::new(),
         restarted_from: restarted_from.clone(),
+        fanout: None,
+        lane_result: None,
         output: None,
         error: None,
         created_at: now,
@@ -743,12 +813,41 @@ pub fn handle(
     now: u64,
 ) -> Result<Transition, Rejection> {
     assert_eq!(state.definition, definition.name);
+    assert!(state.lane_result.is_none());
     let mut t = Transition::default();
+    match state
+        .fanout
+        .as_ref()
+        .and_then(|f| lane_target(f, definition, &command))
+    {
+        Some(lane) => {
+            let mut result = Ok(());
+            run_in_lane(state, definition, lane, &mut t, |state, t| {
+                result = dispatch(state, definition, command, now, t);
+            });
+            result?;
+            settle(state, definition, now, &mut t);
+        }
+        None => dispatch(state, definition, command, now, &mut t)?,
+    }
+    state.updated_at = now;
+    Ok(t)
+}
+
+/// Applies a command to the step whose fields are in `state` now (the main step, or a
+/// lane swapped in by `run_in_lane`).
+fn dispatch(
+    state: &mut InstanceState,
+    definition: &Definition,
+    command: Command,
+    now: u64,
+    t: &mut Transition,
+) -> Result<(), Rejection> {
     match command {
         Command::CompleteTask { task_id, output } => {
             check_running(state)?;
             current_task(state, &task_id)?;
-            complete_step(state, definition, output, now, &mut t);
+            complete_step(state, definition, output, now, t);
         }
         Command::CompleteHuman { task_id, by, data } => {
             check_running(state)?;
@@ -763,13 +862,7 @@ pub fn handle(
                     return Err(Rejection::InvalidData(problems));
                 }
             }
-            complete_step(
-                state,
-                definition,
-                json!({ "by": by, "data": data }),
-                now,
-                &mut t,
-            );
+            complete_step(state, definition, json!({ "by": by, "data": data }), now, t);
         }
         Command::FailTask {
             task_id,
@@ -778,7 +871,7 @@ pub fn handle(
         } => {
             check_running(state)?;
             current_task(state, &task_id)?;
-            attempt_failed(state, definition, error, retryable, now, &mut t);
+            attempt_failed(state, definition, error, retryable, now, t);
         }
         Command::HttpResult {
             step_id,
@@ -794,20 +887,15 @@ pub fn handle(
                 return Err(Rejection::NotCurrent);
             }
             match result {
-                Ok(output) => complete_step(state, definition, output, now, &mut t),
-                Err(failure) => attempt_failed(
-                    state,
-                    definition,
-                    failure.error,
-                    failure.retryable,
-                    now,
-                    &mut t,
-                ),
+                Ok(output) => complete_step(state, definition, output, now, t),
+                Err(failure) => {
+                    attempt_failed(state, definition, failure.error, failure.retryable, now, t)
+                }
             }
         }
         Command::FireTimer { timer } => {
             check_running(state)?;
-            fire_timer(state, definition, timer, now, &mut t)?;
+            fire_timer(state, definition, timer, now, t)?;
         }
         Command::Signal { name, payload } => {
             check_running(state)?;
@@ -823,7 +911,7 @@ pub fn handle(
                 payload: payload.clone(),
             });
             if waiting {
-                complete_step(state, definition, payload, now, &mut t);
+                complete_step(state, definition, payload, now, t);
             } else {
                 state.signals.entry(name).or_default().push_back(payload);
             }
@@ -838,7 +926,7 @@ pub fn handle(
                 return Err(not_allowed("cancel", state.status));
             }
             t.events.push(EventKind::CancelRequested { by: by.clone() });
-            stop_current_step(state, definition, &mut t);
+            stop_current_step(state, definition, t);
             state.paused_from = None;
             state.status = InstanceStatus::Running;
             compensate_or_end(
@@ -846,15 +934,15 @@ pub fn handle(
                 definition,
                 CompensationReason::Cancelled { by },
                 now,
-                &mut t,
+                t,
             );
         }
         Command::Terminate { by, reason } => {
             if state.status.is_terminal() {
                 return Err(Rejection::InstanceEnded(state.status.as_str()));
             }
-            stop_current_step(state, definition, &mut t);
-            cancel_instance_timers(definition, &mut t);
+            stop_current_step(state, definition, t);
+            cancel_instance_timers(definition, t);
             end(state, InstanceStatus::Terminated, now);
             state.error = Some(ErrorInfo {
                 error_type: "terminated".to_string(),
@@ -883,7 +971,22 @@ pub fn handle(
                 .expect("a paused instance remembers its status");
             t.events.push(EventKind::InstanceResumed { by });
             if state.wait == Wait::Paused {
-                schedule_attempt(state, definition, now, &mut t);
+                schedule_attempt(state, definition, now, t);
+            }
+            if state.wait == Wait::Lanes {
+                let paused: Vec<usize> = state
+                    .fanout
+                    .iter()
+                    .flat_map(|f| f.lanes.iter())
+                    .filter(|(_, lane)| lane.wait == Wait::Paused)
+                    .map(|(number, _)| *number)
+                    .collect();
+                for number in paused {
+                    run_in_lane(state, definition, number, t, |state, t| {
+                        schedule_attempt(state, definition, now, t);
+                    });
+                }
+                settle(state, definition, now, t);
             }
         }
         Command::Retry { by } => {
@@ -903,7 +1006,8 @@ pub fn handle(
                 // A failed handler or branch step retries its main step from its start.
                 StepRef::Main { index }
                 | StepRef::Handler { index, .. }
-                | StepRef::Branch { index, .. } => {
+                | StepRef::Branch { index, .. }
+                | StepRef::Lane { index, .. } => {
                     state.status = InstanceStatus::Running;
                     state.caught = None;
                     state.cursor = index;
@@ -915,7 +1019,7 @@ pub fn handle(
                 by,
                 step_id: from.step_id(definition),
             });
-            begin(state, definition, from, now, &mut t);
+            begin(state, definition, from, now, t);
         }
         Command::Rerun { by, from_step } => {
             if !state.status.is_terminal() {
@@ -944,11 +1048,242 @@ pub fn handle(
                 by,
                 step_id: from_step,
             });
-            begin(state, definition, StepRef::Main { index }, now, &mut t);
+            begin(state, definition, StepRef::Main { index }, now, t);
         }
     }
-    state.updated_at = now;
-    Ok(t)
+    Ok(())
+}
+
+/// The steps of lane `lane` of the fan-out step at `index`.
+fn lane_steps(definition: &Definition, index: usize, lane: usize) -> &[Step] {
+    match &definition.steps[index].kind {
+        StepKind::Parallel { branches, .. } => &branches[lane],
+        StepKind::Foreach { steps, .. } => steps,
+        _ => unreachable!("lane refs point into fan-out steps"),
+    }
+}
+
+/// The lane a command is for, if it is for one of the running lanes.
+fn lane_target(fanout: &FanOut, definition: &Definition, command: &Command) -> Option<usize> {
+    let find = |matches: &dyn Fn(&Lane) -> bool| {
+        fanout
+            .lanes
+            .iter()
+            .find(|(_, lane)| matches(lane))
+            .map(|(number, _)| *number)
+    };
+    match command {
+        Command::CompleteTask { task_id, .. } | Command::FailTask { task_id, .. } => find(
+            &|lane| matches!(&lane.wait, Wait::Task { task_id: current } if current == task_id),
+        ),
+        Command::HttpResult {
+            step_id, attempt, ..
+        } => find(&|lane| {
+            lane.wait == Wait::Http
+                && lane.attempt == *attempt
+                && lane
+                    .current
+                    .is_some_and(|c| c.step_id(definition) == *step_id)
+        }),
+        Command::FireTimer { timer } => {
+            let step = match timer {
+                TimerId::Sleep { step, .. }
+                | TimerId::Retry { step, .. }
+                | TimerId::AttemptTimeout { step, .. }
+                | TimerId::StepExpiry { step, .. }
+                | TimerId::Escalate { step, .. } => *step,
+                TimerId::InstanceTimeout | TimerId::InstanceDeadline => return None,
+            };
+            match step {
+                StepRef::Lane { lane, .. } if fanout.lanes.contains_key(&lane) => Some(lane),
+                _ => None,
+            }
+        }
+        Command::Signal { name, .. } => {
+            find(&|lane| matches!(&lane.wait, Wait::Signal { name: waiting } if waiting == name))
+        }
+        _ => None,
+    }
+}
+
+fn take_lane_fields(state: &mut InstanceState) -> Lane {
+    Lane {
+        current: state.current.take(),
+        attempt: state.attempt,
+        attempt_first: state.attempt_first,
+        step_started_at: state.step_started_at,
+        wait: std::mem::replace(&mut state.wait, Wait::Nothing),
+    }
+}
+
+fn put_lane_fields(state: &mut InstanceState, lane: Lane) {
+    state.current = lane.current;
+    state.attempt = lane.attempt;
+    state.attempt_first = lane.attempt_first;
+    state.step_started_at = lane.step_started_at;
+    state.wait = lane.wait;
+}
+
+/// Runs `f` with lane `number`'s fields swapped in (a new lane when it does not run yet),
+/// then swaps them out and records the lane's end if `f` ended it.
+fn run_in_lane(
+    state: &mut InstanceState,
+    _definition: &Definition,
+    number: usize,
+    t: &mut Transition,
+    f: impl FnOnce(&mut InstanceState, &mut Transition),
+) {
+    let mut fanout = state.fanout.take().expect("lanes run inside a fan-out");
+    let lane = fanout.lanes.remove(&number).unwrap_or(Lane {
+        current: None,
+        attempt: 0,
+        attempt_first: 0,
+        step_started_at: 0,
+        wait: Wait::Nothing,
+    });
+    let item = fanout.items.get(number).cloned();
+    let main = take_lane_fields(state);
+    put_lane_fields(state, lane);
+    if let (Some(item), Value::Object(context)) = (item, &mut state.context) {
+        context.insert("item".to_string(), item);
+    }
+    // The fan-out is out of the state while the lane runs: lane steps never touch it.
+    f(state, t);
+    if let Value::Object(context) = &mut state.context {
+        context.remove("item");
+    }
+    let lane = take_lane_fields(state);
+    match state.lane_result.take() {
+        Some(Ok(output)) => {
+            fanout.outputs.insert(number, output);
+        }
+        Some(Err(error)) => {
+            fanout.failures.insert(number, error);
+        }
+        None => {
+            fanout.lanes.insert(number, lane);
+        }
+    }
+    put_lane_fields(state, main);
+    state.fanout = Some(fanout);
+}
+
+/// Starts a fan-out step's lanes.
+fn start_fanout(
+    state: &mut InstanceState,
+    definition: &Definition,
+    index: usize,
+    items: Vec<Value>,
+    total: usize,
+    now: u64,
+    t: &mut Transition,
+) {
+    state.wait = Wait::Lanes;
+    state.fanout = Some(FanOut {
+        index,
+        lanes: BTreeMap::new(),
+        outputs: BTreeMap::new(),
+        failures: BTreeMap::new(),
+        next: 0,
+        total,
+        items,
+    });
+    settle(state, definition, now, t);
+}
+
+/// Starts lanes up to the limit, and ends the fan-out step once its join is decided.
+fn settle(state: &mut InstanceState, definition: &Definition, now: u64, t: &mut Transition) {
+    loop {
+        let Some(fanout) = state.fanout.as_ref() else {
+            return;
+        };
+        let index = fanout.index;
+        let (join, limit) = match &definition.steps[index].kind {
+            StepKind::Parallel { join, branches } => (*join, branches.len()),
+            StepKind::Foreach { concurrency, .. } => (Join::All, *concurrency),
+            _ => unreachable!("a fan-out is a parallel or foreach step"),
+        };
+        let done = fanout.outputs.len();
+        let failed = fanout.failures.len();
+        let needed = match join {
+            Join::All => fanout.total,
+            Join::Any => 1.min(fanout.total),
+            Join::Count(n) => n,
+        };
+        if done >= needed {
+            let output = match join {
+                Join::Any => fanout
+                    .outputs
+                    .values()
+                    .next()
+                    .cloned()
+                    .unwrap_or(Value::Null),
+                _ => Value::Array(fanout.outputs.values().cloned().collect()),
+            };
+            return finish_fanout(state, definition, Ok(output), now, t);
+        }
+        if fanout.total - failed < needed {
+            let (lane, error) = fanout.failures.iter().next_back().expect("a lane failed");
+            let error = ErrorInfo {
+                error_type: error.error_type.clone(),
+                message: format!("lane {lane}: {}", error.message),
+            };
+            return finish_fanout(state, definition, Err(error), now, t);
+        }
+        if fanout.lanes.len() >= limit || fanout.next >= fanout.total {
+            return;
+        }
+        let number = fanout.next;
+        if let Some(fanout) = state.fanout.as_mut() {
+            fanout.next += 1;
+        }
+        run_in_lane(state, definition, number, t, |state, t| {
+            begin(
+                state,
+                definition,
+                StepRef::Lane {
+                    index,
+                    lane: number,
+                    step: 0,
+                },
+                now,
+                t,
+            );
+        });
+    }
+}
+
+/// Stops every running lane (their tasks withdrawn, their timers cancelled).
+fn stop_lanes(state: &mut InstanceState, definition: &Definition, t: &mut Transition) {
+    let lanes: Vec<usize> = match &state.fanout {
+        Some(fanout) => fanout.lanes.keys().copied().collect(),
+        None => return,
+    };
+    for number in lanes {
+        run_in_lane(state, definition, number, t, |state, t| {
+            stop_current_step(state, definition, t);
+        });
+        if let Some(fanout) = state.fanout.as_mut() {
+            fanout.lanes.remove(&number);
+        }
+    }
+    state.fanout = None;
+}
+
+/// Ends the fan-out step: the remaining lanes stop, and the step completes or fails.
+fn finish_fanout(
+    state: &mut InstanceState,
+    definition: &Definition,
+    result: Result<Value, ErrorInfo>,
+    now: u64,
+    t: &mut Transition,
+) {
+    stop_lanes(state, definition, t);
+    state.wait = Wait::Nothing;
+    match result {
+        Ok(output) => complete_step(state, definition, output, now, t),
+        Err(error) => step_failed(state, definition, error, now, t),
+    }
 }
 
 fn check_running(state: &InstanceState) -> Result<(), Rejection> {
@@ -1271,6 +1606,45 @@ fn schedule_attempt(
             // A `fail` step means it: never retried (it may be caught).
             attempt_failed_after_cancel(state, definition, error, false, now, t);
         }
+        StepKind::Parallel { branches, .. } => {
+            t.events.push(EventKind::StepScheduled {
+                step_id,
+                attempt,
+                input: Some(json!({ "branches": branches.len() })),
+            });
+            let StepRef::Main { index } = current else {
+                unreachable!("a parallel step is a main step")
+            };
+            start_fanout(state, definition, index, Vec::new(), branches.len(), now, t);
+        }
+        StepKind::Foreach { items, .. } => {
+            let items = match items.eval(&state.context) {
+                Ok(Value::Array(items)) if items.len() <= crate::dsl::LANES_MAX => items,
+                Ok(Value::Array(items)) => {
+                    let message = format!(
+                        "{} items, more than the {} allowed",
+                        items.len(),
+                        crate::dsl::LANES_MAX
+                    );
+                    return expression_failed(state, definition, &message, now, t);
+                }
+                Ok(other) => {
+                    let message = format!("foreach items must be an array, not {other}");
+                    return expression_failed(state, definition, &message, now, t);
+                }
+                Err(err) => return expression_failed(state, definition, &err.message, now, t),
+            };
+            t.events.push(EventKind::StepScheduled {
+                step_id,
+                attempt,
+                input: Some(json!({ "items": items.len() })),
+            });
+            let StepRef::Main { index } = current else {
+                unreachable!("a foreach step is a main step")
+            };
+            let total = items.len();
+            start_fanout(state, definition, index, items, total, now, t);
+        }
         StepKind::Switch { cases, default } => {
             let mut taken = cases.len();
             for (index, case) in cases.iter().enumerate() {
@@ -1433,7 +1807,27 @@ fn http_request(
 /// Effects a running instance needs again after its partition is loaded from the
 /// store: those not kept in the store's task and timer tables (HTTP calls in flight).
 pub fn resume_effects(state: &InstanceState, definition: &Definition) -> Vec<Effect> {
-    if state.status.is_terminal() || state.wait != Wait::Http {
+    if state.status.is_terminal() {
+        return Vec::new();
+    }
+    if state.wait == Wait::Lanes {
+        // HTTP calls of lanes: each lane's request, evaluated as when it was made.
+        let mut effects = Vec::new();
+        let lanes: Vec<usize> = state
+            .fanout
+            .iter()
+            .flat_map(|f| f.lanes.keys().copied())
+            .collect();
+        for number in lanes {
+            let mut copy = state.clone();
+            let mut t = Transition::default();
+            run_in_lane(&mut copy, definition, number, &mut t, |lane_state, _| {
+                effects.extend(resume_effects(lane_state, definition));
+            });
+        }
+        return effects;
+    }
+    if state.wait != Wait::Http {
         return Vec::new();
     }
     let current = state.current.expect("an HTTP wait has a current step");
@@ -1523,6 +1917,23 @@ fn complete_step(
                     fail_instance(state, definition, error, now, t, true);
                 }
             }
+        }
+        StepRef::Lane { index, lane, step } => {
+            if step + 1 < lane_steps(definition, index, lane).len() {
+                begin(
+                    state,
+                    definition,
+                    StepRef::Lane {
+                        index,
+                        lane,
+                        step: step + 1,
+                    },
+                    now,
+                    t,
+                );
+                return;
+            }
+            state.lane_result = Some(Ok(output));
         }
         StepRef::Branch { index, case, step } => {
             let StepKind::Switch { cases, default } = &definition.steps[index].kind else {
@@ -1735,6 +2146,11 @@ fn step_failed(
             };
             fail_instance(state, definition, error, now, t, true);
         }
+        StepRef::Lane { .. } => {
+            // The lane ends; the fan-out's join decides what that means for the step.
+            state.current = None;
+            state.lane_result = Some(Err(error));
+        }
         StepRef::Branch { index, .. } => {
             // A failed branch step fails the switch step, which its own catch may handle.
             resume_switch(state, index);
@@ -1908,6 +2324,9 @@ fn withdraw_attempt(state: &InstanceState, t: &mut Transition) {
 
 /// Stops whatever the current step is doing, and its timers.
 fn stop_current_step(state: &mut InstanceState, definition: &Definition, t: &mut Transition) {
+    if state.wait == Wait::Lanes {
+        stop_lanes(state, definition, t);
+    }
     withdraw_attempt(state, t);
     if state.current.is_some() {
         cancel_attempt_timers(state, definition, t);

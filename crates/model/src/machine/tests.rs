@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use proptest::prelude::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::*;
 use crate::dsl::{Catch, CatchThen, Definition, OnFailure, Step, StepKind};
@@ -1068,4 +1068,220 @@ steps:
         ["f:route~case1.0:2"],
         "retry runs the switch again"
     );
+}
+
+fn withdrawn(t: &Transition) -> Vec<String> {
+    t.effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::WithdrawTask { task_id } => Some(task_id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+const FANOUT: &str = r#"
+name: fan
+steps:
+  - id: split
+    parallel:
+      join: JOIN
+      branches:
+        - steps: [{ task: a }]
+        - steps: [{ task: b }, { set: { b: done } }]
+        - steps: [{ task: c }]
+  - id: after
+    task: next
+    input: "${ .steps.split.output }"
+"#;
+
+fn fanout(join: &str) -> Definition {
+    crate::dsl::parse(&FANOUT.replace("JOIN", join)).unwrap()
+}
+
+#[test]
+fn parallel_join_all_waits_for_every_branch_and_keeps_branch_order() {
+    let d = fanout("all");
+    let (mut state, t) = start(&d, 1, "p", json!({}), 0);
+    assert_eq!(
+        offered(&t),
+        [
+            "p:split~lane0.0:1",
+            "p:split~lane1.0:1",
+            "p:split~lane2.0:1"
+        ]
+    );
+    complete(&mut state, &d, "p:split~lane2.0:1", 1);
+    let t = complete(&mut state, &d, "p:split~lane1.0:1", 2);
+    assert!(offered(&t).is_empty(), "branch 0 still runs");
+    let duplicate = handle(
+        &mut state,
+        &d,
+        Command::CompleteTask {
+            task_id: "p:split~lane2.0:1".into(),
+            output: json!(1),
+        },
+        3,
+    );
+    assert_eq!(
+        duplicate,
+        Err(Rejection::NotCurrent),
+        "a finished lane's task is stale"
+    );
+    let t = complete(&mut state, &d, "p:split~lane0.0:1", 4);
+    let Some(Effect::OfferTask(next)) =
+        t.effects.iter().find(|e| matches!(e, Effect::OfferTask(_)))
+    else {
+        panic!("{t:?}")
+    };
+    assert_eq!(
+        next.input,
+        json!([{"done": "p:split~lane0.0:1"}, {"b": "done"}, {"done": "p:split~lane2.0:1"}]),
+        "outputs in branch order, each branch's last output"
+    );
+    assert!(state.fanout.is_none());
+}
+
+#[test]
+fn parallel_join_any_stops_the_losers() {
+    let d = fanout("any");
+    let (mut state, _) = start(&d, 1, "p", json!({}), 0);
+    let t = complete(&mut state, &d, "p:split~lane2.0:1", 1);
+    let mut stopped = withdrawn(&t);
+    stopped.sort();
+    assert_eq!(stopped, ["p:split~lane0.0:1", "p:split~lane1.0:1"]);
+    assert_eq!(offered(&t).len(), 1, "the next step starts");
+    assert_eq!(
+        state.context["steps"]["split"]["output"],
+        json!({"done": "p:split~lane2.0:1"})
+    );
+}
+
+#[test]
+fn parallel_join_n_of_m_fails_once_too_few_can_complete() {
+    let d = fanout("2");
+    let (mut state, _) = start(&d, 1, "p", json!({}), 0);
+    fail(&mut state, &d, "p:split~lane0.0:1", "fatal", false, 1);
+    assert_eq!(
+        state.status,
+        InstanceStatus::Running,
+        "two of the three can still complete"
+    );
+    let t = fail(&mut state, &d, "p:split~lane2.0:1", "fatal", false, 2);
+    assert_eq!(state.status, InstanceStatus::Failed);
+    assert_eq!(withdrawn(&t), ["p:split~lane1.0:1"]);
+    // Retry runs the whole parallel step again.
+    let t = handle(&mut state, &d, Command::Retry { by: by() }, 3).unwrap();
+    assert_eq!(offered(&t).len(), 3);
+}
+
+#[test]
+fn foreach_keeps_to_its_concurrency_and_item_order() {
+    let source = r#"
+name: each
+steps:
+  - id: lines
+    foreach:
+      items: "${ .input.lines }"
+      concurrency: 2
+      steps:
+        - task: pick
+          input: { sku: "${ .item.sku }" }
+"#;
+    let d = crate::dsl::parse(source).unwrap();
+    let input = json!({"lines": [{"sku": "a"}, {"sku": "b"}, {"sku": "c"}]});
+    let (mut state, t) = start(&d, 1, "f", input, 0);
+    assert_eq!(
+        offered(&t),
+        ["f:lines~lane0.0:1", "f:lines~lane1.0:1"],
+        "two at a time"
+    );
+    let Effect::OfferTask(first) = &t.effects[0] else {
+        panic!()
+    };
+    assert_eq!(
+        first.input,
+        json!({"sku": "a"}),
+        "`.item` is the lane's item"
+    );
+    let t = complete(&mut state, &d, "f:lines~lane1.0:1", 1);
+    assert_eq!(
+        offered(&t),
+        ["f:lines~lane2.0:1"],
+        "a free slot starts the next item"
+    );
+    complete(&mut state, &d, "f:lines~lane2.0:1", 2);
+    let t = complete(&mut state, &d, "f:lines~lane0.0:1", 3);
+    assert_eq!(
+        types(&t),
+        ["step_completed", "step_completed", "instance_completed"]
+    );
+    let outputs: Vec<Value> = state.output.unwrap().as_array().unwrap().clone();
+    let ids: Vec<&str> = outputs
+        .iter()
+        .map(|o| o["done"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "f:lines~lane0.0:1",
+            "f:lines~lane1.0:1",
+            "f:lines~lane2.0:1"
+        ],
+        "outputs in item order"
+    );
+    assert!(
+        state.context.get("item").is_none(),
+        "`.item` exists only inside lanes"
+    );
+
+    let (empty, _) = start(&d, 1, "e", json!({"lines": []}), 0);
+    assert_eq!(empty.status, InstanceStatus::Completed);
+    assert_eq!(empty.output, Some(json!([])));
+    let (bad, _) = start(&d, 1, "x", json!({"lines": 5}), 0);
+    assert_eq!(bad.error.unwrap().error_type, ERROR_TYPE_EXPRESSION);
+}
+
+#[test]
+fn lanes_retry_pause_and_cancel() {
+    let mut d = fanout("all");
+    d.steps[0].compensate = undo("split");
+    let (mut state, _) = start(&d, 1, "p", json!({}), 0);
+    // A lane's retry is the lane's own.
+    let t = fail(&mut state, &d, "p:split~lane0.0:1", "flaky", true, 1);
+    assert_eq!(types(&t), ["step_failed", "step_retry_scheduled"]);
+    handle(&mut state, &d, Command::Pause { by: by() }, 2).unwrap();
+    let t = handle(
+        &mut state,
+        &d,
+        Command::FireTimer {
+            timer: TimerId::Retry {
+                step: StepRef::Lane {
+                    index: 0,
+                    lane: 0,
+                    step: 0,
+                },
+                attempt: 2,
+            },
+        },
+        1001,
+    )
+    .unwrap();
+    assert!(offered(&t).is_empty(), "paused: the retry waits");
+    let t = handle(&mut state, &d, Command::Resume { by: by() }, 1002).unwrap();
+    assert_eq!(offered(&t), ["p:split~lane0.0:2"]);
+    // Cancel stops every lane; the parallel step never completed, so nothing compensates.
+    let t = handle(&mut state, &d, Command::Cancel { by: by() }, 1003).unwrap();
+    let mut stopped = withdrawn(&t);
+    stopped.sort();
+    assert_eq!(
+        stopped,
+        [
+            "p:split~lane0.0:2",
+            "p:split~lane1.0:1",
+            "p:split~lane2.0:1"
+        ]
+    );
+    assert_eq!(state.status, InstanceStatus::Cancelled);
+    assert!(state.fanout.is_none());
 }
