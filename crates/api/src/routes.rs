@@ -224,6 +224,7 @@ async fn start(State(state): State<AppState>, body: Body) -> Result<Response, Ap
             input: body.input.unwrap_or_else(|| json!({})),
             id: body.id,
             restart: None,
+            parent: None,
         })
         .await?;
     let status = match outcome {

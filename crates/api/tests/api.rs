@@ -1132,3 +1132,100 @@ output: "${ .steps.approve.output }"
     .await;
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_workflows_report_to_their_parent_and_are_cancelled_with_it() {
+    // Goal: a `workflow` step runs a child instance, gets its output, and cancelling the
+    // parent cancels the child. Method: real engine and HTTP; the test is the worker.
+    let h = Harness::start().await;
+    let child = "name: kid\nsteps:\n  - id: work\n    task: kid-work\n    input: { n: \"${ .input.n }\" }\n";
+    let parent = r#"
+name: parent
+steps:
+  - id: spawn
+    workflow: { definition: kid, input: { n: "${ .input.n }" } }
+  - id: after
+    task: parent-work
+    input: "${ .steps.spawn.output }"
+"#;
+    assert_eq!(h.deploy(child).await.0, 201);
+    assert_eq!(h.deploy(parent).await.0, 201);
+    assert_eq!(
+        h.post(
+            "/v1/instances",
+            json!({"definition": "parent", "id": "p-1", "input": {"n": 7}})
+        )
+        .await
+        .0,
+        201
+    );
+    let work = h.take("kid-work").await;
+    assert_eq!(work["instance_id"], json!("p-1.spawn.1"));
+    assert_eq!(work["input"], json!({"n": 7}));
+    h.finish(&work, json!({"made": 7})).await;
+    let after = h.take("parent-work").await;
+    assert_eq!(
+        after["input"],
+        json!({"made": 7}),
+        "the child's output is the step's output"
+    );
+    h.finish(&after, json!({})).await;
+    assert_eq!(
+        h.get("/v1/instances/p-1").await.1["status"],
+        json!("completed")
+    );
+
+    // Cancelling the parent cancels the child.
+    assert_eq!(
+        h.post(
+            "/v1/instances",
+            json!({"definition": "parent", "id": "p-2", "input": {"n": 1}})
+        )
+        .await
+        .0,
+        201
+    );
+    let _ = h.take("kid-work").await;
+    let (status, _) = h.post("/v1/instances/p-2/cancel", json!({})).await;
+    assert_eq!(status, 200);
+    let mut child_status = Value::Null;
+    for _ in 0..100 {
+        child_status = h.get("/v1/instances/p-2.spawn.1").await.1["status"].clone();
+        if child_status == json!("cancelled") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(child_status, json!("cancelled"));
+
+    // A child that fails fails its parent's step.
+    assert_eq!(
+        h.post(
+            "/v1/instances",
+            json!({"definition": "parent", "id": "p-3", "input": {"n": 2}})
+        )
+        .await
+        .0,
+        201
+    );
+    let work = h.take("kid-work").await;
+    let fail = format!("/v1/tasks/{}/fail", work["task_id"].as_str().unwrap());
+    h.post(&fail, json!({"lease_token": work["lease_token"], "error": {"type": "broken", "retryable": false}})).await;
+    // The parent's step retries per the default policy; the failed attempt's record says why.
+    let mut failure = None;
+    for _ in 0..100 {
+        let (_, history) = h.get("/v1/instances/p-3/history").await;
+        failure = history["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["type"] == "step_failed")
+            .cloned();
+        if failure.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(failure.unwrap()["error"]["type"], json!("child_failed"));
+    h.stop().await;
+}

@@ -156,6 +156,8 @@ pub struct StartRequest {
     pub id: Option<String>,
     /// The instance this one restarts, and who asked.
     pub restart: Option<machine::Restart>,
+    /// The instance this one is a child of.
+    pub parent: Option<String>,
 }
 
 /// State shared by the engine's parts.
@@ -166,6 +168,26 @@ pub(crate) struct Shared {
     pub waiters: waiters::Waiters,
     pub definitions: Definitions,
     pub http: reqwest::Client,
+    /// The engine itself, for effects that reach other instances (child workflows).
+    pub engine: std::sync::OnceLock<std::sync::Weak<Inner>>,
+}
+
+impl Shared {
+    /// The engine, while it runs.
+    pub fn engine(&self) -> Option<Engine> {
+        let inner = self.engine.get()?.upgrade()?;
+        Some(Engine { inner })
+    }
+}
+
+/// The command that tells a parent its child ended.
+pub(crate) fn child_ended_command(child: &machine::InstanceState) -> Command {
+    Command::ChildEnded {
+        child_id: child.id.clone(),
+        status: child.status.as_str().to_string(),
+        output: child.output.clone(),
+        error: child.error.clone(),
+    }
 }
 
 struct Owned {
@@ -211,6 +233,7 @@ impl Engine {
             waiters: waiters::Waiters::default(),
             definitions: Definitions::new(store.clone()),
             http,
+            engine: std::sync::OnceLock::new(),
         });
         let (shutdown, _) = watch::channel(false);
         let (draining, _) = watch::channel(false);
@@ -226,6 +249,11 @@ impl Engine {
                 background: Mutex::new(Vec::new()),
             }),
         };
+        let _ = engine
+            .inner
+            .shared
+            .engine
+            .set(Arc::downgrade(&engine.inner));
         for partition in 0..partition_count {
             engine.acquire(partition).await?;
         }
@@ -550,6 +578,7 @@ impl Engine {
             id: id.clone(),
             input: request.input.clone(),
             restart: request.restart.clone(),
+            parent: request.parent.clone(),
             reply,
         };
         self.send(partition, message).await?;
@@ -741,9 +770,61 @@ impl Engine {
                     from: id.to_string(),
                     by: by.to_string(),
                 }),
+                parent: None,
             })
             .await?;
         Ok(view)
+    }
+
+    /// Starts (or finds) a child instance for a parent's `workflow` step, and tells the
+    /// parent at once if the child has already ended (a start repeated after a crash).
+    pub(crate) async fn start_child(
+        self,
+        parent: String,
+        child_id: String,
+        definition: String,
+        version: Option<u32>,
+        input: Value,
+    ) {
+        let request = StartRequest {
+            definition,
+            version,
+            input,
+            id: Some(child_id.clone()),
+            restart: None,
+            parent: Some(parent.clone()),
+        };
+        let ended = match self.start_instance(request).await {
+            Ok((view, _)) => {
+                let status = machine::InstanceStatus::parse(&view.status);
+                if !status.is_some_and(|s| s.is_terminal()) {
+                    return;
+                }
+                Command::ChildEnded {
+                    child_id,
+                    status: view.status,
+                    output: view.output,
+                    error: view.error.and_then(|e| serde_json::from_value(e).ok()),
+                }
+            }
+            Err(err) => Command::ChildEnded {
+                child_id,
+                status: "failed".to_string(),
+                output: None,
+                error: Some(ErrorInfo {
+                    error_type: "child_not_started".to_string(),
+                    message: err.to_string(),
+                }),
+            },
+        };
+        self.tell_parent(&parent, ended).await;
+    }
+
+    /// Reports a child's end to its parent; a parent that moved on refuses it harmlessly.
+    pub(crate) async fn tell_parent(&self, parent: &str, command: Command) {
+        if let Err(err) = self.apply(parent, command).await {
+            tracing::debug!(%parent, error = %err, "a child's end was refused by its parent");
+        }
     }
 
     async fn operate(&self, id: &str, command: Command) -> Result<InstanceView, Error> {

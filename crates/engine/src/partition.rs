@@ -36,6 +36,7 @@ pub(crate) enum Message {
         id: String,
         input: Value,
         restart: Option<machine::Restart>,
+        parent: Option<String>,
         reply: oneshot::Sender<Result<StartOutcome, Error>>,
     },
     Apply {
@@ -212,14 +213,16 @@ impl PartitionActor {
                     id,
                     input,
                     restart,
+                    parent,
                     reply,
                 } => {
                     if self.instances.contains_key(&id) || self.ended.contains(&id) {
                         let _ = reply.send(Ok(StartOutcome::Existing));
                         continue;
                     }
-                    let (state, transition) =
+                    let (mut state, transition) =
                         machine::start_restarted(&definition, version, &id, input, restart, now);
+                    state.parent = parent;
                     self.instances
                         .insert(id.clone(), Active { state, definition });
                     self.record(&mut pending, &id, transition, now);
@@ -375,6 +378,7 @@ impl PartitionActor {
         }
         for effect in transition.effects {
             match &effect {
+                Effect::StartChild { .. } | Effect::CancelChild { .. } => {}
                 Effect::OfferTask(spec) => {
                     pending.tasks.insert(
                         spec.task_id.clone(),
@@ -489,6 +493,13 @@ impl PartitionActor {
                 .is_some_and(|active| active.state.status.is_terminal());
             if ended {
                 self.shared.waiters.ended(&id);
+                let active = self.instances.get(&id).expect("checked above");
+                if let (Some(parent), Some(engine)) =
+                    (active.state.parent.clone(), self.shared.engine())
+                {
+                    let command = crate::child_ended_command(&active.state);
+                    tokio::spawn(async move { engine.tell_parent(&parent, command).await });
+                }
                 self.instances.remove(&id);
                 self.remember_ended(id);
             }
@@ -499,6 +510,32 @@ impl PartitionActor {
     /// Performs an effect whose cause is durable.
     fn release(&mut self, instance_id: String, effect: Effect) {
         match effect {
+            Effect::StartChild {
+                child_id,
+                definition,
+                version,
+                input,
+            } => {
+                if let Some(engine) = self.shared.engine() {
+                    tokio::spawn(engine.start_child(
+                        instance_id,
+                        child_id,
+                        definition,
+                        version,
+                        input,
+                    ));
+                }
+            }
+            Effect::CancelChild { child_id } => {
+                if let Some(engine) = self.shared.engine() {
+                    let by = format!("parent {instance_id}");
+                    tokio::spawn(async move {
+                        if let Err(err) = engine.cancel(&child_id, &by).await {
+                            tracing::debug!(child = %child_id, error = %err, "cancelling a child was refused");
+                        }
+                    });
+                }
+            }
             Effect::OfferTask(spec) => {
                 let task_id = spec.task_id.clone();
                 self.shared.board.offer(

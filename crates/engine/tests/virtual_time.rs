@@ -62,6 +62,7 @@ async fn an_hours_long_workflow_runs_in_virtual_time() {
         input: json!({}),
         id: Some(id.into()),
         restart: None,
+        parent: None,
     };
     engine.start_instance(start("v-1")).await.unwrap();
     let queues = ["payments".to_string()];

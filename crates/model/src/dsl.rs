@@ -40,8 +40,9 @@ pub const YAML_NODES_MAX: usize = 100_000;
 pub const HTTP_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 
 /// The kinds of step, each the key that introduces it.
-pub const STEP_KINDS: [&str; 10] = [
+pub const STEP_KINDS: [&str; 11] = [
     "task", "http", "sleep", "set", "fail", "wait", "human", "switch", "parallel", "foreach",
+    "workflow",
 ];
 
 const DEFINITION_KEYS: [&str; 8] = [
@@ -54,7 +55,8 @@ const DEFINITION_KEYS: [&str; 8] = [
     "steps",
     "output",
 ];
-const STEP_KEYS: [&str; 20] = [
+const STEP_KEYS: [&str; 21] = [
+    "workflow",
     "parallel",
     "foreach",
     "switch",
@@ -91,6 +93,7 @@ const COMPENSATE_KEYS: [&str; 10] = [
 ];
 const FAIL_KEYS: [&str; 2] = ["type", "message"];
 const SWITCH_KEYS: [&str; 2] = ["cases", "default"];
+const WORKFLOW_KEYS: [&str; 3] = ["definition", "version", "input"];
 const PARALLEL_KEYS: [&str; 2] = ["branches", "join"];
 const BRANCH_KEYS: [&str; 1] = ["steps"];
 const FOREACH_KEYS: [&str; 3] = ["items", "concurrency", "steps"];
@@ -359,6 +362,16 @@ pub enum StepKind {
         concurrency: usize,
         /// Steps run per item (leaf kinds, in order).
         steps: Vec<Step>,
+    },
+    /// Runs a child instance of another definition and waits for its end; its output is
+    /// the step's output, its failure the step's failure, and cancelling the step cancels it.
+    Workflow {
+        /// The child's definition.
+        definition: String,
+        /// Its version; the latest when the step starts if `None`.
+        version: Option<u32>,
+        /// The child's input.
+        input: Template,
     },
     /// A task for people: completed through the API with form data (`{"by", "data"}` is
     /// the step's output). `timeout` bounds it.
@@ -1249,6 +1262,35 @@ impl Checker {
                 if let Some(kind) = self.foreach(value, from) {
                     step.kind = kind;
                 }
+            }
+            "workflow" => {
+                let Some(entries) = self.mapping(value) else {
+                    return;
+                };
+                self.unknown_keys(&entries, &WORKFLOW_KEYS);
+                let definition = match self.require(value, &entries, "definition") {
+                    Some(e) => self.name(e.value, "definition name").unwrap_or_default(),
+                    None => String::new(),
+                };
+                let version = match get(&entries, "version").map(|e| (e, &e.value.data)) {
+                    None => None,
+                    Some((_, Data::Int(n))) if *n >= 1 && *n <= i128::from(u32::MAX) => {
+                        Some(*n as u32)
+                    }
+                    Some((e, _)) => {
+                        self.report(e.value, "version must be a positive integer");
+                        None
+                    }
+                };
+                let input = match get(&entries, "input") {
+                    Some(e) => self.template(e.value, from),
+                    None => Template::Literal(Value::Object(serde_json::Map::new())),
+                };
+                step.kind = StepKind::Workflow {
+                    definition,
+                    version,
+                    input,
+                };
             }
             _ => {
                 if let Some(duration) = self.duration(value) {

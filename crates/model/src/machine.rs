@@ -265,6 +265,11 @@ pub enum Wait {
     Paused,
     /// The lanes of a fan-out step (`parallel`, `foreach`).
     Lanes,
+    /// A child instance to end.
+    Child {
+        /// The child's id.
+        child_id: String,
+    },
 }
 
 /// The fields of the step running in one lane of work. The main lane's are the
@@ -369,6 +374,9 @@ pub struct InstanceState {
     /// The running fan-out step's lanes.
     #[serde(default)]
     pub fanout: Option<FanOut>,
+    /// The instance this one is a child of (told when this one ends).
+    #[serde(default)]
+    pub parent: Option<String>,
     /// How the lane being applied ended, if it did; only set inside one command.
     #[serde(skip)]
     pub lane_result: Option<Result<Value, ErrorInfo>>,
@@ -457,6 +465,17 @@ pub enum Command {
         by: String,
         /// The form data, checked against the step's schema.
         data: Value,
+    },
+    /// A child instance ended.
+    ChildEnded {
+        /// The child.
+        child_id: String,
+        /// Its final status name.
+        status: String,
+        /// Its output (when completed).
+        output: Option<Value>,
+        /// Its error (otherwise).
+        error: Option<ErrorInfo>,
     },
     /// A named signal with its payload.
     Signal {
@@ -591,6 +610,23 @@ pub enum Effect {
         /// Which timer.
         timer: TimerId,
     },
+    /// Start a child instance (idempotent: its id is fixed by the parent's step and
+    /// attempt); report its end with `Command::ChildEnded`.
+    StartChild {
+        /// The child's id.
+        child_id: String,
+        /// Its definition.
+        definition: String,
+        /// Its version (the latest if `None`).
+        version: Option<u32>,
+        /// Its input.
+        input: Value,
+    },
+    /// Cancel a child instance (with its compensations).
+    CancelChild {
+        /// The child's id.
+        child_id: String,
+    },
 }
 
 /// A task to offer to workers.
@@ -677,6 +713,19 @@ pub enum Rejection {
     InvalidData(Vec<(String, String)>),
 }
 
+/// The id of the child instance an attempt of a `workflow` step starts: readable, and
+/// within the id limits (hashed when the parent's id is long).
+pub fn child_id(parent_id: &str, step_id: &str, attempt: u32) -> String {
+    let readable = format!("{parent_id}.{}.{attempt}", step_id.replace('~', "_"));
+    if readable.len() <= 128 {
+        return readable;
+    }
+    format!(
+        "child-{:016x}-{attempt}",
+        jitter_sample(parent_id, step_id, attempt)
+    )
+}
+
 /// Builds the task id of an attempt.
 pub fn task_id(instance_id: &str, step_id: &str, attempt: u32) -> String {
     format!("{instance_id}:{step_id}:{attempt}")
@@ -755,6 +804,7 @@ pub fn start_restarted(
         signals: BTreeMap::new(),
         restarted_from: restarted_from.clone(),
         fanout: None,
+        parent: None,
         lane_result: None,
         output: None,
         error: None,
@@ -848,6 +898,32 @@ fn dispatch(
             check_running(state)?;
             current_task(state, &task_id)?;
             complete_step(state, definition, output, now, t);
+        }
+        Command::ChildEnded {
+            child_id,
+            status,
+            output,
+            error,
+        } => {
+            check_running(state)?;
+            if !matches!(&state.wait, Wait::Child { child_id: current } if *current == child_id) {
+                return Err(Rejection::NotCurrent);
+            }
+            if status == InstanceStatus::Completed.as_str() {
+                complete_step(state, definition, output.unwrap_or(Value::Null), now, t);
+            } else {
+                let cause = error
+                    .map(|e| format!("{}: {}", e.error_type, e.message))
+                    .unwrap_or_default();
+                let error = ErrorInfo {
+                    error_type: format!("child_{status}"),
+                    message: format!("child instance {child_id} ended {status} {cause}")
+                        .trim()
+                        .to_string(),
+                };
+                // The child retried its own steps already; the step's policy decides again.
+                attempt_failed(state, definition, error, true, now, t);
+            }
         }
         Command::CompleteHuman { task_id, by, data } => {
             check_running(state)?;
@@ -1102,6 +1178,9 @@ fn lane_target(fanout: &FanOut, definition: &Definition, command: &Command) -> O
         Command::Signal { name, .. } => {
             find(&|lane| matches!(&lane.wait, Wait::Signal { name: waiting } if waiting == name))
         }
+        Command::ChildEnded { child_id, .. } => find(
+            &|lane| matches!(&lane.wait, Wait::Child { child_id: current } if current == child_id),
+        ),
         _ => None,
     }
 }
@@ -1344,7 +1423,7 @@ fn fire_timer(
         TimerId::AttemptTimeout { step, attempt } => {
             let running = matches!(
                 state.wait,
-                Wait::Task { .. } | Wait::Http | Wait::Signal { .. }
+                Wait::Task { .. } | Wait::Http | Wait::Signal { .. } | Wait::Child { .. }
             );
             if !is_current(step) || attempt != state.attempt || !running {
                 return Err(Rejection::NotCurrent);
@@ -1606,6 +1685,32 @@ fn schedule_attempt(
             // A `fail` step means it: never retried (it may be caught).
             attempt_failed_after_cancel(state, definition, error, false, now, t);
         }
+        StepKind::Workflow {
+            definition: child_definition,
+            version,
+            input,
+        } => {
+            let input = match input.eval(&state.context) {
+                Ok(value) => value,
+                Err(err) => return expression_failed(state, definition, &err.message, now, t),
+            };
+            let child_id = child_id(&state.id, &step_id, attempt);
+            t.events.push(EventKind::StepScheduled {
+                step_id,
+                attempt,
+                input: Some(
+                    json!({ "child_id": child_id, "definition": child_definition, "input": input }),
+                ),
+            });
+            t.effects.push(Effect::StartChild {
+                child_id: child_id.clone(),
+                definition: child_definition.clone(),
+                version: *version,
+                input,
+            });
+            t.effects.extend(timeout_timer);
+            state.wait = Wait::Child { child_id };
+        }
         StepKind::Parallel { branches, .. } => {
             t.events.push(EventKind::StepScheduled {
                 step_id,
@@ -1826,6 +1931,27 @@ pub fn resume_effects(state: &InstanceState, definition: &Definition) -> Vec<Eff
             });
         }
         return effects;
+    }
+    if let Wait::Child { child_id } = &state.wait {
+        // The child may not have been started, or its end not reported, before a crash:
+        // starting it again is idempotent and reports an end that already happened.
+        let current = state.current.expect("a child wait has a current step");
+        if let StepKind::Workflow {
+            definition: child_definition,
+            version,
+            input,
+        } = &current.resolve(definition).kind
+        {
+            if let Ok(input) = input.eval(&state.context) {
+                return vec![Effect::StartChild {
+                    child_id: child_id.clone(),
+                    definition: child_definition.clone(),
+                    version: *version,
+                    input,
+                }];
+            }
+        }
+        return Vec::new();
     }
     if state.wait != Wait::Http {
         return Vec::new();
@@ -2318,6 +2444,11 @@ fn withdraw_attempt(state: &InstanceState, t: &mut Transition) {
     if let Wait::Task { task_id } = &state.wait {
         t.effects.push(Effect::WithdrawTask {
             task_id: task_id.clone(),
+        });
+    }
+    if let Wait::Child { child_id } = &state.wait {
+        t.effects.push(Effect::CancelChild {
+            child_id: child_id.clone(),
         });
     }
 }

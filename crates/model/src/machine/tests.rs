@@ -1285,3 +1285,88 @@ fn lanes_retry_pause_and_cancel() {
     assert_eq!(state.status, InstanceStatus::Cancelled);
     assert!(state.fanout.is_none());
 }
+
+#[test]
+fn child_workflows_start_report_back_and_are_cancelled_with_their_parent() {
+    let source = r#"
+name: parent
+retry: { max_attempts: 2, backoff: fixed, interval: 1s }
+steps:
+  - id: child
+    workflow: { definition: kid, input: { n: "${ .input.n }" } }
+  - id: after
+    task: q
+    input: "${ .steps.child.output }"
+"#;
+    let d = crate::dsl::parse(source).unwrap();
+    let (mut state, t) = start(&d, 1, "p", json!({"n": 3}), 0);
+    assert_eq!(
+        t.effects[0],
+        Effect::StartChild {
+            child_id: "p.child.1".into(),
+            definition: "kid".into(),
+            version: None,
+            input: json!({"n": 3})
+        }
+    );
+    assert_eq!(
+        resume_effects(&state, &d),
+        vec![t.effects[0].clone()],
+        "after a crash the start is repeated (idempotent)"
+    );
+    let ended = |status: &str, output| Command::ChildEnded {
+        child_id: "p.child.1".into(),
+        status: status.into(),
+        output,
+        error: None,
+    };
+    let t = handle(&mut state, &d, ended("failed", None), 1).unwrap();
+    assert_eq!(types(&t), ["step_failed", "step_retry_scheduled"]);
+    let stale = handle(&mut state, &d, ended("completed", Some(json!(1))), 2);
+    assert_eq!(
+        stale,
+        Err(Rejection::NotCurrent),
+        "the first child's late end is not current"
+    );
+    let t = handle(
+        &mut state,
+        &d,
+        Command::FireTimer {
+            timer: TimerId::Retry {
+                step: main(0),
+                attempt: 2,
+            },
+        },
+        1001,
+    )
+    .unwrap();
+    assert!(
+        matches!(&t.effects[0], Effect::StartChild { child_id, .. } if child_id == "p.child.2")
+    );
+    let t = handle(&mut state, &d, Command::Cancel { by: by() }, 1002).unwrap();
+    assert!(
+        t.effects.contains(&Effect::CancelChild {
+            child_id: "p.child.2".into()
+        }),
+        "cancellation propagates"
+    );
+
+    let (mut other, _) = start(&d, 1, "o", json!({"n": 1}), 0);
+    let done = Command::ChildEnded {
+        child_id: "o.child.1".into(),
+        status: "completed".into(),
+        output: Some(json!({"k": 1})),
+        error: None,
+    };
+    let t = handle(&mut other, &d, done, 1).unwrap();
+    let Some(Effect::OfferTask(next)) =
+        t.effects.iter().find(|e| matches!(e, Effect::OfferTask(_)))
+    else {
+        panic!()
+    };
+    assert_eq!(
+        next.input,
+        json!({"k": 1}),
+        "the child's output is the step's output"
+    );
+}
