@@ -780,14 +780,14 @@ async fn recovery_operations_signals_and_compensation() {
     let reserve = h.take("inventory").await;
     h.finish(&reserve, json!({"id": "r-1"})).await;
 
-    // Pause: the running task may finish, the next step waits.
+    // Pause: a task already taken may finish; the next step waits.
+    let charge = h.take("payments").await;
     let (status, paused) = h
         .post("/v1/instances/s-1/pause", json!({"by": "ops"}))
         .await;
     assert_eq!((status, paused["status"].clone()), (200, json!("paused")));
     check_refused(&h, "POST", "/v1/instances/s-1/pause", None, 409, "conflict").await;
     check_refused(&h, "POST", "/v1/instances/s-1/retry", None, 409, "conflict").await;
-    let charge = h.take("payments").await;
     h.finish(&charge, json!({"id": "c-1"})).await;
     let (_, idle) = h
         .post(
@@ -986,6 +986,23 @@ async fn recovery_operations_signals_and_compensation() {
         h.get("/v1/instances/s-4").await.1["status"],
         json!("cancelled")
     );
+    // A paused instance's offered task is held back until it resumes.
+    assert_eq!(h.post("/v1/instances", start("s-5")).await.0, 201);
+    assert_eq!(h.post("/v1/instances/s-5/pause", json!({})).await.0, 200);
+    let (_, held) = h
+        .post(
+            "/v1/tasks/poll",
+            json!({"queues": ["inventory"], "wait_ms": 100}),
+        )
+        .await;
+    assert_eq!(
+        held["tasks"],
+        json!([]),
+        "a paused instance dispatches no task"
+    );
+    assert_eq!(h.post("/v1/instances/s-5/resume", json!({})).await.0, 200);
+    let released = h.take("inventory").await;
+    assert_eq!(released["instance_id"], json!("s-5"));
     check_refused(
         &h,
         "POST",

@@ -692,8 +692,14 @@ impl Engine {
 
     /// Cancels a running instance gracefully: its compensations run, then it ends `cancelled`.
     pub async fn cancel(&self, id: &str, by: &str) -> Result<InstanceView, Error> {
-        self.operate(id, Command::Cancel { by: by.to_string() })
-            .await
+        let result = self
+            .operate(id, Command::Cancel { by: by.to_string() })
+            .await;
+        // A cancel ends a pause: the compensations must be handed out.
+        if result.is_ok() {
+            self.inner.shared.board.resume_instance(id);
+        }
+        result
     }
 
     /// Ends a running instance at once, without compensation.
@@ -702,19 +708,41 @@ impl Engine {
             by: by.to_string(),
             reason: reason.to_string(),
         };
-        self.operate(id, command).await
+        let result = self.operate(id, command).await;
+        if result.is_ok() {
+            self.inner.shared.board.resume_instance(id);
+        }
+        result
     }
 
-    /// Pauses a running instance: no new attempt starts; running tasks may finish.
+    /// Pauses a running instance: no new attempt starts, and tasks offered but not yet
+    /// taken are held back; tasks already taken may finish.
     pub async fn pause(&self, id: &str, by: &str) -> Result<InstanceView, Error> {
-        self.operate(id, Command::Pause { by: by.to_string() })
-            .await
+        // Held before the pause commits, so that no task slips out in between; a refused
+        // pause lets go again.
+        self.inner.shared.board.pause_instance(id);
+        let result = self
+            .operate(id, Command::Pause { by: by.to_string() })
+            .await;
+        if result.is_err() {
+            let still_paused =
+                matches!(self.instance(id).await, Ok(Some(view)) if view.status == "paused");
+            if !still_paused {
+                self.inner.shared.board.resume_instance(id);
+            }
+        }
+        result
     }
 
     /// Resumes a paused instance.
     pub async fn resume(&self, id: &str, by: &str) -> Result<InstanceView, Error> {
-        self.operate(id, Command::Resume { by: by.to_string() })
-            .await
+        let result = self
+            .operate(id, Command::Resume { by: by.to_string() })
+            .await;
+        if result.is_ok() {
+            self.inner.shared.board.resume_instance(id);
+        }
+        result
     }
 
     /// Delivers a signal; kept by the instance until a `wait` step takes it.

@@ -143,6 +143,9 @@ impl PartitionActor {
             for effect in machine::resume_effects(&state, &definition) {
                 resume.push((state.id.clone(), effect));
             }
+            if state.status == machine::InstanceStatus::Paused {
+                shared.board.pause_instance(&state.id);
+            }
             actor
                 .instances
                 .insert(state.id.clone(), Active { state, definition });

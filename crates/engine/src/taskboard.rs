@@ -88,6 +88,10 @@ struct Inner {
     /// Leased task ids, for the expiry scan.
     leased: HashMap<String, u64>,
     token_next: u64,
+    /// Paused instances: their tasks are not handed out.
+    paused: std::collections::HashSet<String>,
+    /// Tasks of paused instances taken off their queues, to go back on resume.
+    held: HashMap<String, Vec<String>>,
 }
 
 /// The board; cheap to share.
@@ -241,6 +245,14 @@ impl TaskBoard {
                 if entry.lease.is_some() || entry.timed_out {
                     continue;
                 }
+                if inner.paused.contains(&entry.task.instance_id) {
+                    inner
+                        .held
+                        .entry(entry.task.instance_id.clone())
+                        .or_default()
+                        .push(task_id);
+                    continue;
+                }
                 inner.token_next = inner.token_next.wrapping_add(1);
                 let token = inner.token_next;
                 let heartbeat_due = entry
@@ -335,6 +347,34 @@ impl TaskBoard {
             });
         }
         timed_out
+    }
+
+    /// Hands out no task of `instance_id` until it is resumed (a paused instance).
+    pub fn pause_instance(&self, instance_id: &str) {
+        self.inner
+            .lock()
+            .expect("board lock")
+            .paused
+            .insert(instance_id.to_string());
+    }
+
+    /// Hands out `instance_id`'s tasks again.
+    pub fn resume_instance(&self, instance_id: &str) {
+        {
+            let mut inner = self.inner.lock().expect("board lock");
+            let inner = &mut *inner;
+            inner.paused.remove(instance_id);
+            for task_id in inner.held.remove(instance_id).unwrap_or_default() {
+                if let Some(entry) = inner.entries.get(&task_id) {
+                    inner
+                        .queues
+                        .entry(entry.task.queue.clone())
+                        .or_default()
+                        .push_front(task_id);
+                }
+            }
+        }
+        self.offered.notify_waiters();
     }
 
     /// Every task of `queue` on the board (human tasks are listed, never polled).
