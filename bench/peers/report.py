@@ -217,19 +217,20 @@ def main():
     lines.append("")
     lines.append("Per point (instances completed in the run, seconds, load average at its start):")
     lines.append("")
-    lines.append("| system | in flight | completed | errors | seconds | instances/s | load avg (1 min) |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("| system | in flight | completed | errors | seconds | instances/s | server-side CPU s | load avg (1 min) |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for c in concs:
         for s in present:
             pt = by.get((s, c))
             if not pt:
                 continue
             if "failed_to_run" in pt:
-                lines.append(f"| {LABELS[s]} | {c} | did not run: {pt['failed_to_run'][:120]} | | | | |")
+                lines.append(f"| {LABELS[s]} | {c} | did not run: {pt['failed_to_run'][:120]} | | | | | |")
                 continue
             lines.append(
                 f"| {LABELS[s]} | {c} | {pt.get('completed')} | {pt.get('errors', 0)} | "
                 f"{pt.get('elapsed_s', 0):.1f} | {fmt_num(pt.get('instances_per_s'))} | "
+                f"{fmt_num(pt.get('server_side_cpu_s', pt.get('server_cpu_s')))} | "
                 f"{str(pt.get('loadavg_at_start', '')).split()[0] if pt.get('loadavg_at_start') else ''} |"
             )
     table = "\n".join(lines) + "\n"

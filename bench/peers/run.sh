@@ -11,9 +11,13 @@
 # --seconds S       peers: stop starting new instances after S seconds (default 10)
 # --max-load L      before each point, wait until the 1-minute load average is below L (default 1.0)
 # --load-wait S     ... but at most S seconds (default 600); the load at the start is recorded
+# --total-wait S    ... and at most S seconds over the whole sweep (default 1800)
 # --weir-from-head  build weir from `git archive HEAD` in $PEERS_DIR/weir-src instead of the
 #                   working tree (when the tree is mid-edit)
+# --weir-rev REV    the same, from commit REV (e.g. to re-measure points with the same build)
 # --out DIR         where <date>.json and <date>.png go (default bench/peers/results)
+# --merge RUN_DIR   re-measure only the points asked for (--systems, --concurrency) and take every
+#                   other point from an earlier run directory ($PEERS_DIR/runs/<stamp>)
 #
 # Everything listens on 127.0.0.1 only, on free ports picked at start. Every process started here
 # is stopped by its PID on exit (trap EXIT). Peers are installed outside the repository, in
@@ -29,8 +33,11 @@ CONCURRENCY="1 16 64 256"
 SECONDS_CAP=10
 MAX_LOAD=1.0
 LOAD_WAIT=600
+TOTAL_WAIT=1800
 WEIR_FROM_HEAD=0
+WEIR_REV=HEAD
 OUT_DIR="$HERE/results"
+MERGE_DIR=""
 STEPS=3
 
 while [ $# -gt 0 ]; do
@@ -41,8 +48,11 @@ while [ $# -gt 0 ]; do
     --seconds) SECONDS_CAP="$2"; shift ;;
     --max-load) MAX_LOAD="$2"; shift ;;
     --load-wait) LOAD_WAIT="$2"; shift ;;
+    --total-wait) TOTAL_WAIT="$2"; shift ;;
     --weir-from-head) WEIR_FROM_HEAD=1 ;;
+    --weir-rev) WEIR_FROM_HEAD=1; WEIR_REV="$2"; shift ;;
     --out) OUT_DIR="$2"; shift ;;
+    --merge) MERGE_DIR="$2"; shift ;;
     -h|--help) sed -n 2,22p "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
@@ -110,17 +120,33 @@ wait_http() { # URL TIMEOUT_S
   return 1
 }
 
+WAITED_TOTAL=0
 wait_quiet() {
   [ "$LOAD_WAIT" -gt 0 ] || return 0
   local waited=0
   while awk -v max="$MAX_LOAD" '{exit !($1 >= max)}' /proc/loadavg; do
-    if [ "$waited" -ge "$LOAD_WAIT" ]; then
-      log "load average still $(cut -d' ' -f1 /proc/loadavg) after ${LOAD_WAIT}s; going on (recorded)"
+    if [ "$waited" -ge "$LOAD_WAIT" ] || [ "$WAITED_TOTAL" -ge "$TOTAL_WAIT" ]; then
+      log "load average still $(cut -d' ' -f1 /proc/loadavg) after ${waited}s (${WAITED_TOTAL}s in all); going on (recorded)"
       return 0
     fi
-    sleep 10
-    waited=$((waited + 10))
+    sleep 5
+    waited=$((waited + 5)); WAITED_TOTAL=$((WAITED_TOTAL + 5))
   done
+}
+
+# CPU seconds (user+system) used so far by the given PIDs (children reaped by them included).
+cpu_of() {
+  local total=0 pid t
+  for pid in "$@"; do
+    t="$(awk '{print $14+$15+$16+$17}' "/proc/$pid/stat" 2>/dev/null || echo 0)"
+    total=$((total + t))
+  done
+  awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.2f", t/hz}'
+}
+# CPU seconds of a PostgreSQL cluster: the postmaster and all its live backends.
+pg_cpu() {
+  local ppid="$1"
+  cpu_of "$ppid" $(pgrep -P "$ppid" 2>/dev/null || true)
 }
 
 # instances per point: an upper bound; peers also stop starting new ones after SECONDS_CAP.
@@ -146,6 +172,9 @@ system, c, load = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 raw = sys.stdin.read().strip().splitlines()
 point = json.loads(raw[-1]) if raw else {}
 point.update({"system": system, "concurrency": c, "loadavg_at_start": load})
+if len(sys.argv) > 4:
+    point["server_side_cpu_s"] = float(sys.argv[4])
+    point["server_side_processes"] = sys.argv[5]
 print(json.dumps(point))
 ' "$@" >> "$RESULTS"
 }
@@ -163,14 +192,14 @@ PEERS_DIR="$PEERS_DIR" "$HERE/install.sh"
 
 if [ "$WEIR_FROM_HEAD" = 1 ]; then
   WEIR_SRC="$PEERS_DIR/weir-src"
-  WEIR_COMMIT="$(git -C "$REPO" rev-parse HEAD)"
+  WEIR_COMMIT="$(git -C "$REPO" rev-parse "$WEIR_REV^{commit}")"
   if [ "$(cat "$WEIR_SRC/.weir-commit" 2>/dev/null)" != "$WEIR_COMMIT" ]; then
     rm -rf "$WEIR_SRC" && mkdir -p "$WEIR_SRC"
-    git -C "$REPO" archive HEAD | tar -x -C "$WEIR_SRC"
+    git -C "$REPO" archive "$WEIR_COMMIT" | tar -x -C "$WEIR_SRC"
     echo "$WEIR_COMMIT" > "$WEIR_SRC/.weir-commit"
   fi
   WEIR_TARGET="$PEERS_DIR/weir-target"
-  WEIR_DIRTY="built from HEAD (git archive), working tree ignored"
+  WEIR_DIRTY="built from commit $WEIR_COMMIT (git archive), working tree ignored"
 else
   WEIR_SRC="$REPO"
   WEIR_TARGET="$REPO/target"
@@ -233,9 +262,11 @@ run_restate() { # C N LOAD
   fi
   curl -fsS -X POST "http://127.0.0.1:$admin/deployments" -H 'content-type: application/json' \
     -d "{\"uri\": \"http://127.0.0.1:$svc\"}" > "$base.register.json"
+  local cpu0; cpu0="$(cpu_of "$pid" "$spid")"
   if timeout 600 "$RESTATE_DRIVER" "http://127.0.0.1:$ingress" "$n" "$STEPS" "$c" "$SECONDS_CAP" \
       > "$base.json" 2> "$base.driver.log"; then
-    record restate "$c" "$load" < "$base.json"
+    record restate "$c" "$load" "$(awk -v a="$cpu0" -v b="$(cpu_of "$pid" "$spid")" 'BEGIN{print b-a}')" \
+      "restate-server + our Rust service" < "$base.json"
   else
     record_failure restate "$c" "$load" "driver failed: $(tail -c 300 "$base.driver.log")"
   fi
@@ -260,9 +291,12 @@ run_temporal() { # C N LOAD
   wc=$(( c > 16 ? c : 16 ))
   "$PY" "$HERE/temporal_seq.py" worker --address "127.0.0.1:$port" --concurrency "$wc" > "$dir/worker.log" 2>&1 &
   wpid=$!; PIDS+=("$wpid")
+  sleep 1
+  local cpu0; cpu0="$(cpu_of "$pid" "$wpid")"
   if timeout 600 "$PY" "$HERE/temporal_seq.py" drive --address "127.0.0.1:$port" --instances "$n" \
       --steps "$STEPS" --concurrency "$c" --max-seconds "$SECONDS_CAP" > "$dir/driver.json" 2> "$dir/driver.log"; then
-    record temporal "$c" "$load" < "$dir/driver.json"
+    record temporal "$c" "$load" "$(awk -v a="$cpu0" -v b="$(cpu_of "$pid" "$wpid")" 'BEGIN{print b-a}')" \
+      "temporal dev server + our Python worker" < "$dir/driver.json"
   else
     record_failure temporal "$c" "$load" "driver failed: $(tail -c 300 "$dir/driver.log")"
   fi
@@ -298,14 +332,15 @@ run_dbos() { # C N LOAD
     "select name || '=' || setting from pg_settings where name in ('fsync','synchronous_commit','full_page_writes','wal_sync_method','server_version')" \
     > "$RUN_DIR/pg-settings.txt" 2>&1 || true
   url="postgresql://postgres@127.0.0.1:$port/weir_peer_seq"
+  local ppid cpu0; ppid="$(head -1 "$PG_DATA/postmaster.pid")"; cpu0="$(pg_cpu "$ppid")"
   if timeout 600 "$PY" "$HERE/dbos_seq.py" --database-url "$url" --instances "$n" --steps "$STEPS" \
       --concurrency "$c" --max-seconds "$SECONDS_CAP" --executor-threads 20 \
       > "$dir/driver.json" 2> "$dir/driver.log"; then
-    record dbos "$c" "$load" < "$dir/driver.json"
+    record dbos "$c" "$load" "$(awk -v a="$cpu0" -v b="$(pg_cpu "$ppid")" 'BEGIN{print b-a}')" \
+      "PostgreSQL only (DBOS runs inside the client process; includes schema set-up)" < "$dir/driver.json"
   else
     record_failure dbos "$c" "$load" "driver failed: $(tail -c 300 "$dir/driver.log")"
   fi
-  local ppid; ppid="$(head -1 "$PG_DATA/postmaster.pid")"
   pg_stop
   stop_pid "$ppid"
   PG_DATA=""
@@ -339,6 +374,35 @@ for c in $CONCURRENCY; do
     tail -1 "$RESULTS" | cut -c1-300 >&2
   done
 done
+# every point says which run measured it
+"$PY" -c '
+import json, sys
+path, stamp = sys.argv[1], sys.argv[2]
+pts = [json.loads(l) for l in open(path) if l.strip()]
+with open(path, "w") as f:
+    for p in pts:
+        p.setdefault("run", stamp)
+        f.write(json.dumps(p) + "\n")
+' "$RESULTS" "$STAMP"
+if [ -n "$MERGE_DIR" ]; then
+  log "taking the other points from $MERGE_DIR"
+  "$PY" -c '
+import json, sys
+new_path, old_path, old_stamp = sys.argv[1], sys.argv[2], sys.argv[3]
+new = [json.loads(l) for l in open(new_path) if l.strip()]
+have = {(p["system"], p["concurrency"]) for p in new}
+old = [json.loads(l) for l in open(old_path) if l.strip()]
+merged = []
+for p in old:
+    p.setdefault("run", old_stamp)
+    if (p["system"], p["concurrency"]) not in have:
+        merged.append(p)
+merged += new
+with open(new_path, "w") as f:
+    for p in merged:
+        f.write(json.dumps(p) + "\n")
+' "$RESULTS" "$MERGE_DIR/points.jsonl" "$(basename "$MERGE_DIR")"
+fi
 
 # ---------------------------------------------------------------- report
 if [ "$QUICK" = 1 ] && [ "$OUT_DIR" = "$HERE/results" ]; then
