@@ -191,6 +191,45 @@ pub struct DefinitionRecord {
     pub created_at: u64,
 }
 
+/// What a node announces about itself in every heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    /// The node's name (its lease owner name).
+    pub node_id: String,
+    /// Base URL peers use to reach its API, e.g. `http://127.0.0.1:7601`.
+    pub url: String,
+    /// Whether it is a standby: it takes partitions only when too few active nodes live.
+    pub standby: bool,
+}
+
+/// A cluster member as the store records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The node's name.
+    pub node_id: String,
+    /// Base URL of its API.
+    pub url: String,
+    /// Whether it is a standby.
+    pub standby: bool,
+    /// Whether an operator asked it to hand its partitions over (`weir node drain`).
+    pub draining: bool,
+    /// When it joined (ms since the Unix epoch, the store's clock).
+    pub joined_at: u64,
+    /// Its last heartbeat (ms since the Unix epoch, the store's clock).
+    pub last_heartbeat: u64,
+    /// Whether its last heartbeat is within the failure-detection timeout, by the store's clock.
+    pub alive: bool,
+}
+
+/// The membership as of one reading of the store's clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// The store's clock at the reading (ms since the Unix epoch).
+    pub now: u64,
+    /// Every recorded member, alive or not, ordered by node id.
+    pub members: Vec<Member>,
+}
+
 /// Filter and page of an instance listing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InstanceQuery {
@@ -207,9 +246,35 @@ pub struct InstanceQuery {
 /// The store: durable state of one weir deployment.
 ///
 /// Methods block; the engine calls them from threads meant for it.
+///
+/// Time: lease and membership methods take the caller's clock (`now`, ms since
+/// the Unix epoch). A store shared by several nodes (PostgreSQL) ignores it and
+/// uses its own clock for every expiry and heartbeat, so that the nodes' clocks
+/// never decide who owns what; expiries it returns are on that clock.
 pub trait Store: Send + Sync + 'static {
     /// Number of partitions, fixed when the store was created.
     fn partition_count(&self) -> u32;
+
+    /// Records a heartbeat of `node` (inserting it if absent) and returns the
+    /// membership. With `joining`, a previous `draining` flag is cleared (a node
+    /// that restarts rejoins); otherwise the flag is kept. A member is alive when
+    /// its last heartbeat is less than `failure_timeout_ms` old.
+    fn heartbeat(
+        &self,
+        node: &Announcement,
+        joining: bool,
+        now: u64,
+        failure_timeout_ms: u64,
+    ) -> Result<Membership, Error>;
+
+    /// The membership, read only (for status pages).
+    fn membership(&self, now: u64, failure_timeout_ms: u64) -> Result<Membership, Error>;
+
+    /// Removes a member (graceful shutdown).
+    fn leave(&self, node_id: &str) -> Result<(), Error>;
+
+    /// Sets or clears a member's `draining` flag; `false` if there is no such member.
+    fn set_draining(&self, node_id: &str, draining: bool) -> Result<bool, Error>;
 
     /// Takes the lease of `partition` for `owner` if it is free, expired or already
     /// `owner`'s, incrementing its epoch. Returns `None` if another owner holds it.

@@ -12,8 +12,9 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::{
-    DefinitionRecord, Error, EventRecord, InstanceQuery, InstanceRecord, Lease, PartitionBatch,
-    PartitionSnapshot, Refusal, Store, TaskRecord, TimerRecord, PARTITION_COUNT_MAX,
+    Announcement, DefinitionRecord, Error, EventRecord, InstanceQuery, InstanceRecord, Lease,
+    Member, Membership, PartitionBatch, PartitionSnapshot, Refusal, Store, TaskRecord, TimerRecord,
+    PARTITION_COUNT_MAX,
 };
 
 /// Name of the database file inside the data directory.
@@ -85,6 +86,16 @@ CREATE TABLE timers (
     PRIMARY KEY (instance_id, key)
 ) WITHOUT ROWID;
 CREATE INDEX timers_partition ON timers (partition);
+"#,
+r#"
+CREATE TABLE members (
+    node_id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    standby INTEGER NOT NULL,
+    draining INTEGER NOT NULL DEFAULT 0,
+    joined_at INTEGER NOT NULL,
+    last_heartbeat INTEGER NOT NULL
+) WITHOUT ROWID;
 "#];
 
 /// The SQLite store of one data directory.
@@ -297,6 +308,32 @@ fn lease_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
 
 /// Applies one partition's batch inside an open transaction. Returns `Ok(false)`
 /// when the partition's epoch or log end is not what the batch expects.
+fn read_membership(
+    connection: &Connection,
+    now: u64,
+    failure_timeout_ms: u64,
+) -> Result<Membership, Error> {
+    let mut statement = connection.prepare_cached(
+        "SELECT node_id, url, standby, draining, joined_at, last_heartbeat FROM members ORDER BY node_id",
+    )?;
+    let rows = statement.query_map([], |row| {
+        let last_heartbeat = to_u64(row.get(5)?);
+        Ok(Member {
+            node_id: row.get(0)?,
+            url: row.get(1)?,
+            standby: row.get(2)?,
+            draining: row.get(3)?,
+            joined_at: to_u64(row.get(4)?),
+            last_heartbeat,
+            alive: now.saturating_sub(last_heartbeat) < failure_timeout_ms,
+        })
+    })?;
+    Ok(Membership {
+        now,
+        members: rows.collect::<Result<Vec<_>, _>>()?,
+    })
+}
+
 fn apply_batch(transaction: &Connection, batch: &PartitionBatch) -> Result<bool, Error> {
     let seq_after = batch.seq_before + batch.events.len() as u64;
     // One statement both fences (epoch) and guards the log's contiguity (last_seq).
@@ -407,6 +444,51 @@ fn apply_batch(transaction: &Connection, batch: &PartitionBatch) -> Result<bool,
 impl Store for SqliteStore {
     fn partition_count(&self) -> u32 {
         self.partition_count
+    }
+
+    fn heartbeat(
+        &self,
+        node: &Announcement,
+        joining: bool,
+        now: u64,
+        failure_timeout_ms: u64,
+    ) -> Result<Membership, Error> {
+        self.write(|connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            transaction.execute(
+                "INSERT INTO members (node_id, url, standby, draining, joined_at, last_heartbeat)
+                 VALUES (?1, ?2, ?3, 0, ?4, ?4)
+                 ON CONFLICT (node_id) DO UPDATE SET url = excluded.url, standby = excluded.standby,
+                     last_heartbeat = excluded.last_heartbeat,
+                     draining = CASE WHEN ?5 THEN 0 ELSE members.draining END,
+                     joined_at = CASE WHEN ?5 THEN excluded.joined_at ELSE members.joined_at END",
+                params![node.node_id, node.url, node.standby, to_i64(now), joining],
+            )?;
+            let membership = read_membership(&transaction, now, failure_timeout_ms)?;
+            transaction.commit()?;
+            Ok(membership)
+        })
+    }
+
+    fn membership(&self, now: u64, failure_timeout_ms: u64) -> Result<Membership, Error> {
+        self.read(|connection| read_membership(connection, now, failure_timeout_ms))
+    }
+
+    fn leave(&self, node_id: &str) -> Result<(), Error> {
+        self.write(|connection| {
+            connection.execute("DELETE FROM members WHERE node_id = ?1", params![node_id])?;
+            Ok(())
+        })
+    }
+
+    fn set_draining(&self, node_id: &str, draining: bool) -> Result<bool, Error> {
+        self.write(|connection| {
+            let changed = connection.execute(
+                "UPDATE members SET draining = ?1 WHERE node_id = ?2",
+                params![draining, node_id],
+            )?;
+            Ok(changed == 1)
+        })
     }
 
     fn acquire_lease(
