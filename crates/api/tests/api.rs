@@ -1177,7 +1177,7 @@ steps:
         201
     );
     let work = h.take("kid-work").await;
-    assert_eq!(work["instance_id"], json!("p-1.spawn.1"));
+    assert_eq!(work["instance_id"], json!("p-1~spawn~1"));
     assert_eq!(work["input"], json!({"n": 7}));
     h.finish(&work, json!({"made": 7})).await;
     let after = h.take("parent-work").await;
@@ -1207,7 +1207,7 @@ steps:
     assert_eq!(status, 200);
     let mut child_status = Value::Null;
     for _ in 0..100 {
-        child_status = h.get("/v1/instances/p-2.spawn.1").await.1["status"].clone();
+        child_status = h.get("/v1/instances/p-2~spawn~1").await.1["status"].clone();
         if child_status == json!("cancelled") {
             break;
         }

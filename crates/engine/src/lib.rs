@@ -10,6 +10,7 @@ mod committer;
 mod definitions;
 mod http_call;
 mod partition;
+pub mod ring;
 mod taskboard;
 mod waiters;
 
@@ -556,7 +557,10 @@ impl Engine {
     ) -> Result<(InstanceView, StartOutcome), Error> {
         let id = match request.id {
             Some(id) => {
-                check_id("instance id", &id)?;
+                // Child ids carry the separator users may not use; they come from the machine.
+                if request.parent.is_none() {
+                    check_id("instance id", &id)?;
+                }
                 if let Some(existing) = self.instance(&id).await? {
                     return Ok((existing, StartOutcome::Existing));
                 }
@@ -1059,10 +1063,12 @@ fn conflict_is_stale(err: Error) -> Error {
 /// The partition an instance belongs to for life: FNV-1a of its id modulo the count.
 ///
 /// This function is part of the stored format: changing it would move instances.
+/// Only the root instance's part of the id counts ([`machine::partition_key`]), so
+/// that children live with their parents.
 pub fn partition_of(instance_id: &str, partition_count: u32) -> u32 {
     assert!(partition_count > 0);
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in instance_id.bytes() {
+    for byte in machine::partition_key(instance_id).bytes() {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }

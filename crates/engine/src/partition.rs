@@ -155,7 +155,7 @@ impl PartitionActor {
                 .ok_or_else(|| Error::Corrupt(format!("task {}", task.task_id)))?;
             shared.board.offer(
                 task.task_id,
-                offer.into_board_task(partition, task.instance_id),
+                offer.into_board_task(partition, epoch, task.instance_id),
             );
         }
         for timer in snapshot.timers {
@@ -545,6 +545,7 @@ impl PartitionActor {
                     task_id,
                     BoardTask {
                         partition: self.partition,
+                        epoch: self.epoch,
                         queue: spec.queue,
                         instance_id,
                         step_id: spec.step_id,
@@ -696,9 +697,10 @@ impl StoredTask {
         })
     }
 
-    fn into_board_task(self, partition: u32, instance_id: String) -> BoardTask {
+    fn into_board_task(self, partition: u32, epoch: u64, instance_id: String) -> BoardTask {
         BoardTask {
             partition,
+            epoch,
             queue: self.queue,
             instance_id,
             step_id: self.step_id,

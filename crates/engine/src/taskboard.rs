@@ -2,8 +2,16 @@
 //!
 //! It is memory only, rebuilt from the store's task table when a partition is
 //! loaded: a task is on the board exactly while its row is committed and its
-//! attempt is current. Leases are not durable: after a restart every task is
-//! offered again under a new lease token, and an old token is refused.
+//! attempt is current. Leases are not durable: after a restart or a failover the
+//! new owner offers every task again under a new lease token.
+//!
+//! A lease token names the partition epoch it was issued under
+//! (`{epoch:x}-{counter:016x}`). A token from an earlier epoch was handed out by
+//! a previous owner of the partition (before a crash or a move) to a worker that
+//! may still be working: it stays valid for completing, failing and
+//! heartbeating the task, so failovers do not throw work away. Exactly-once
+//! still holds: the state machine accepts one outcome per attempt, and a second
+//! completion of the same attempt is refused as stale.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -42,6 +50,8 @@ pub struct TaskOffer {
 #[derive(Debug, Clone)]
 pub(crate) struct BoardTask {
     pub partition: u32,
+    /// The partition's epoch when the task was offered; names its lease tokens.
+    pub epoch: u64,
     pub queue: String,
     pub instance_id: String,
     pub step_id: String,
@@ -55,7 +65,7 @@ pub(crate) struct BoardTask {
 }
 
 struct Lease {
-    token: u64,
+    token: String,
     expires_at: u64,
     /// When the task's heartbeat timeout passes without a heartbeat.
     heartbeat_due: Option<u64>,
@@ -177,7 +187,8 @@ impl TaskBoard {
         let inner = self.inner.lock().expect("board lock");
         let entry = inner.entries.get(task_id).ok_or(StaleLease)?;
         match &entry.lease {
-            Some(lease) if format_token(lease.token) == token => Ok(entry.task.partition),
+            Some(lease) if lease.token == token => Ok(entry.task.partition),
+            _ if issued_before(token, entry.task.epoch) => Ok(entry.task.partition),
             _ => Err(StaleLease),
         }
     }
@@ -187,15 +198,31 @@ impl TaskBoard {
         let expires_at = self.clock.now_ms() + self.lease_duration.as_millis() as u64;
         let mut inner = self.inner.lock().expect("board lock");
         let entry = inner.entries.get_mut(task_id).ok_or(StaleLease)?;
+        let heartbeat_due = entry
+            .task
+            .heartbeat_timeout
+            .map(|timeout| self.clock.now_ms() + timeout.as_millis() as u64);
         match &mut entry.lease {
-            Some(lease) if format_token(lease.token) == token => {
+            Some(lease) if lease.token == token => {
                 lease.expires_at = expires_at;
-                if let Some(timeout) = entry.task.heartbeat_timeout {
-                    lease.heartbeat_due = Some(self.clock.now_ms() + timeout.as_millis() as u64);
-                }
+                lease.heartbeat_due = heartbeat_due;
                 inner.leased.insert(task_id.to_string(), expires_at);
                 Ok(())
             }
+            None if issued_before(token, entry.task.epoch) => {
+                // A worker that took the task from the partition's previous owner is
+                // still on it: it keeps the task, which is not handed out again.
+                entry.lease = Some(Lease {
+                    token: token.to_string(),
+                    expires_at,
+                    heartbeat_due,
+                });
+                entry.pickup_due = None;
+                inner.leased.insert(task_id.to_string(), expires_at);
+                Ok(())
+            }
+            // Taken again under the new owner meanwhile: both may finish; the first wins.
+            Some(_) if issued_before(token, entry.task.epoch) => Ok(()),
             _ => Err(StaleLease),
         }
     }
@@ -254,14 +281,14 @@ impl TaskBoard {
                     continue;
                 }
                 inner.token_next = inner.token_next.wrapping_add(1);
-                let token = inner.token_next;
+                let token = format_token(entry.task.epoch, inner.token_next);
                 let heartbeat_due = entry
                     .task
                     .heartbeat_timeout
                     .map(|t| now + t.as_millis() as u64);
                 entry.pickup_due = None;
                 entry.lease = Some(Lease {
-                    token,
+                    token: token.clone(),
                     expires_at,
                     heartbeat_due,
                 });
@@ -269,7 +296,7 @@ impl TaskBoard {
                 let task = &entry.task;
                 taken.push(TaskOffer {
                     task_id,
-                    lease_token: format_token(token),
+                    lease_token: token,
                     queue: task.queue.clone(),
                     instance_id: task.instance_id.clone(),
                     step_id: task.step_id.clone(),
@@ -405,8 +432,16 @@ impl TaskBoard {
     }
 }
 
-fn format_token(token: u64) -> String {
-    format!("{token:016x}")
+fn format_token(epoch: u64, counter: u64) -> String {
+    format!("{epoch:x}-{counter:016x}")
+}
+
+/// Whether `token` was issued under an epoch of the partition before `epoch`.
+fn issued_before(token: &str, epoch: u64) -> bool {
+    token
+        .split_once('-')
+        .and_then(|(issued, _)| u64::from_str_radix(issued, 16).ok())
+        .is_some_and(|issued| issued < epoch)
 }
 
 #[cfg(test)]
@@ -417,6 +452,7 @@ mod tests {
     fn task(queue: &str) -> BoardTask {
         BoardTask {
             partition: 0,
+            epoch: 1,
             queue: queue.into(),
             instance_id: "i".into(),
             step_id: "s".into(),
@@ -457,6 +493,40 @@ mod tests {
         assert_eq!(board.check("t1", &second[0].lease_token), Ok(0));
         board.remove("t1");
         assert_eq!(board.check("t1", &second[0].lease_token), Err(StaleLease));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_from_the_previous_owner_stays_valid_after_a_failover() {
+        // Goal: a worker that took a task from the partition's previous owner can still
+        // heartbeat and complete it; a made-up or current-epoch foreign token cannot.
+        // Method: lease under epoch 1, reload the task under epoch 2 (a failover).
+        let clock = Arc::new(TokioClock::starting_at(0));
+        let before = TaskBoard::new(clock.clone(), Duration::from_secs(30));
+        before.offer("t1".into(), task("q"));
+        let old = before.poll(&["q".into()], 1, Duration::ZERO).await;
+        assert!(old[0].lease_token.starts_with("1-"));
+
+        let after = TaskBoard::new(clock, Duration::from_secs(30));
+        after.offer(
+            "t1".into(),
+            BoardTask {
+                epoch: 2,
+                ..task("q")
+            },
+        );
+        after.heartbeat("t1", &old[0].lease_token).unwrap();
+        assert!(
+            after
+                .poll(&["q".into()], 1, Duration::ZERO)
+                .await
+                .is_empty(),
+            "the old worker's heartbeat keeps the task from being handed out twice"
+        );
+        assert_eq!(after.check("t1", &old[0].lease_token), Ok(0));
+        assert_eq!(after.check("t1", "2-0000000000000001"), Err(StaleLease));
+        assert_eq!(after.check("t1", "garbage"), Err(StaleLease));
+        after.remove("t1");
+        assert_eq!(after.check("t1", &old[0].lease_token), Err(StaleLease));
     }
 
     #[tokio::test(start_paused = true)]

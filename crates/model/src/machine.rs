@@ -713,17 +713,38 @@ pub enum Rejection {
     InvalidData(Vec<(String, String)>),
 }
 
-/// The id of the child instance an attempt of a `workflow` step starts: readable, and
-/// within the id limits (hashed when the parent's id is long).
+/// Separates a child instance's id from its parent's. Users cannot put it in ids,
+/// so the part before the first one is always a root instance's id.
+pub const CHILD_SEPARATOR: char = '~';
+
+/// Longest child instance id kept readable; longer ones are shortened with a hash.
+const CHILD_ID_READABLE_MAX: usize = 192;
+
+/// The id of the child instance an attempt of a `workflow` step starts:
+/// `{parent}~{step}~{attempt}`, readable, and starting with the root instance's id so
+/// that a whole family of instances lives in one partition (see [`partition_key`]).
 pub fn child_id(parent_id: &str, step_id: &str, attempt: u32) -> String {
-    let readable = format!("{parent_id}.{}.{attempt}", step_id.replace('~', "_"));
-    if readable.len() <= 128 {
+    let readable = format!(
+        "{parent_id}{CHILD_SEPARATOR}{}{CHILD_SEPARATOR}{attempt}",
+        step_id.replace(CHILD_SEPARATOR, "_")
+    );
+    if readable.len() <= CHILD_ID_READABLE_MAX {
         return readable;
     }
     format!(
-        "child-{:016x}-{attempt}",
+        "{}{CHILD_SEPARATOR}{:016x}{CHILD_SEPARATOR}{attempt}",
+        partition_key(parent_id),
         jitter_sample(parent_id, step_id, attempt)
     )
+}
+
+/// The part of an instance id that decides its partition: the root instance's id.
+/// Children share their root's partition, so a parent and its children are always
+/// on the same node and talk without crossing the network.
+pub fn partition_key(instance_id: &str) -> &str {
+    instance_id
+        .split_once(CHILD_SEPARATOR)
+        .map_or(instance_id, |(root, _)| root)
 }
 
 /// Builds the task id of an attempt.

@@ -26,7 +26,8 @@ const READERS_IDLE_MAX: usize = 8;
 
 /// Schema migrations, applied in order; the schema version is the count applied.
 /// Never edit one that has shipped: add a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE partitions (
     partition INTEGER PRIMARY KEY,
@@ -87,7 +88,7 @@ CREATE TABLE timers (
 ) WITHOUT ROWID;
 CREATE INDEX timers_partition ON timers (partition);
 "#,
-r#"
+    r#"
 CREATE TABLE members (
     node_id TEXT PRIMARY KEY,
     url TEXT NOT NULL,
@@ -96,7 +97,8 @@ CREATE TABLE members (
     joined_at INTEGER NOT NULL,
     last_heartbeat INTEGER NOT NULL
 ) WITHOUT ROWID;
-"#];
+"#,
+];
 
 /// The SQLite store of one data directory.
 pub struct SqliteStore {
@@ -454,7 +456,8 @@ impl Store for SqliteStore {
         failure_timeout_ms: u64,
     ) -> Result<Membership, Error> {
         self.write(|connection| {
-            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let transaction =
+                connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             transaction.execute(
                 "INSERT INTO members (node_id, url, standby, draining, joined_at, last_heartbeat)
                  VALUES (?1, ?2, ?3, 0, ?4, ?4)

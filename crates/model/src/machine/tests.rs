@@ -1303,7 +1303,7 @@ steps:
     assert_eq!(
         t.effects[0],
         Effect::StartChild {
-            child_id: "p.child.1".into(),
+            child_id: "p~child~1".into(),
             definition: "kid".into(),
             version: None,
             input: json!({"n": 3})
@@ -1315,7 +1315,7 @@ steps:
         "after a crash the start is repeated (idempotent)"
     );
     let ended = |status: &str, output| Command::ChildEnded {
-        child_id: "p.child.1".into(),
+        child_id: "p~child~1".into(),
         status: status.into(),
         output,
         error: None,
@@ -1353,7 +1353,7 @@ steps:
 
     let (mut other, _) = start(&d, 1, "o", json!({"n": 1}), 0);
     let done = Command::ChildEnded {
-        child_id: "o.child.1".into(),
+        child_id: "o~child~1".into(),
         status: "completed".into(),
         output: Some(json!({"k": 1})),
         error: None,
