@@ -1341,12 +1341,12 @@ steps:
     )
     .unwrap();
     assert!(
-        matches!(&t.effects[0], Effect::StartChild { child_id, .. } if child_id == "p.child.2")
+        matches!(&t.effects[0], Effect::StartChild { child_id, .. } if child_id == "p~child~2")
     );
     let t = handle(&mut state, &d, Command::Cancel { by: by() }, 1002).unwrap();
     assert!(
         t.effects.contains(&Effect::CancelChild {
-            child_id: "p.child.2".into()
+            child_id: "p~child~2".into()
         }),
         "cancellation propagates"
     );
