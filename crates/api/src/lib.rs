@@ -7,6 +7,7 @@
 
 mod error;
 mod extract;
+mod forward;
 mod routes;
 
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use tokio::net::TcpListener;
 use weir_engine::Engine;
 
 pub use error::ApiError;
+pub use forward::FORWARDED_HEADER;
 
 /// Limits on what a client may send.
 #[derive(Debug, Clone)]
@@ -40,11 +42,17 @@ impl Default for Limits {
 pub(crate) struct AppState {
     pub engine: Engine,
     pub limits: Limits,
+    /// Client for forwarding to other nodes.
+    pub peers: reqwest::Client,
 }
 
 /// The API's router, for serving or for tests.
 pub fn router(engine: Engine, limits: Limits) -> axum::Router {
-    routes::router(AppState { engine, limits })
+    routes::router(AppState {
+        engine,
+        limits,
+        peers: forward::peer_client(),
+    })
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then drains open

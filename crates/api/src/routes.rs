@@ -51,8 +51,15 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/tasks/{task_id}/complete", post(complete))
         .route("/v1/tasks/{task_id}/fail", post(fail))
         .route("/v1/tasks/{task_id}/heartbeat", post(heartbeat))
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/nodes/{node_id}/drain", post(drain))
+        .route("/v1/nodes/{node_id}/undrain", post(undrain))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::forward::to_owner,
+        ))
         .with_state(state)
 }
 
@@ -72,18 +79,88 @@ async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
+/// Ready when this node holds every partition the ring places on it (a standby
+/// with none placed on it is ready too) and its last heartbeat is recent.
 async fn readyz(State(state): State<AppState>) -> Response {
+    let (owned, placed) = state.engine.ownership();
     if state.engine.ready() {
-        Json(json!({ "status": "ready", "partitions": state.engine.partition_count() }))
-            .into_response()
+        Json(json!({
+            "status": "ready",
+            "node": state.engine.node_id(),
+            "partitions": state.engine.partition_count(),
+            "owned": owned.len(),
+            "placed": placed,
+        }))
+        .into_response()
     } else {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
-            "not every partition is owned yet",
+            format!(
+                "this node owns {} of the {placed} partitions placed on it, or its heartbeat is late",
+                owned.len()
+            ),
         )
+        .with("owned", owned.len().into())
+        .with("placed", placed.into())
         .into_response()
     }
+}
+
+async fn cluster_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let status = state.engine.cluster_status().await?;
+    let nodes: Vec<Value> = status
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "node_id": n.node_id,
+                "url": n.url,
+                "role": n.role,
+                "alive": n.alive,
+                "draining": n.draining,
+                "heartbeat_age_ms": n.heartbeat_age_ms,
+                "joined_at": rfc3339(n.joined_at),
+                "partitions": n.partitions,
+                "placed": n.placed,
+            })
+        })
+        .collect();
+    let partitions: Vec<Value> = status
+        .partitions
+        .iter()
+        .map(|p| {
+            json!({
+                "partition": p.partition,
+                "owner": p.owner,
+                "epoch": p.epoch,
+                "expires_in_ms": p.expires_in_ms,
+                "placed_on": p.placed_on,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "node_id": status.node_id,
+        "store_time": rfc3339(status.store_now),
+        "nodes": nodes,
+        "partitions": partitions,
+    })))
+}
+
+async fn drain(
+    State(state): State<AppState>,
+    Path(node_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state.engine.set_draining(&node_id, true).await?;
+    Ok(Json(json!({ "node_id": node_id, "draining": true })))
+}
+
+async fn undrain(
+    State(state): State<AppState>,
+    Path(node_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state.engine.set_draining(&node_id, false).await?;
+    Ok(Json(json!({ "node_id": node_id, "draining": false })))
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -523,7 +600,11 @@ struct PollBody {
     wait_ms: Option<u64>,
 }
 
-async fn poll(State(state): State<AppState>, body: Body) -> Result<Json<Value>, ApiError> {
+async fn poll(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
     let bytes = read_body(body, state.limits.body_size_max).await?;
     let body: PollBody = parse_json(&bytes)?;
     if body.queues.is_empty() || body.queues.len() > POLL_QUEUES_MAX {
@@ -548,9 +629,46 @@ async fn poll(State(state): State<AppState>, body: Body) -> Result<Json<Value>, 
     }
     let wait = Duration::from_millis(body.wait_ms.unwrap_or(0)).min(crate::POLL_WAIT_MAX);
     let _ = body.worker_id;
-    let offers = state.engine.poll(&body.queues, max_tasks, wait).await;
-    let tasks: Vec<Value> = offers.into_iter().map(offer_json).collect();
-    Ok(Json(json!({ "tasks": tasks })))
+    let forwarded = headers.contains_key(crate::FORWARDED_HEADER);
+    if forwarded || state.engine.peer_urls().is_empty() {
+        let offers = state.engine.poll(&body.queues, max_tasks, wait).await;
+        let tasks: Vec<Value> = offers.into_iter().map(offer_json).collect();
+        return Ok(Json(json!({ "tasks": tasks })));
+    }
+    // In a cluster: this node's board first, then the peers' (without waiting), then
+    // wait a slice on this board, and again until the wait is over.
+    let peer_poll = json!({ "queues": body.queues, "max_tasks": max_tasks, "wait_ms": 0 });
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let offers = state
+            .engine
+            .poll(&body.queues, max_tasks, Duration::ZERO)
+            .await;
+        if !offers.is_empty() {
+            let tasks: Vec<Value> = offers.into_iter().map(offer_json).collect();
+            return Ok(Json(json!({ "tasks": tasks })));
+        }
+        let tasks = crate::forward::poll_peers(&state, &peer_poll).await;
+        if !tasks.is_empty() {
+            return Ok(Json(json!({ "tasks": tasks })));
+        }
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() {
+            return Ok(Json(json!({ "tasks": [] })));
+        }
+        let slice = remaining.min(crate::forward::POLL_SLICE);
+        let offers = state.engine.poll(&body.queues, max_tasks, slice).await;
+        if state.engine.polls_stopped() {
+            return Ok(Json(json!({ "tasks": [] })));
+        }
+        if !offers.is_empty() {
+            let tasks: Vec<Value> = offers.into_iter().map(offer_json).collect();
+            return Ok(Json(json!({ "tasks": tasks })));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(Json(json!({ "tasks": [] })));
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -6,6 +6,7 @@
 //! cheap-to-clone `Engine` handle; it never sees an HTTP server type.
 
 mod clock;
+mod cluster;
 mod committer;
 mod definitions;
 mod http_call;
@@ -15,8 +16,9 @@ mod taskboard;
 mod waiters;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -27,6 +29,7 @@ use weir_model::Problem;
 use weir_store::{EventRecord, InstanceQuery, InstanceRecord, Store};
 
 pub use clock::{Clock, TokioClock};
+pub use cluster::{ClusterConfig, ClusterStatus, NodeStatus, PartitionStatus};
 pub use partition::StartOutcome;
 pub use taskboard::{TaskOffer, POLL_TASKS_MAX};
 
@@ -79,18 +82,18 @@ pub enum Error {
 pub struct Config {
     /// This node's name (lease owner).
     pub node_id: String,
-    /// How long a partition lease lasts without renewal.
-    pub partition_lease: Duration,
     /// How long a worker holds a task without heartbeat before it is offered again.
     pub task_lease: Duration,
+    /// Membership, placement and lease timing.
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             node_id: "node-1".into(),
-            partition_lease: Duration::from_secs(10),
             task_lease: Duration::from_secs(30),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -195,6 +198,8 @@ struct Owned {
     epoch: u64,
     sender: mpsc::Sender<Message>,
     task: JoinHandle<()>,
+    /// Tells the actor to stop after its current batch (handover, shutdown).
+    stop: watch::Sender<bool>,
 }
 
 struct Inner {
@@ -203,6 +208,12 @@ struct Inner {
     committer: Committer,
     partition_count: u32,
     partitions: Mutex<HashMap<u32, Owned>>,
+    /// What this node knows of the cluster, refreshed every heartbeat.
+    view: RwLock<cluster::View>,
+    /// Serialises ownership changes (the coordinator's ticks and shutdown).
+    ownership: tokio::sync::Mutex<()>,
+    /// Set once shutdown began: the coordinator takes nothing more.
+    stopping: AtomicBool,
     shutdown: watch::Sender<bool>,
     /// Set when the node stops handing out tasks (before it stops).
     draining: watch::Sender<bool>,
@@ -216,8 +227,9 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts an engine on `store`: takes every partition's lease, loads the
-    /// partitions and starts their actors, the lease keeper and the task reaper.
+    /// Starts an engine on `store`: joins the membership, takes the leases of the
+    /// partitions the ring places on this node (all of them on a single node),
+    /// loads them and starts their actors, the coordinator and the task reaper.
     pub async fn start(
         store: Arc<dyn Store>,
         config: Config,
@@ -245,6 +257,9 @@ impl Engine {
                 shared,
                 partition_count,
                 partitions: Mutex::new(HashMap::new()),
+                view: RwLock::new(cluster::View::default()),
+                ownership: tokio::sync::Mutex::new(()),
+                stopping: AtomicBool::new(false),
                 shutdown,
                 draining,
                 background: Mutex::new(Vec::new()),
@@ -255,16 +270,19 @@ impl Engine {
             .shared
             .engine
             .set(Arc::downgrade(&engine.inner));
-        for partition in 0..partition_count {
-            engine.acquire(partition).await?;
-        }
+        engine.tick(true).await?;
         engine.spawn_background();
         tracing::info!(
             node = %engine.inner.config.node_id,
             partitions = partition_count,
-            "engine started; all partitions owned"
+            owned = engine.inner.partitions.lock().expect("partitions lock").len(),
+            "engine started"
         );
         Ok(engine)
+    }
+
+    fn lease_ttl_ms(&self) -> u64 {
+        self.inner.config.cluster.failure_timeout.as_millis() as u64
     }
 
     /// Takes a partition's lease and starts its actor.
@@ -273,7 +291,7 @@ impl Engine {
         let store = inner.shared.store.clone();
         let owner = inner.config.node_id.clone();
         let now = inner.shared.clock.now_ms();
-        let ttl = inner.config.partition_lease.as_millis() as u64;
+        let ttl = self.lease_ttl_ms();
         let lease =
             tokio::task::spawn_blocking(move || store.acquire_lease(partition, &owner, now, ttl))
                 .await
@@ -282,6 +300,7 @@ impl Engine {
             return Ok(false);
         };
         tracing::info!(partition, epoch = lease.epoch, "lease taken");
+        let (stop, stop_signal) = watch::channel(false);
         let (sender, mailbox) = mpsc::channel(MAILBOX_CAPACITY);
         let actor = PartitionActor::load(
             partition,
@@ -292,13 +311,14 @@ impl Engine {
             sender.clone(),
         )
         .await?;
-        let task = tokio::spawn(actor.run(inner.shutdown.subscribe()));
+        let task = tokio::spawn(actor.run(stop_signal));
         let previous = inner.partitions.lock().expect("partitions lock").insert(
             partition,
             Owned {
                 epoch: lease.epoch,
                 sender,
                 task,
+                stop,
             },
         );
         assert!(previous.is_none(), "a partition has one actor at a time");
@@ -307,18 +327,19 @@ impl Engine {
 
     fn spawn_background(&self) {
         let mut background = self.inner.background.lock().expect("background lock");
-        // Lease keeper: renews every third of the lease; drops partitions it failed to renew.
+        // Coordinator: heartbeat, lease renewal, placement, handover, takeover.
         let engine = self.clone();
         let mut shutdown = self.inner.shutdown.subscribe();
         background.push(tokio::spawn(async move {
-            let period = engine.inner.config.partition_lease / 3;
+            let period = engine.inner.config.cluster.heartbeat;
             loop {
                 tokio::select! {
                     _ = shutdown.changed() => break,
                     _ = tokio::time::sleep(period) => {}
                 }
-                if let Err(err) = engine.renew().await {
-                    tracing::warn!(error = %err, "lease renewal failed");
+                if let Err(err) = engine.tick(false).await {
+                    tracing::warn!(error = %err, "heartbeat failed");
+                    engine.stop_if_leases_expired();
                 }
             }
         }));
@@ -355,11 +376,16 @@ impl Engine {
         }));
     }
 
-    async fn renew(&self) -> Result<(), Error> {
+    /// One round of the coordinator (see the `cluster` module).
+    async fn tick(&self, joining: bool) -> Result<(), Error> {
         let inner = &self.inner;
+        let _ownership = inner.ownership.lock().await;
+        if inner.stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // Actors that stopped (fenced, store failure) give their partition up here.
         let held: Vec<(u32, u64)> = {
             let mut partitions = inner.partitions.lock().expect("partitions lock");
-            // Actors that stopped (fenced, store failure) give their partition up here.
             partitions.retain(|partition, owned| {
                 let alive = !owned.task.is_finished();
                 if !alive {
@@ -373,14 +399,19 @@ impl Engine {
             });
             partitions.iter().map(|(p, o)| (*p, o.epoch)).collect()
         };
-        let store = inner.shared.store.clone();
-        let owner = inner.config.node_id.clone();
-        let now = inner.shared.clock.now_ms();
-        let ttl = inner.config.partition_lease.as_millis() as u64;
-        let renewed =
-            tokio::task::spawn_blocking(move || store.renew_leases(&owner, &held, now, ttl))
-                .await
-                .map_err(|err| Error::Unavailable(err.to_string()))??;
+        let node_id = inner.config.node_id.clone();
+        let announcement = inner.config.cluster.announcement(&node_id);
+        let now = self.now();
+        let ttl = self.lease_ttl_ms();
+        let (membership, renewed) = self
+            .blocking(move |store| {
+                let membership = store.heartbeat(&announcement, joining, now, ttl)?;
+                let renewed = store.renew_leases(&announcement.node_id, &held, now, ttl)?;
+                Ok((membership, renewed))
+            })
+            .await?;
+        let heartbeat_ok_at = Instant::now();
+        // Leases not renewed are lost: stop their actors at once.
         let lost: Vec<u32> = {
             let partitions = inner.partitions.lock().expect("partitions lock");
             partitions
@@ -390,42 +421,238 @@ impl Engine {
                 .collect()
         };
         for partition in lost {
-            if let Some(owned) = inner
-                .partitions
-                .lock()
-                .expect("partitions lock")
-                .remove(&partition)
-            {
-                tracing::warn!(
-                    partition,
-                    epoch = owned.epoch,
-                    "lease lost; stopping partition"
-                );
-                owned.task.abort();
-                inner.shared.board.remove_partition(partition);
+            self.drop_partition(partition, "lease lost; partition stopped");
+        }
+        // Placement.
+        let draining = membership
+            .members
+            .iter()
+            .any(|m| m.node_id == node_id && m.draining);
+        let placed = cluster::placed_nodes(&membership.members, inner.config.cluster.min_active);
+        let assignment = ring::assign(&placed, inner.partition_count, inner.config.cluster.vnodes);
+        let mine: std::collections::BTreeSet<u32> = if draining {
+            Default::default()
+        } else {
+            assignment.partitions_of(&node_id).into_iter().collect()
+        };
+        // Hand over what is placed elsewhere.
+        let owned: Vec<u32> = inner
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .keys()
+            .copied()
+            .collect();
+        let handover: Vec<u32> = owned.into_iter().filter(|p| !mine.contains(p)).collect();
+        if !handover.is_empty() {
+            self.hand_over(&handover).await;
+        }
+        // Take what is placed here and free (or expired).
+        let missing: Vec<u32> = {
+            let partitions = inner.partitions.lock().expect("partitions lock");
+            mine.iter()
+                .filter(|p| !partitions.contains_key(p))
+                .copied()
+                .collect()
+        };
+        let mut takes = tokio::task::JoinSet::new();
+        for partition in missing {
+            let engine = self.clone();
+            takes.spawn(async move { (partition, engine.acquire(partition).await) });
+        }
+        while let Some(taken) = takes.join_next().await {
+            if let Ok((partition, Err(err))) = taken {
+                tracing::warn!(partition, error = %err, "taking the partition failed");
             }
         }
-        // Take back any partition not owned (after a lost lease or a failed actor).
-        for partition in 0..inner.partition_count {
-            let owned = inner
-                .partitions
-                .lock()
-                .expect("partitions lock")
-                .contains_key(&partition);
-            if !owned {
-                if let Err(err) = self.acquire(partition).await {
-                    tracing::warn!(partition, error = %err, "taking the partition failed");
-                }
-            }
-        }
+        let leases = self.blocking(|store| store.leases()).await?;
+        let mut view = inner.view.write().expect("view lock");
+        view.placement = (0..inner.partition_count)
+            .filter_map(|p| assignment.owner(p).map(|node| (p, node.to_string())))
+            .collect();
+        view.membership = membership;
+        view.leases = leases;
+        view.heartbeat_ok_at = Some(heartbeat_ok_at);
         Ok(())
     }
 
-    /// Whether every partition has a running actor.
+    /// Stops a partition's actor at once (its lease is gone) and clears its tasks.
+    fn drop_partition(&self, partition: u32, why: &str) {
+        let owned = self
+            .inner
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .remove(&partition);
+        if let Some(owned) = owned {
+            tracing::warn!(partition, epoch = owned.epoch, "{why}");
+            owned.task.abort();
+            self.inner.shared.board.remove_partition(partition);
+        }
+    }
+
+    /// Stops the actors of `partitions` after their current batch and releases
+    /// their leases, so that the next owner takes them without waiting for expiry.
+    async fn hand_over(&self, partitions: &[u32]) {
+        let mut stopped = Vec::with_capacity(partitions.len());
+        for partition in partitions {
+            let owned = self
+                .inner
+                .partitions
+                .lock()
+                .expect("partitions lock")
+                .remove(partition);
+            if let Some(owned) = owned {
+                let _ = owned.stop.send(true);
+                stopped.push((*partition, owned));
+            }
+        }
+        let mut leases = Vec::with_capacity(stopped.len());
+        for (partition, owned) in stopped {
+            let _ = owned.task.await;
+            leases.push((partition, owned.epoch));
+        }
+        let owner = self.inner.config.node_id.clone();
+        let released = leases.clone();
+        match self
+            .blocking(move |store| store.release_leases(&owner, &released))
+            .await
+        {
+            Ok(()) => {
+                for (partition, epoch) in leases {
+                    tracing::info!(partition, epoch, "lease handed over");
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "releasing leases failed; they will expire"),
+        }
+    }
+
+    /// After a failed heartbeat: once a whole lease period passed since the last
+    /// good one, other nodes may own this node's partitions, so stop them all.
+    fn stop_if_leases_expired(&self) {
+        let last_ok = self.inner.view.read().expect("view lock").heartbeat_ok_at;
+        let expired =
+            last_ok.is_none_or(|at| at.elapsed() >= self.inner.config.cluster.failure_timeout);
+        if !expired {
+            return;
+        }
+        let owned: Vec<u32> = self
+            .inner
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .keys()
+            .copied()
+            .collect();
+        for partition in owned {
+            self.drop_partition(
+                partition,
+                "store unreachable for a lease period; partition stopped",
+            );
+        }
+    }
+
+    /// Whether this node holds every partition the ring places on it, with a
+    /// heartbeat within the failure timeout.
     pub fn ready(&self) -> bool {
+        let view = self.inner.view.read().expect("view lock");
+        let fresh = view
+            .heartbeat_ok_at
+            .is_some_and(|at| at.elapsed() < self.inner.config.cluster.failure_timeout);
         let partitions = self.inner.partitions.lock().expect("partitions lock");
-        partitions.len() == self.inner.partition_count as usize
-            && partitions.values().all(|o| !o.task.is_finished())
+        fresh
+            && view
+                .placement
+                .iter()
+                .filter(|(_, node)| **node == self.inner.config.node_id)
+                .all(|(p, _)| partitions.get(p).is_some_and(|o| !o.task.is_finished()))
+    }
+
+    /// Partitions this node holds, and how many the ring places on it.
+    pub fn ownership(&self) -> (Vec<u32>, usize) {
+        let placed = self
+            .inner
+            .view
+            .read()
+            .expect("view lock")
+            .placement
+            .values()
+            .filter(|node| **node == self.inner.config.node_id)
+            .count();
+        let mut held: Vec<u32> = self
+            .inner
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .keys()
+            .copied()
+            .collect();
+        held.sort_unstable();
+        (held, placed)
+    }
+
+    /// This node's name.
+    pub fn node_id(&self) -> &str {
+        &self.inner.config.node_id
+    }
+
+    /// The URL of the node that owns `instance_id`'s partition, when that is
+    /// another live node; `None` when this node owns it or no owner is known.
+    pub fn owner_url(&self, instance_id: &str) -> Option<String> {
+        let partition = partition_of(instance_id, self.inner.partition_count);
+        if self
+            .inner
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .contains_key(&partition)
+        {
+            return None;
+        }
+        self.inner
+            .view
+            .read()
+            .expect("view lock")
+            .owner_url(partition, &self.inner.config.node_id)
+    }
+
+    /// URLs of the other live nodes that own partitions (for task polls).
+    pub fn peer_urls(&self) -> Vec<String> {
+        self.inner
+            .view
+            .read()
+            .expect("view lock")
+            .peer_urls(&self.inner.config.node_id)
+    }
+
+    /// The cluster as the store records it now.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, Error> {
+        let now = self.now();
+        let ttl = self.lease_ttl_ms();
+        let (membership, leases) = self
+            .blocking(move |store| Ok((store.membership(now, ttl)?, store.leases()?)))
+            .await?;
+        Ok(cluster::status(
+            &self.inner.config.node_id,
+            &membership,
+            &leases,
+            self.inner.config.cluster.min_active,
+            self.inner.config.cluster.vnodes,
+        ))
+    }
+
+    /// Asks a node to hand its partitions over (or to take them again). The node
+    /// sees the flag at its next heartbeat; so do the others, which take over.
+    pub async fn set_draining(&self, node_id: &str, draining: bool) -> Result<(), Error> {
+        let node = node_id.to_string();
+        let found = self
+            .blocking(move |store| store.set_draining(&node, draining))
+            .await?;
+        if !found {
+            return Err(Error::NotFound(format!("node {node_id} is not a member")));
+        }
+        tracing::info!(node = node_id, draining, "drain flag set");
+        Ok(())
     }
 
     /// Number of partitions.
@@ -439,22 +666,29 @@ impl Engine {
         let _ = self.inner.draining.send(true);
     }
 
-    /// Stops actors after their current batch and gives the leases up.
+    /// Whether polls answer empty at once (the node is stopping).
+    pub fn polls_stopped(&self) -> bool {
+        *self.inner.draining.borrow()
+    }
+
+    /// Stops actors after their current batch, gives the leases up and leaves the
+    /// membership, so that other nodes take the partitions at their next heartbeat.
     pub async fn shutdown(&self) {
         self.stop_polls();
+        {
+            let _ownership = self.inner.ownership.lock().await;
+            self.inner.stopping.store(true, Ordering::SeqCst);
+        }
         let _ = self.inner.shutdown.send(true);
-        let owned: Vec<(u32, Owned)> = self
+        let owned: Vec<u32> = self
             .inner
             .partitions
             .lock()
             .expect("partitions lock")
-            .drain()
+            .keys()
+            .copied()
             .collect();
-        let mut leases = Vec::with_capacity(owned.len());
-        for (partition, owned) in owned {
-            let _ = owned.task.await;
-            leases.push((partition, owned.epoch));
-        }
+        self.hand_over(&owned).await;
         for task in self
             .inner
             .background
@@ -464,12 +698,9 @@ impl Engine {
         {
             task.abort();
         }
-        let store = self.inner.shared.store.clone();
-        let owner = self.inner.config.node_id.clone();
-        let released =
-            tokio::task::spawn_blocking(move || store.release_leases(&owner, &leases)).await;
-        if let Ok(Err(err)) = released {
-            tracing::warn!(error = %err, "releasing leases failed");
+        let node = self.inner.config.node_id.clone();
+        if let Err(err) = self.blocking(move |store| store.leave(&node)).await {
+            tracing::warn!(error = %err, "leaving the membership failed");
         }
         tracing::info!("engine stopped");
     }
@@ -566,7 +797,7 @@ impl Engine {
                 }
                 id
             }
-            None => generate_id(),
+            None => self.generate_local_id(),
         };
         let (version, definition) = self
             .inner
@@ -1088,6 +1319,27 @@ pub fn check_id(what: &str, id: &str) -> Result<(), Error> {
         )));
     }
     Ok(())
+}
+
+impl Engine {
+    /// A fresh id whose partition this node owns (when it owns any), so that a
+    /// start without an id never needs forwarding.
+    fn generate_local_id(&self) -> String {
+        /// Tries before settling for any id: owning 1 of 64 partitions, 256 tries
+        /// miss with probability (63/64)^256 ≈ 2%.
+        const TRIES_MAX: usize = 256;
+        let partitions = self.inner.partitions.lock().expect("partitions lock");
+        let mut id = generate_id();
+        for _ in 0..TRIES_MAX {
+            if partitions.is_empty()
+                || partitions.contains_key(&partition_of(&id, self.inner.partition_count))
+            {
+                break;
+            }
+            id = generate_id();
+        }
+        id
+    }
 }
 
 fn generate_id() -> String {

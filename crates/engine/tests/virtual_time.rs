@@ -50,8 +50,15 @@ async fn an_hours_long_workflow_runs_in_virtual_time() {
     let clock = Arc::new(TokioClock::starting_at(1_000_000));
     // The worker (this test) holds tasks without heartbeats for minutes: a long task lease
     // keeps the stalled attempt from being offered again before its step timeout.
+    // One node: a slow heartbeat keeps the coordinator from ticking thousands of
+    // times while virtual time leaps hours ahead.
     let config = Config {
         task_lease: Duration::from_secs(3600),
+        cluster: weir_engine::ClusterConfig {
+            heartbeat: Duration::from_secs(60),
+            failure_timeout: Duration::from_secs(180),
+            ..Default::default()
+        },
         ..Config::default()
     };
     let engine = Engine::start(store, config, clock).await.unwrap();

@@ -222,7 +222,7 @@ pub struct Member {
 }
 
 /// The membership as of one reading of the store's clock.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Membership {
     /// The store's clock at the reading (ms since the Unix epoch).
     pub now: u64,
