@@ -504,6 +504,30 @@ impl Client {
         .await
     }
 
+    /// The cluster as the answering node sees it (`GET /v1/cluster`): nodes, their
+    /// heartbeats, roles and partitions, and every partition's lease and epoch.
+    pub async fn cluster_status(&self) -> Result<Value, Error> {
+        self.get(&["v1", "cluster"], &[]).await
+    }
+
+    /// Asks a node to hand its partitions over to the others (`POST /v1/nodes/{id}/drain`),
+    /// or, with `draining` false, to take partitions again (`…/undrain`). Safe to repeat.
+    pub async fn drain(&self, node_id: &str, draining: bool) -> Result<(), Error> {
+        let timeout = self.inner.request_timeout;
+        let action = if draining { "drain" } else { "undrain" };
+        let _: Value = self
+            .call(
+                Method::POST,
+                &["v1", "nodes", node_id, action],
+                &[],
+                Body::Empty,
+                Repeat::Safe,
+                timeout,
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Asks the current node whether it is alive (`GET /healthz`).
     pub async fn health(&self) -> Result<(), Error> {
         let timeout = self.inner.request_timeout;

@@ -3,6 +3,7 @@
 //! Each subcommand is a thin face over [`weir_sdk::Client`]: it turns arguments into one or a few
 //! API calls and prints the answer, as an aligned table or as the server's JSON.
 
+mod cluster;
 mod definitions;
 mod follow;
 mod instances;
@@ -82,6 +83,12 @@ pub enum Command {
     /// Human tasks: list them, complete them.
     #[command(subcommand)]
     Tasks(tasks::TasksCommand),
+    /// The cluster: nodes, heartbeats, partitions and leases.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// One node: drain it (hand its partitions over) or let it take partitions again.
+    #[command(subcommand)]
+    Node(cluster::NodeCommand),
 }
 
 /// Runs a client subcommand and returns the process's exit code.
@@ -124,6 +131,8 @@ pub fn run(global: Global, command: Command) -> ExitCode {
             Command::Restart(args) => operations::restart(&context, &args).await,
             Command::Signal(args) => operations::signal(&context, &args).await,
             Command::Tasks(command) => tasks::run(&context, &command).await,
+            Command::Cluster(command) => cluster::run_cluster(&context, &command).await,
+            Command::Node(command) => cluster::run_node(&context, &command).await,
         }
     });
     finish(result)
