@@ -31,8 +31,13 @@ pub const POLL_TASKS_MAX: usize = 256;
 /// Shortest automatic heartbeat interval, so that a misconfiguration cannot flood a node.
 pub const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_millis(10);
 
-/// Most tries to report one task's result before leaving it to lease expiry.
-const REPORT_ATTEMPTS_MAX: u32 = 5;
+/// Most tries to report one task's result before leaving it to lease expiry. With the
+/// backoff below the tries span about 10 s: longer than a cluster failover (the failure
+/// timeout, 2 s by default, plus a heartbeat), so a result survives its node's death.
+const REPORT_ATTEMPTS_MAX: u32 = 8;
+
+/// Longest wait between two tries of a report.
+const REPORT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Wait before the second try of a report; doubled after each further failure.
 const REPORT_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
@@ -761,7 +766,7 @@ where
         }
         tracing::debug!(error = %ErrorChain(&error), attempt, "report failed, retrying");
         tokio::time::sleep(jittered(backoff)).await;
-        backoff = backoff.saturating_mul(2);
+        backoff = backoff.saturating_mul(2).min(REPORT_BACKOFF_MAX);
         attempt += 1;
     }
 }
