@@ -26,7 +26,8 @@ const READERS_IDLE_MAX: usize = 8;
 
 /// Schema migrations, applied in order; the schema version is the count applied.
 /// Never edit one that has shipped: add a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE partitions (
     partition INTEGER PRIMARY KEY,
@@ -87,7 +88,7 @@ CREATE TABLE timers (
 ) WITHOUT ROWID;
 CREATE INDEX timers_partition ON timers (partition);
 "#,
-r#"
+    r#"
 CREATE TABLE members (
     node_id TEXT PRIMARY KEY,
     url TEXT NOT NULL,
@@ -96,7 +97,8 @@ CREATE TABLE members (
     joined_at INTEGER NOT NULL,
     last_heartbeat INTEGER NOT NULL
 ) WITHOUT ROWID;
-"#];
+"#,
+];
 
 /// The SQLite store of one data directory.
 pub struct SqliteStore {
@@ -454,7 +456,8 @@ impl Store for SqliteStore {
         failure_timeout_ms: u64,
     ) -> Result<Membership, Error> {
         self.write(|connection| {
-            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let transaction =
+                connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             transaction.execute(
                 "INSERT INTO members (node_id, url, standby, draining, joined_at, last_heartbeat)
                  VALUES (?1, ?2, ?3, 0, ?4, ?4)
@@ -794,37 +797,9 @@ impl Store for SqliteStore {
 
 #[cfg(test)]
 mod tests {
-    //! Store tests against real SQLite files in temporary directories.
+    //! The SQLite-only behaviour; what every backend must do is checked on all of
+    //! them in `tests/conformance.rs`.
     use super::*;
-
-    fn event(partition: u32, seq: u64, epoch: u64) -> EventRecord {
-        EventRecord {
-            partition,
-            seq,
-            epoch,
-            instance_id: "i1".into(),
-            at: 5,
-            event_type: "t".into(),
-            payload: "{}".into(),
-        }
-    }
-
-    fn instance(status: &str, active: bool) -> InstanceRecord {
-        InstanceRecord {
-            id: "i1".into(),
-            partition: 0,
-            definition: "d".into(),
-            version: 1,
-            status: status.into(),
-            active,
-            input: "{}".into(),
-            output: None,
-            error: None,
-            created_at: 1,
-            updated_at: 2,
-            state: "s".into(),
-        }
-    }
 
     #[test]
     fn second_open_of_a_data_dir_is_refused() {
@@ -838,136 +813,5 @@ mod tests {
             "{:?}",
             second.err()
         );
-    }
-
-    #[test]
-    fn partition_count_is_fixed_at_creation() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(SqliteStore::open(dir.path(), 4).unwrap());
-        let store = SqliteStore::open(dir.path(), 64).unwrap();
-        assert_eq!(store.partition_count(), 4);
-    }
-
-    #[test]
-    fn fenced_batches_change_nothing_and_epochs_grow() {
-        // Goal: a writer that lost its lease commits nothing; a current writer commits
-        // contiguous seqs. Method: take the lease twice, commit under both epochs.
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path(), 2).unwrap();
-        let first = store.acquire_lease(0, "a", 0, 1000).unwrap().unwrap();
-        assert_eq!(first.epoch, 1);
-        assert_eq!(
-            store.acquire_lease(0, "b", 10, 1000).unwrap(),
-            None,
-            "held by a"
-        );
-        let second = store.acquire_lease(0, "b", 2000, 1000).unwrap().unwrap();
-        assert_eq!(second.epoch, 2);
-
-        let stale = PartitionBatch {
-            partition: 0,
-            epoch: 1,
-            seq_before: 0,
-            events: vec![event(0, 1, 1)],
-            instances: vec![instance("running", true)],
-            ..Default::default()
-        };
-        let fresh = PartitionBatch {
-            partition: 0,
-            epoch: 2,
-            seq_before: 0,
-            events: vec![event(0, 1, 2), event(0, 2, 2)],
-            instances: vec![instance("running", true)],
-            ..Default::default()
-        };
-        let outcomes = store.commit(&[stale.clone(), fresh]).unwrap();
-        assert_eq!(
-            outcomes[0],
-            Err(Refusal::Fenced {
-                partition: 0,
-                epoch: 1
-            })
-        );
-        assert_eq!(outcomes[1], Ok(()));
-        let history = store.history("i1", 0).unwrap();
-        assert_eq!(
-            history.iter().map(|e| (e.seq, e.epoch)).collect::<Vec<_>>(),
-            vec![(1, 2), (2, 2)]
-        );
-
-        // A batch that does not continue the log is refused too (a lost race on seqs).
-        let gap = PartitionBatch {
-            partition: 0,
-            epoch: 2,
-            seq_before: 0,
-            events: vec![event(0, 1, 2)],
-            ..Default::default()
-        };
-        assert!(store.commit(&[gap]).unwrap()[0].is_err());
-        assert_eq!(store.load_partition(0).unwrap().last_seq, 2);
-    }
-
-    #[test]
-    fn committed_state_survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = SqliteStore::open(dir.path(), 2).unwrap();
-            let lease = store.acquire_lease(1, "a", 0, 1000).unwrap().unwrap();
-            let batch = PartitionBatch {
-                partition: 1,
-                epoch: lease.epoch,
-                seq_before: 0,
-                events: vec![event(1, 1, lease.epoch)],
-                instances: vec![InstanceRecord {
-                    partition: 1,
-                    ..instance("running", true)
-                }],
-                tasks_put: vec![TaskRecord {
-                    task_id: "i1:a:1".into(),
-                    partition: 1,
-                    queue: "q".into(),
-                    instance_id: "i1".into(),
-                    payload: "{}".into(),
-                }],
-                timers_put: vec![TimerRecord {
-                    partition: 1,
-                    instance_id: "i1".into(),
-                    key: "sleep:0".into(),
-                    fire_at: 99,
-                }],
-                ..Default::default()
-            };
-            assert_eq!(store.commit(&[batch]).unwrap(), vec![Ok(())]);
-        }
-        let store = SqliteStore::open(dir.path(), 2).unwrap();
-        let snapshot = store.load_partition(1).unwrap();
-        assert_eq!(snapshot.instances.len(), 1);
-        assert_eq!(snapshot.tasks.len(), 1);
-        assert_eq!(snapshot.timers[0].fire_at, 99);
-        assert_eq!(snapshot.last_seq, 1);
-        // The next owner's epoch continues from the stored one.
-        assert_eq!(
-            store
-                .acquire_lease(1, "b", 5000, 1000)
-                .unwrap()
-                .unwrap()
-                .epoch,
-            2
-        );
-    }
-
-    #[test]
-    fn definitions_get_increasing_versions() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path(), 1).unwrap();
-        assert_eq!(store.put_definition("d", "v1", 1).unwrap(), 1);
-        assert_eq!(store.put_definition("d", "v2", 2).unwrap(), 2);
-        assert_eq!(store.definition("d", None).unwrap().unwrap().source, "v2");
-        assert_eq!(
-            store.definition("d", Some(1)).unwrap().unwrap().source,
-            "v1"
-        );
-        assert_eq!(store.definitions().unwrap().len(), 1);
-        assert!(store.definition("e", None).unwrap().is_none());
     }
 }
