@@ -1,13 +1,18 @@
 //! weir's durable state, behind one trait.
 //!
+//! Two backends: [`SqliteStore`] (embedded, one process) and [`PostgresStore`]
+//! (one database shared by the nodes of a cluster).
+//!
 //! The store knows tables and transactions, never what a workflow step means:
 //! instance states, events and tasks are opaque text it keeps and returns.
 //! Every write for a partition is conditional on that partition's fencing
 //! epoch, so a node that lost a partition's lease can never commit for it.
 #![warn(missing_docs)]
 
+mod postgres;
 mod sqlite;
 
+pub use crate::postgres::{PostgresOptions, PostgresStore, POOL_SIZE_DEFAULT, POOL_WAIT_DEFAULT};
 pub use sqlite::SqliteStore;
 
 /// Default number of partitions of a new store.
@@ -22,6 +27,13 @@ pub enum Error {
     /// The database failed.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL failed: a statement, or the connection (the server may be down).
+    #[error("postgres: {}", postgres_message(.0))]
+    Postgres(#[from] ::postgres::Error),
+    /// No PostgreSQL connection could be had in time: the server is unreachable or
+    /// every pooled connection stayed busy.
+    #[error("postgres connection pool: {0}")]
+    Pool(#[from] r2d2::Error),
     /// A file system operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -38,6 +50,15 @@ pub enum Error {
     /// The stored data is not what this version understands.
     #[error("incompatible data: {0}")]
     Incompatible(String),
+}
+
+/// The message of a PostgreSQL error with its cause: the client's own text is only
+/// the kind ("db error", "error connecting to server"), the cause says what happened.
+fn postgres_message(err: &::postgres::Error) -> String {
+    match std::error::Error::source(err) {
+        Some(cause) => format!("{err}: {cause}"),
+        None => err.to_string(),
+    }
 }
 
 /// A partition's lease: who may write for it, under which fencing epoch, until when.

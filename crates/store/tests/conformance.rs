@@ -1,0 +1,1008 @@
+//! Goal: both backends keep every promise of the `Store` trait the same way: fencing,
+//! log contiguity, what survives a reopen, definition versions, listing, membership
+//! and leases; and PostgreSQL, which several nodes share, also holds under racing
+//! nodes and a server restart.
+//!
+//! Method: each check is a function over a `Place` (where a store lives: a temporary
+//! SQLite directory, or a fresh database on a PostgreSQL server this process started),
+//! run once per backend by `on_both!`, which makes `sqlite::<check>` and
+//! `postgres::<check>` tests. Time-dependent checks pass the wall clock as `now` and
+//! really wait, because PostgreSQL ignores `now` and reads its own clock.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use weir_pgtest::PgServer;
+use weir_store::{
+    Announcement, Error, EventRecord, InstanceQuery, InstanceRecord, PartitionBatch,
+    PostgresOptions, PostgresStore, Refusal, SqliteStore, Store, TaskRecord, TimerRecord,
+    PARTITION_COUNT_MAX,
+};
+
+/// Where a store lives; opening it again reaches the same data.
+enum Place {
+    Sqlite(tempfile::TempDir),
+    Postgres { url: String, _server: Arc<PgServer> },
+}
+
+impl Place {
+    fn sqlite() -> Place {
+        Place::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    fn postgres() -> Place {
+        let server = PgServer::shared();
+        Place::Postgres {
+            url: server.fresh_database(),
+            _server: server,
+        }
+    }
+
+    fn open(&self, partition_count: u32) -> Box<dyn Store> {
+        match self {
+            Place::Sqlite(dir) => Box::new(SqliteStore::open(dir.path(), partition_count).unwrap()),
+            Place::Postgres { url, .. } => {
+                Box::new(PostgresStore::connect(url, partition_count).unwrap())
+            }
+        }
+    }
+
+    fn try_open(&self, partition_count: u32) -> Result<Box<dyn Store>, Error> {
+        Ok(match self {
+            Place::Sqlite(dir) => Box::new(SqliteStore::open(dir.path(), partition_count)?),
+            Place::Postgres { url, .. } => Box::new(PostgresStore::connect(url, partition_count)?),
+        })
+    }
+}
+
+/// Makes `sqlite::<check>` and `postgres::<check>` tests of each check.
+macro_rules! on_both {
+    ($($check:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test] fn $check() { super::$check(super::Place::sqlite()); })*
+        }
+        mod postgres {
+            $(#[test] fn $check() { super::$check(super::Place::postgres()); })*
+        }
+    };
+}
+
+on_both!(
+    stale_epochs_commit_nothing_and_epochs_grow,
+    a_batch_must_continue_the_log,
+    batches_of_one_partition_apply_in_order,
+    committed_state_survives_reopen,
+    partition_count_is_fixed_at_creation,
+    definitions_get_increasing_versions,
+    listing_filters_and_pages_in_byte_order,
+    events_after_pages_the_log,
+    membership_follows_heartbeats,
+    leases_are_taken_renewed_and_released,
+);
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn event(partition: u32, seq: u64, epoch: u64, instance_id: &str) -> EventRecord {
+    EventRecord {
+        partition,
+        seq,
+        epoch,
+        instance_id: instance_id.into(),
+        at: 5,
+        event_type: "t".into(),
+        payload: format!("{{\"seq\":{seq}}}"),
+    }
+}
+
+fn instance(id: &str, partition: u32, status: &str, active: bool) -> InstanceRecord {
+    InstanceRecord {
+        id: id.into(),
+        partition,
+        definition: "d".into(),
+        version: 1,
+        status: status.into(),
+        active,
+        input: "{}".into(),
+        output: None,
+        error: None,
+        created_at: 1,
+        updated_at: 2,
+        state: format!("state of {id}: {status}"),
+    }
+}
+
+fn task(task_id: &str, partition: u32, instance_id: &str) -> TaskRecord {
+    TaskRecord {
+        task_id: task_id.into(),
+        partition,
+        queue: "q".into(),
+        instance_id: instance_id.into(),
+        payload: "{}".into(),
+    }
+}
+
+fn timer(partition: u32, instance_id: &str, key: &str, fire_at: u64) -> TimerRecord {
+    TimerRecord {
+        partition,
+        instance_id: instance_id.into(),
+        key: key.into(),
+        fire_at,
+    }
+}
+
+/// A batch of `events` for instance `i1`, continuing the log from `seq_before`.
+fn batch(partition: u32, epoch: u64, seq_before: u64, events: u64) -> PartitionBatch {
+    PartitionBatch {
+        partition,
+        epoch,
+        seq_before,
+        events: (1..=events)
+            .map(|n| event(partition, seq_before + n, epoch, "i1"))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn stale_epochs_commit_nothing_and_epochs_grow(place: Place) {
+    let store = place.open(2);
+    let first = store
+        .acquire_lease(0, "a", wall_ms(), 300)
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.epoch, 1);
+    assert_eq!(
+        store.acquire_lease(0, "b", wall_ms(), 300).unwrap(),
+        None,
+        "held by a"
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    let second = store
+        .acquire_lease(0, "b", wall_ms(), 60_000)
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.epoch, 2, "an expired lease is taken, one epoch on");
+
+    let stale = PartitionBatch {
+        instances: vec![instance("i1", 0, "stale", true)],
+        tasks_put: vec![task("stale-task", 0, "i1")],
+        timers_put: vec![timer(0, "i1", "stale-timer", 9)],
+        ..batch(0, 1, 0, 1)
+    };
+    let fresh = PartitionBatch {
+        instances: vec![instance("i1", 0, "running", true)],
+        ..batch(0, 2, 0, 2)
+    };
+    let outcomes = store.commit(&[stale.clone(), fresh]).unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            Err(Refusal::Fenced {
+                partition: 0,
+                epoch: 1
+            }),
+            Ok(())
+        ]
+    );
+    let history = store.history("i1", 0).unwrap();
+    assert_eq!(
+        history.iter().map(|e| (e.seq, e.epoch)).collect::<Vec<_>>(),
+        vec![(1, 2), (2, 2)]
+    );
+    let snapshot = store.load_partition(0).unwrap();
+    assert_eq!(snapshot.instances[0].status, "running");
+    assert!(snapshot.tasks.is_empty() && snapshot.timers.is_empty());
+
+    // The stale writer retrying alone, even at the right log end, still commits nothing.
+    let retried = PartitionBatch {
+        seq_before: 2,
+        events: vec![event(0, 3, 1, "i1")],
+        ..stale
+    };
+    assert!(store.commit(&[retried]).unwrap()[0].is_err());
+    assert_eq!(store.load_partition(0).unwrap().last_seq, 2);
+    assert_eq!(store.history("i1", 0).unwrap().len(), 2);
+}
+
+fn a_batch_must_continue_the_log(place: Place) {
+    let store = place.open(2);
+    let lease = store
+        .acquire_lease(1, "a", wall_ms(), 60_000)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.commit(&[batch(1, lease.epoch, 0, 3)]).unwrap(),
+        vec![Ok(())]
+    );
+    // A lost race on seqs: the log is at 3, the writer believes 1, or 0.
+    for seq_before in [0, 1, 4] {
+        let outcome = store
+            .commit(&[batch(1, lease.epoch, seq_before, 1)])
+            .unwrap();
+        assert_eq!(
+            outcome,
+            vec![Err(Refusal::Fenced {
+                partition: 1,
+                epoch: lease.epoch
+            })],
+            "seq_before {seq_before}"
+        );
+    }
+    // A partition that does not exist is refused like a fenced one.
+    assert!(store.commit(&[batch(7, 1, 0, 1)]).unwrap()[0].is_err());
+    assert_eq!(store.load_partition(1).unwrap().last_seq, 3);
+    assert_eq!(
+        store.commit(&[batch(1, lease.epoch, 3, 1)]).unwrap(),
+        vec![Ok(())]
+    );
+    assert_eq!(store.load_partition(1).unwrap().last_seq, 4);
+    assert_eq!(store.load_partition(0).unwrap().last_seq, 0);
+    assert!(store.commit(&[]).unwrap().is_empty());
+}
+
+fn batches_of_one_partition_apply_in_order(place: Place) {
+    // Goal: a group commit holding two batches of one partition (and one of another)
+    // equals committing them one after the other: the second continues the first's log,
+    // sees its rows, and an instance keeps the columns of its first insert.
+    let store = place.open(2);
+    let p0 = store
+        .acquire_lease(0, "a", wall_ms(), 60_000)
+        .unwrap()
+        .unwrap();
+    let p1 = store
+        .acquire_lease(1, "a", wall_ms(), 60_000)
+        .unwrap()
+        .unwrap();
+    let first = PartitionBatch {
+        instances: vec![instance("i1", 0, "running", true)],
+        tasks_put: vec![task("t1", 0, "i1"), task("t-kept", 0, "i1")],
+        timers_put: vec![timer(0, "i1", "sleep", 50), timer(0, "i1", "deadline", 60)],
+        ..batch(0, p0.epoch, 0, 2)
+    };
+    let other = PartitionBatch {
+        instances: vec![instance("j1", 1, "running", true)],
+        tasks_put: vec![task("u1", 1, "j1")],
+        ..batch(1, p1.epoch, 0, 1)
+    };
+    let second = PartitionBatch {
+        instances: vec![InstanceRecord {
+            definition: "changed".into(),
+            version: 7,
+            input: "{\"changed\":true}".into(),
+            created_at: 99,
+            updated_at: 100,
+            output: Some("{\"done\":1}".into()),
+            ..instance("i1", 0, "completed", false)
+        }],
+        tasks_delete: vec!["t1".into(), "never-existed".into()],
+        tasks_put: vec![task("t2", 0, "i1")],
+        timers_delete: vec![("i1".into(), "sleep".into())],
+        timers_put: vec![timer(0, "i1", "deadline", 61)],
+        ..batch(0, p0.epoch, 2, 1)
+    };
+    // A third batch re-puts a task the same commit deleted, then deletes one it put.
+    let third = PartitionBatch {
+        tasks_delete: vec!["t2".into()],
+        tasks_put: vec![TaskRecord {
+            payload: "{\"again\":true}".into(),
+            ..task("t1", 0, "i1")
+        }],
+        ..batch(0, p0.epoch, 3, 0)
+    };
+    let outcomes = store.commit(&[first, other, second, third]).unwrap();
+    assert_eq!(outcomes, vec![Ok(()), Ok(()), Ok(()), Ok(())]);
+
+    let i1 = store.instance("i1").unwrap().unwrap();
+    assert_eq!(
+        (
+            i1.definition.as_str(),
+            i1.version,
+            i1.input.as_str(),
+            i1.created_at
+        ),
+        ("d", 1, "{}", 1),
+        "fixed columns keep the first insert"
+    );
+    assert_eq!(
+        (
+            i1.status.as_str(),
+            i1.active,
+            i1.updated_at,
+            i1.output.as_deref()
+        ),
+        ("completed", false, 100, Some("{\"done\":1}")),
+        "changing columns take the last write"
+    );
+    let snapshot = store.load_partition(0).unwrap();
+    assert_eq!(snapshot.last_seq, 3);
+    assert!(snapshot.instances.is_empty(), "i1 is no longer active");
+    let mut tasks: Vec<(String, String)> = snapshot
+        .tasks
+        .iter()
+        .map(|t| (t.task_id.clone(), t.payload.clone()))
+        .collect();
+    tasks.sort();
+    assert_eq!(
+        tasks,
+        vec![
+            ("t-kept".to_string(), "{}".to_string()),
+            ("t1".to_string(), "{\"again\":true}".to_string())
+        ]
+    );
+    assert_eq!(snapshot.timers, vec![timer(0, "i1", "deadline", 61)]);
+    let p1_snapshot = store.load_partition(1).unwrap();
+    assert_eq!(p1_snapshot.last_seq, 1);
+    assert_eq!(p1_snapshot.instances.len(), 1);
+    assert_eq!(p1_snapshot.tasks, vec![task("u1", 1, "j1")]);
+    assert_eq!(
+        store
+            .history("i1", 0)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+
+    // A refused batch makes the next batch of its partition in the same commit refused
+    // too (it expects the log end the refused one would have left).
+    let refused = batch(0, p0.epoch + 1, 3, 1);
+    let follower = batch(0, p0.epoch, 4, 1);
+    let outcomes = store.commit(&[refused, follower]).unwrap();
+    assert!(outcomes.iter().all(|o| o.is_err()), "{outcomes:?}");
+    assert_eq!(store.load_partition(0).unwrap().last_seq, 3);
+}
+
+fn committed_state_survives_reopen(place: Place) {
+    {
+        let store = place.open(2);
+        let lease = store
+            .acquire_lease(1, "a", wall_ms(), 60_000)
+            .unwrap()
+            .unwrap();
+        let batch = PartitionBatch {
+            instances: vec![
+                instance("i1", 1, "running", true),
+                instance("i2", 1, "completed", false),
+            ],
+            tasks_put: vec![task("i1:a:1", 1, "i1")],
+            timers_put: vec![timer(1, "i1", "sleep:0", 99)],
+            ..batch(1, lease.epoch, 0, 1)
+        };
+        assert_eq!(store.commit(&[batch]).unwrap(), vec![Ok(())]);
+    }
+    let store = place.open(2);
+    let snapshot = store.load_partition(1).unwrap();
+    assert_eq!(snapshot.instances, vec![instance("i1", 1, "running", true)]);
+    assert_eq!(snapshot.tasks, vec![task("i1:a:1", 1, "i1")]);
+    assert_eq!(snapshot.timers, vec![timer(1, "i1", "sleep:0", 99)]);
+    assert_eq!(snapshot.last_seq, 1);
+    assert_eq!(
+        store.instance("i2").unwrap(),
+        Some(instance("i2", 1, "completed", false))
+    );
+    // The epoch continues from the stored one (the same owner may take it at once).
+    let lease = store
+        .acquire_lease(1, "a", wall_ms(), 60_000)
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.epoch, 2);
+}
+
+fn partition_count_is_fixed_at_creation(place: Place) {
+    drop(place.open(4));
+    let store = place.open(64);
+    assert_eq!(store.partition_count(), 4);
+    assert_eq!(store.leases().unwrap().len(), 4);
+    drop(store);
+    let too_many = place.try_open(PARTITION_COUNT_MAX + 1);
+    assert!(
+        matches!(too_many, Err(Error::Incompatible(_))),
+        "{:?}",
+        too_many.err()
+    );
+}
+
+fn definitions_get_increasing_versions(place: Place) {
+    let store = place.open(1);
+    assert_eq!(store.put_definition("d", "v1", 1).unwrap(), 1);
+    assert_eq!(store.put_definition("d", "v2", 2).unwrap(), 2);
+    assert_eq!(store.put_definition("c", "c1", 3).unwrap(), 1);
+    let latest = store.definition("d", None).unwrap().unwrap();
+    assert_eq!(
+        (latest.version, latest.source.as_str(), latest.created_at),
+        (2, "v2", 2)
+    );
+    assert_eq!(
+        store.definition("d", Some(1)).unwrap().unwrap().source,
+        "v1"
+    );
+    assert!(store.definition("d", Some(3)).unwrap().is_none());
+    assert!(store.definition("e", None).unwrap().is_none());
+    let all = store.definitions().unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|d| (d.name.as_str(), d.version))
+            .collect::<Vec<_>>(),
+        vec![("c", 1), ("d", 2)],
+        "the latest of each, by name"
+    );
+}
+
+fn listing_filters_and_pages_in_byte_order(place: Place) {
+    let store = place.open(1);
+    let lease = store
+        .acquire_lease(0, "a", wall_ms(), 60_000)
+        .unwrap()
+        .unwrap();
+    // Ids whose byte order differs from a linguistic one ("B" < "a", "a-2" < "a1").
+    let rows = [
+        ("a1", "order", "running"),
+        ("B", "order", "completed"),
+        ("a-2", "refund", "running"),
+        ("b", "order", "failed"),
+        ("é", "refund", "running"),
+        ("a10", "order", "running"),
+    ];
+    let batch = PartitionBatch {
+        instances: rows
+            .iter()
+            .map(|(id, definition, status)| InstanceRecord {
+                definition: definition.to_string(),
+                ..instance(id, 0, status, *status == "running")
+            })
+            .collect(),
+        ..batch(0, lease.epoch, 0, 0)
+    };
+    assert_eq!(store.commit(&[batch]).unwrap(), vec![Ok(())]);
+    let ids = |query: InstanceQuery| -> Vec<String> {
+        store
+            .instances(&query)
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect()
+    };
+    let all = InstanceQuery {
+        limit: 100,
+        ..Default::default()
+    };
+    assert_eq!(ids(all.clone()), ["B", "a-2", "a1", "a10", "b", "é"]);
+    assert_eq!(
+        ids(InstanceQuery {
+            status: Some("running".into()),
+            ..all.clone()
+        }),
+        ["a-2", "a1", "a10", "é"]
+    );
+    assert_eq!(
+        ids(InstanceQuery {
+            definition: Some("order".into()),
+            ..all.clone()
+        }),
+        ["B", "a1", "a10", "b"]
+    );
+    assert_eq!(
+        ids(InstanceQuery {
+            status: Some("running".into()),
+            definition: Some("refund".into()),
+            ..all.clone()
+        }),
+        ["a-2", "é"]
+    );
+    // Paging with the cursor visits every row once.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = ids(InstanceQuery {
+            after_id: after.clone(),
+            limit: 2,
+            ..Default::default()
+        });
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 2);
+        after = page.last().cloned();
+        seen.extend(page);
+    }
+    assert_eq!(seen, ids(all.clone()));
+    assert_eq!(
+        ids(InstanceQuery {
+            status: Some("running".into()),
+            after_id: Some("a1".into()),
+            limit: 1,
+            ..Default::default()
+        }),
+        ["a10"]
+    );
+    assert!(ids(InstanceQuery {
+        status: Some("nothing".into()),
+        ..all
+    })
+    .is_empty());
+    assert_eq!(
+        store.instance("é").unwrap().unwrap().definition,
+        "refund",
+        "non-ASCII ids round-trip"
+    );
+    assert!(store.instance("missing").unwrap().is_none());
+}
+
+fn events_after_pages_the_log(place: Place) {
+    let store = place.open(2);
+    let lease = store
+        .acquire_lease(0, "a", wall_ms(), 60_000)
+        .unwrap()
+        .unwrap();
+    let mut first = batch(0, lease.epoch, 0, 5);
+    first.events[1].instance_id = "i2".into();
+    assert_eq!(store.commit(&[first]).unwrap(), vec![Ok(())]);
+    let seqs = |after, limit| -> Vec<u64> {
+        store
+            .events_after(0, after, limit)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect()
+    };
+    assert_eq!(seqs(0, 100), [1, 2, 3, 4, 5]);
+    assert_eq!(seqs(2, 2), [3, 4]);
+    assert!(seqs(5, 10).is_empty());
+    assert!(store.events_after(1, 0, 10).unwrap().is_empty());
+    let events = store.events_after(0, 0, 1).unwrap();
+    assert_eq!(events, vec![event(0, 1, lease.epoch, "i1")]);
+    assert_eq!(
+        store
+            .history("i2", 0)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>(),
+        [2]
+    );
+    assert!(store.history("i2", 1).unwrap().is_empty());
+}
+
+fn node(id: &str, url: &str, standby: bool) -> Announcement {
+    Announcement {
+        node_id: id.into(),
+        url: url.into(),
+        standby,
+    }
+}
+
+fn membership_follows_heartbeats(place: Place) {
+    const LONG: u64 = 60_000;
+    const SHORT: u64 = 300;
+    let store = place.open(1);
+    let before = wall_ms();
+    let joined = store
+        .heartbeat(&node("b", "http://b", false), true, wall_ms(), LONG)
+        .unwrap();
+    assert_eq!(joined.members.len(), 1);
+    let b = &joined.members[0];
+    assert!(b.alive && !b.draining && !b.standby);
+    assert_eq!(b.joined_at, b.last_heartbeat);
+    assert_eq!(joined.now, b.last_heartbeat, "read at the heartbeat");
+    // The store's clock is this machine's (SQLite takes ours; PostgreSQL runs here).
+    assert!(joined.now.abs_diff(before) < 5_000);
+
+    let with_a = store
+        .heartbeat(&node("a", "http://a", true), true, wall_ms(), LONG)
+        .unwrap();
+    assert_eq!(
+        with_a
+            .members
+            .iter()
+            .map(|m| (m.node_id.as_str(), m.standby))
+            .collect::<Vec<_>>(),
+        [("a", true), ("b", false)],
+        "ordered by node id"
+    );
+
+    assert!(store.set_draining("b", true).unwrap());
+    assert!(!store.set_draining("nobody", true).unwrap());
+    std::thread::sleep(Duration::from_millis(5));
+    let kept = store
+        .heartbeat(&node("b", "http://b2", false), false, wall_ms(), LONG)
+        .unwrap();
+    let b2 = kept.members.iter().find(|m| m.node_id == "b").unwrap();
+    assert!(b2.draining, "a plain heartbeat keeps the drain flag");
+    assert_eq!(b2.url, "http://b2");
+    assert_eq!(b2.joined_at, b.joined_at);
+    assert!(b2.last_heartbeat > b.last_heartbeat);
+    let rejoined = store
+        .heartbeat(&node("b", "http://b2", false), true, wall_ms(), LONG)
+        .unwrap();
+    let b3 = rejoined.members.iter().find(|m| m.node_id == "b").unwrap();
+    assert!(!b3.draining, "joining clears it");
+    assert!(b3.joined_at > b.joined_at);
+
+    // Liveness is judged by the store's clock against the last heartbeat.
+    std::thread::sleep(Duration::from_millis(SHORT + 100));
+    let stale = store.membership(wall_ms(), SHORT).unwrap();
+    assert!(stale.members.iter().all(|m| !m.alive), "{stale:?}");
+    assert!(stale.now >= b3.last_heartbeat + SHORT);
+    let fresh = store
+        .heartbeat(&node("a", "http://a", true), false, wall_ms(), SHORT)
+        .unwrap();
+    let alive: Vec<(&str, bool)> = fresh
+        .members
+        .iter()
+        .map(|m| (m.node_id.as_str(), m.alive))
+        .collect();
+    assert_eq!(alive, [("a", true), ("b", false)]);
+    assert!(store.membership(wall_ms(), LONG).unwrap().members[1].alive);
+
+    store.leave("a").unwrap();
+    store.leave("nobody").unwrap();
+    let left = store.membership(wall_ms(), LONG).unwrap();
+    assert_eq!(
+        left.members
+            .iter()
+            .map(|m| m.node_id.as_str())
+            .collect::<Vec<_>>(),
+        ["b"]
+    );
+    assert!(!store.set_draining("a", true).unwrap(), "a has left");
+}
+
+fn leases_are_taken_renewed_and_released(place: Place) {
+    const TTL: u64 = 60_000;
+    let store = place.open(3);
+    let all = store.leases().unwrap();
+    assert_eq!(all.len(), 3);
+    assert!(all.iter().all(|l| l.owner.is_empty() && l.epoch == 0));
+
+    let start = wall_ms();
+    let a = store
+        .acquire_lease(2, "a", wall_ms(), TTL)
+        .unwrap()
+        .unwrap();
+    assert_eq!((a.partition, a.owner.as_str(), a.epoch), (2, "a", 1));
+    assert!(a.expires_at >= start + TTL - 5_000 && a.expires_at <= wall_ms() + TTL + 5_000);
+    assert_eq!(store.acquire_lease(2, "b", wall_ms(), TTL).unwrap(), None);
+    // The holder taking it again moves the epoch on (its old batches are fenced).
+    let again = store
+        .acquire_lease(2, "a", wall_ms(), TTL)
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.epoch, 2);
+
+    std::thread::sleep(Duration::from_millis(5));
+    let renewed = store
+        .renew_leases(
+            "a",
+            &[(2, again.epoch), (1, 1), (2, a.epoch)],
+            wall_ms(),
+            TTL,
+        )
+        .unwrap();
+    assert_eq!(renewed, [2], "only the held lease at its current epoch");
+    let after_renew = store.leases().unwrap()[2].clone();
+    assert!(after_renew.expires_at > again.expires_at);
+    assert!(store
+        .renew_leases("b", &[(2, again.epoch)], wall_ms(), TTL)
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .renew_leases("a", &[], wall_ms(), TTL)
+        .unwrap()
+        .is_empty());
+
+    // Releasing with a stale epoch does nothing; with the current one frees it.
+    store.release_leases("a", &[(2, a.epoch)]).unwrap();
+    assert_eq!(store.leases().unwrap()[2].owner, "a");
+    store.release_leases("a", &[(2, again.epoch)]).unwrap();
+    let released = store.leases().unwrap()[2].clone();
+    assert_eq!(
+        (released.owner.as_str(), released.epoch, released.expires_at),
+        ("", 2, 0)
+    );
+    let b = store
+        .acquire_lease(2, "b", wall_ms(), 200)
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.epoch, 3, "epochs only grow, across owners");
+    // An expired lease is taken; a renewal by its old owner then fails.
+    std::thread::sleep(Duration::from_millis(300));
+    let c = store
+        .acquire_lease(2, "c", wall_ms(), TTL)
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.epoch, 4);
+    assert!(store
+        .renew_leases("b", &[(2, b.epoch)], wall_ms(), TTL)
+        .unwrap()
+        .is_empty());
+    let leases = store.leases().unwrap();
+    assert_eq!(
+        leases
+            .iter()
+            .map(|l| (l.partition, l.owner.as_str(), l.epoch))
+            .collect::<Vec<_>>(),
+        [(0, "", 0), (1, "", 0), (2, "c", 4)]
+    );
+}
+
+// ---- PostgreSQL only: a shared store, its clock, racing nodes, a restart. ----
+
+#[test]
+fn postgres_uses_its_own_clock_not_the_callers() {
+    let place = Place::postgres();
+    let store = place.open(1);
+    let lease = store.acquire_lease(0, "a", 0, 10_000).unwrap().unwrap();
+    let now = wall_ms();
+    assert!(
+        lease.expires_at.abs_diff(now + 10_000) < 5_000,
+        "expiry on the database clock, not 0 + ttl: {lease:?}"
+    );
+    // A caller whose clock is far ahead cannot take a held lease.
+    assert_eq!(store.acquire_lease(0, "b", u64::MAX / 2, 1).unwrap(), None);
+    let membership = store
+        .heartbeat(&node("a", "http://a", false), true, 1, 60_000)
+        .unwrap();
+    assert!(membership.now.abs_diff(now) < 5_000);
+    assert!(membership.members[0].last_heartbeat.abs_diff(now) < 5_000);
+    // A caller whose clock is far behind does not keep a dead node alive.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!store.membership(0, 200).unwrap().members[0].alive);
+}
+
+#[test]
+fn postgres_nodes_racing_for_a_lease_never_share_an_epoch() {
+    const THREADS: usize = 8;
+    const ROUNDS: usize = 25;
+    let place = Place::postgres();
+    let Place::Postgres { url, .. } = &place else {
+        unreachable!()
+    };
+    // Two stores, as two nodes would have, with their own pools.
+    let stores: Vec<Arc<PostgresStore>> = (0..2)
+        .map(|_| Arc::new(PostgresStore::connect(url, 2).unwrap()))
+        .collect();
+
+    // One owner name for all (a node's threads): every attempt succeeds, and the epochs
+    // handed out must all differ and be exactly 1..=attempts.
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let epochs: Vec<u64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|thread| {
+                let store = stores[thread % 2].clone();
+                let barrier = barrier.clone();
+                scope.spawn(move || {
+                    barrier.wait();
+                    (0..ROUNDS)
+                        .map(|_| {
+                            let lease = store.acquire_lease(0, "racer", 0, 60_000).unwrap();
+                            lease
+                                .expect("the owner may always take its own lease")
+                                .epoch
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let distinct: BTreeSet<u64> = epochs.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        epochs.len(),
+        "an epoch was handed out twice"
+    );
+    assert_eq!(distinct, (1..=(THREADS * ROUNDS) as u64).collect());
+
+    // With a long ttl on a free partition, exactly one of the racers gets it.
+    let winners: Vec<(String, u64)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|thread| {
+                let store = stores[thread % 2].clone();
+                let barrier = barrier.clone();
+                scope.spawn(move || {
+                    let owner = format!("node-{thread}");
+                    barrier.wait();
+                    store
+                        .acquire_lease(1, &owner, 0, 60_000)
+                        .unwrap()
+                        .map(|lease| (owner, lease.epoch))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let lease = stores[0].leases().unwrap()[1].clone();
+    assert_eq!((lease.owner.clone(), lease.epoch), winners[0]);
+    assert_eq!(lease.epoch, 1);
+}
+
+#[test]
+fn postgres_nodes_starting_together_set_the_schema_up_once() {
+    const NODES: u32 = 6;
+    let place = Place::postgres();
+    let Place::Postgres { url, .. } = &place else {
+        unreachable!()
+    };
+    let barrier = Barrier::new(NODES as usize);
+    let counts: Vec<u32> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..NODES)
+            .map(|node| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    barrier.wait();
+                    // Each asks for a different count; the first to set up decides.
+                    let store = PostgresStore::connect(url, 4 + node).unwrap();
+                    store.partition_count()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(counts.windows(2).all(|w| w[0] == w[1]), "{counts:?}");
+    let store = PostgresStore::connect(url, 1).unwrap();
+    assert_eq!(store.partition_count(), counts[0]);
+    assert_eq!(store.leases().unwrap().len(), counts[0] as usize);
+}
+
+#[test]
+fn postgres_refuses_a_bad_url_or_an_unreachable_server() {
+    let bad = PostgresStore::connect("not a url", 1);
+    assert!(matches!(bad, Err(Error::Postgres(_))), "{:?}", bad.err());
+    // A port nothing listens on (bound, then released): a clear error in bounded time.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let options = PostgresOptions {
+        pool_wait: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let unreachable = PostgresStore::connect_with(
+        &format!("postgres://postgres@127.0.0.1:{port}/nothing"),
+        1,
+        &options,
+    );
+    let message = unreachable
+        .err()
+        .expect("nothing listens there")
+        .to_string();
+    assert!(message.contains("connect"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn postgres_store_survives_a_server_restart() {
+    // Goal: a server restart fails the calls made while it is down (errors, not panics,
+    // in bounded time) and loses nothing committed; once it is back, calls succeed on
+    // fresh connections. Method: a private server, stopped as a crash would, started again.
+    let mut server = PgServer::start();
+    let url = server.fresh_database();
+    let options = PostgresOptions {
+        pool_size: 4,
+        pool_wait: Duration::from_secs(1),
+    };
+    let store = PostgresStore::connect_with(&url, 2, &options).unwrap();
+    let lease = store.acquire_lease(0, "a", 0, 60_000).unwrap().unwrap();
+    let committed = PartitionBatch {
+        instances: vec![instance("i1", 0, "running", true)],
+        tasks_put: vec![task("t1", 0, "i1")],
+        ..batch(0, lease.epoch, 0, 2)
+    };
+    assert_eq!(store.commit(&[committed]).unwrap(), vec![Ok(())]);
+    // Several connections are idle in the pool when the server goes.
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| store.load_partition(0).unwrap());
+        }
+    });
+
+    server.stop();
+    let started = Instant::now();
+    assert!(store.leases().is_err());
+    assert!(store.commit(&[batch(0, lease.epoch, 2, 1)]).is_err());
+    assert!(store.acquire_lease(1, "a", 0, 60_000).is_err());
+    assert!(store
+        .heartbeat(&node("a", "http://a", false), true, 0, 1_000)
+        .is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "each failing call waits at most about pool_wait"
+    );
+
+    server.start_again();
+    let snapshot = store.load_partition(0).unwrap();
+    assert_eq!(
+        snapshot.last_seq, 2,
+        "the commit before the crash is durable"
+    );
+    assert_eq!(snapshot.tasks, vec![task("t1", 0, "i1")]);
+    assert_eq!(
+        store.commit(&[batch(0, lease.epoch, 2, 1)]).unwrap(),
+        vec![Ok(())]
+    );
+    assert_eq!(store.load_partition(0).unwrap().last_seq, 3);
+    assert_eq!(
+        store
+            .acquire_lease(1, "a", 0, 60_000)
+            .unwrap()
+            .unwrap()
+            .epoch,
+        1
+    );
+}
+
+/// Rough cost of commits: not a test of behaviour, so ignored by default. Run with
+/// `cargo test -p weir-store --release --test conformance -- --ignored --nocapture commit_timing`.
+#[test]
+#[ignore]
+fn commit_timing() {
+    const EVENTS: u64 = 1_000;
+    const PARTITIONS: u32 = 100;
+    for place in [Place::sqlite(), Place::postgres()] {
+        let name = match place {
+            Place::Sqlite(_) => "sqlite",
+            Place::Postgres { .. } => "postgres",
+        };
+        let store = place.open(PARTITIONS);
+        let epochs: Vec<u64> = (0..PARTITIONS)
+            .map(|p| {
+                store
+                    .acquire_lease(p, "a", wall_ms(), 600_000)
+                    .unwrap()
+                    .unwrap()
+                    .epoch
+            })
+            .collect();
+        let mut last_seq = vec![0u64; PARTITIONS as usize];
+        let mut one = |p: u32, events: u64| -> PartitionBatch {
+            let before = last_seq[p as usize];
+            last_seq[p as usize] += events;
+            PartitionBatch {
+                instances: vec![instance(&format!("i{p}"), p, "running", true)],
+                ..batch(p, epochs[p as usize], before, events)
+            }
+        };
+
+        let started = Instant::now();
+        for _ in 0..EVENTS {
+            store.commit(&[one(0, 1)]).unwrap();
+        }
+        let single = started.elapsed();
+
+        let started = Instant::now();
+        for _ in 0..10 {
+            store.commit(&[one(1, EVENTS / 10)]).unwrap();
+        }
+        let hundreds = started.elapsed();
+
+        let started = Instant::now();
+        for _ in 0..(EVENTS / u64::from(PARTITIONS)) {
+            let group: Vec<PartitionBatch> = (0..PARTITIONS).map(|p| one(p, 1)).collect();
+            assert!(store.commit(&group).unwrap().iter().all(|o| o.is_ok()));
+        }
+        let grouped = started.elapsed();
+        println!(
+            "{name}: {EVENTS} commits of 1 event: {single:?} ({:?} each); \
+             10 commits of a {}-event batch: {hundreds:?}; \
+             {} group commits of {PARTITIONS} one-event batches: {grouped:?}",
+            single / EVENTS as u32,
+            EVENTS / 10,
+            EVENTS / u64::from(PARTITIONS),
+        );
+    }
+}
