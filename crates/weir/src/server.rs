@@ -1,4 +1,5 @@
-//! `weir server`: runs a node on the embedded SQLite store.
+//! `weir server`: runs a node, on the embedded SQLite store by default or, with
+//! `--store postgres://…`, as one node of a cluster sharing a PostgreSQL database.
 //!
 //! Settings come from, in order of precedence: command-line flags, environment
 //! variables (`WEIR_*`), a `weir.toml` file, and the defaults below.
@@ -10,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
-use weir_engine::{Config, Engine, TokioClock};
-use weir_store::{SqliteStore, Store, PARTITION_COUNT_DEFAULT};
+use weir_engine::{ClusterConfig, Config, Engine, TokioClock};
+use weir_store::{PostgresStore, SqliteStore, Store, PARTITION_COUNT_DEFAULT};
 
 /// Default listen address: loopback only, so a fresh node is not exposed.
 const LISTEN_DEFAULT: &str = "127.0.0.1:7600";
@@ -26,6 +27,28 @@ pub struct ServerArgs {
     /// Data directory of the embedded store (default ./weir-data).
     #[arg(long, env = "WEIR_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// A shared store instead of the data directory: `postgres://USER@HOST:PORT/DB`.
+    /// Every node of a cluster names the same database.
+    #[arg(long, env = "WEIR_STORE")]
+    store: Option<String>,
+    /// URL other nodes use to reach this one (default http://LISTEN).
+    #[arg(long, env = "WEIR_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    /// Standby node: takes no partitions while --min-active active nodes live.
+    #[arg(long, env = "WEIR_STANDBY")]
+    standby: bool,
+    /// Active nodes that must live before standbys stay idle (default 1).
+    #[arg(long, env = "WEIR_MIN_ACTIVE")]
+    min_active: Option<u32>,
+    /// Heartbeat interval, in ms (default 500).
+    #[arg(long, env = "WEIR_HEARTBEAT_MS")]
+    heartbeat_ms: Option<u64>,
+    /// Failure-detection timeout and partition lease period, in ms (default 2000).
+    #[arg(long, env = "WEIR_FAILURE_TIMEOUT_MS")]
+    failure_timeout_ms: Option<u64>,
+    /// Virtual nodes per node on the placement ring (default 128).
+    #[arg(long, env = "WEIR_VNODES")]
+    vnodes: Option<u32>,
     /// Address to listen on (default 127.0.0.1:7600).
     #[arg(long, env = "WEIR_LISTEN")]
     listen: Option<SocketAddr>,
@@ -51,6 +74,13 @@ pub struct ServerArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     data_dir: Option<PathBuf>,
+    store: Option<String>,
+    advertise_url: Option<String>,
+    standby: Option<bool>,
+    min_active: Option<u32>,
+    heartbeat_ms: Option<u64>,
+    failure_timeout_ms: Option<u64>,
+    vnodes: Option<u32>,
     listen: Option<SocketAddr>,
     node_id: Option<String>,
     partitions: Option<u32>,
@@ -62,6 +92,8 @@ struct FileConfig {
 #[derive(Debug)]
 struct Settings {
     data_dir: PathBuf,
+    store: Option<String>,
+    cluster: ClusterConfig,
     listen: SocketAddr,
     node_id: String,
     partitions: u32,
@@ -77,15 +109,39 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
         }
         None => FileConfig::default(),
     };
+    let listen = match args.listen.or(file.listen) {
+        Some(listen) => listen,
+        None => LISTEN_DEFAULT.parse().expect("the default address parses"),
+    };
+    let defaults = ClusterConfig::default();
+    let cluster = ClusterConfig {
+        url: args
+            .advertise_url
+            .or(file.advertise_url)
+            .unwrap_or_else(|| format!("http://{listen}")),
+        standby: args.standby || file.standby.unwrap_or(false),
+        min_active: args
+            .min_active
+            .or(file.min_active)
+            .unwrap_or(defaults.min_active),
+        heartbeat: args
+            .heartbeat_ms
+            .or(file.heartbeat_ms)
+            .map_or(defaults.heartbeat, Duration::from_millis),
+        failure_timeout: args
+            .failure_timeout_ms
+            .or(file.failure_timeout_ms)
+            .map_or(defaults.failure_timeout, Duration::from_millis),
+        vnodes: args.vnodes.or(file.vnodes).unwrap_or(defaults.vnodes),
+    };
     let settings = Settings {
         data_dir: args
             .data_dir
             .or(file.data_dir)
             .unwrap_or_else(|| DATA_DIR_DEFAULT.into()),
-        listen: match args.listen.or(file.listen) {
-            Some(listen) => listen,
-            None => LISTEN_DEFAULT.parse().expect("the default address parses"),
-        },
+        store: args.store.or(file.store),
+        cluster,
+        listen,
         node_id: args
             .node_id
             .or(file.node_id)
@@ -112,6 +168,26 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
         bail!(
             "task_lease_ms must be at least 100: shorter leases expire before workers can answer"
         );
+    }
+    if let Some(store) = &settings.store {
+        if !store.starts_with("postgres://") && !store.starts_with("postgresql://") {
+            bail!("--store must be a postgres:// URL (leave it out for the embedded store in --data-dir)");
+        }
+    }
+    if settings.cluster.heartbeat < Duration::from_millis(50) {
+        bail!("heartbeat_ms must be at least 50");
+    }
+    if settings.cluster.failure_timeout < settings.cluster.heartbeat * 3 {
+        bail!(
+            "failure_timeout_ms must be at least 3 heartbeats ({} ms): one late heartbeat must not lose leases",
+            settings.cluster.heartbeat.as_millis() * 3
+        );
+    }
+    if settings.cluster.min_active == 0 {
+        bail!("min_active must be at least 1");
+    }
+    if settings.cluster.vnodes == 0 || settings.cluster.vnodes > weir_engine::ring::VNODES_MAX {
+        bail!("vnodes must be from 1 to {}", weir_engine::ring::VNODES_MAX);
     }
     if settings.body_size_max < 1024 {
         bail!("body_size_max must be at least 1024 bytes");
@@ -149,33 +225,52 @@ fn init_logging() {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    let data_dir = settings.data_dir.clone();
     let partitions = settings.partitions;
-    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&data_dir, partitions))
-        .await?
-        .with_context(|| format!("opening data directory {}", settings.data_dir.display()))?;
+    let store: Arc<dyn Store> = match settings.store.clone() {
+        None => {
+            let data_dir = settings.data_dir.clone();
+            let store =
+                tokio::task::spawn_blocking(move || SqliteStore::open(&data_dir, partitions))
+                    .await?
+                    .with_context(|| {
+                        format!("opening data directory {}", settings.data_dir.display())
+                    })?;
+            Arc::new(store)
+        }
+        Some(url) => {
+            let store =
+                tokio::task::spawn_blocking(move || PostgresStore::connect(&url, partitions))
+                    .await?
+                    .context("connecting to the PostgreSQL store")?;
+            Arc::new(store)
+        }
+    };
     if store.partition_count() != settings.partitions {
         tracing::info!(
             stored = store.partition_count(),
-            "the data directory keeps the partition count it was created with"
+            "the store keeps the partition count it was created with"
         );
     }
-    let store: Arc<dyn Store> = Arc::new(store);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;
     let config = Config {
         node_id: settings.node_id.clone(),
         task_lease: settings.task_lease,
-        ..Config::default()
+        cluster: settings.cluster.clone(),
     };
     let engine = Engine::start(store, config, Arc::new(TokioClock::new()))
         .await
         .map_err(|err| anyhow::anyhow!("starting the engine: {err}"))?;
     tracing::info!(
         listen = %settings.listen,
-        data_dir = %settings.data_dir.display(),
+        store = %settings
+            .store
+            .as_deref()
+            .map_or_else(|| settings.data_dir.display().to_string(), redact_password),
         node = %settings.node_id,
+        url = %settings.cluster.url,
+        standby = settings.cluster.standby,
         "weir server ready"
     );
     let limits = weir_api::Limits {
@@ -192,6 +287,20 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         .context("serving the API")?;
     engine.shutdown().await;
     Ok(())
+}
+
+/// A store URL fit for logs: no password.
+fn redact_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
 }
 
 async fn shutdown_signal() {
