@@ -169,18 +169,16 @@ impl Cluster {
 /// panics on an answer that is not retryable.
 fn start_order(urls: &[String], first: usize, n: usize) -> usize {
     let body = json!({ "definition": "order", "id": format!("order-{n}"), "input": { "n": n } });
-    let mut failures = 0;
     for attempt in 0..600 {
         let url = &urls[(first + attempt) % urls.len()];
         match post_json(&format!("{url}/v1/instances"), &body) {
-            Ok((201, _)) | Ok((200, _)) => return failures,
+            Ok((201, _)) | Ok((200, _)) => return attempt,
             Ok((code, body)) if code >= 500 => {
                 eprintln!("start order-{n} on {url} answered {code}: {body}; retrying");
             }
             Ok((code, body)) => panic!("start order-{n} answered {code}: {body}"),
             Err(_) => {}
         }
-        failures += 1;
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("order-{n} could not be started in 30 s");
