@@ -1,206 +1,319 @@
-//! `weir bench`: a benchmark harness that runs workloads against a server over HTTP,
-//! with the example worker in a separate process, and prints figures.
+//! `weir bench`: a benchmark harness that runs workloads against a server (or several nodes)
+//! over HTTP, with the example worker in a separate process, and prints figures.
 //!
 //! It measures; it asserts nothing. Every figure in BENCHMARKS.md names the command
 //! that produced it.
+//!
+//! Workloads:
+//! - `seq`: N instances of K task steps in a row;
+//! - `fanout`: N instances of one `foreach` step over M items, each a task, all at once;
+//! - `timers`: N instances that sleep T, then run one task; reports the timers' lateness;
+//! - `start`: N starts of a one-task definition nobody serves; start throughput alone.
+//!
+//! With several `--server` URLs, starts go round-robin over the nodes, each instance is
+//! awaited through the node it was started on, and one worker runs per node.
+//!
+//! Task dispatch latency (the request that made a task due, to the task in a worker's hands)
+//! is only measured with `--inproc-worker`: the example worker process reports no per-task
+//! times, and timing across two processes' clocks would not be honest (see
+//! `workers::Dispatch`).
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod report;
+mod workers;
+mod workloads;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use serde_json::{json, Value};
+use anyhow::bail;
 
-use crate::cli::{Global, Output};
+use crate::cli::Global;
+use report::{cpu_between, process_cpu, process_rss_peak_kib, Report, ServerFigures, WorkerKind};
+use workers::{Dispatch, InProcessWorkers};
 
 /// Most in-flight instances a run may ask for.
 const CONCURRENCY_MAX: usize = 100_000;
 
+/// Most instances one run may ask for.
+const INSTANCES_MAX: usize = 100_000_000;
+
+/// Most task steps per `seq` instance.
+const STEPS_MAX: usize = 100;
+
+/// Most tasks per `fanout` instance: the most items a `foreach` may have.
+const FANOUT_MAX: usize = weir_model::dsl::LANES_MAX;
+
+/// Longest sleep of a `timers` instance: a benchmark that waits longer is not a benchmark.
+const SLEEP_MS_MAX: u64 = 3_600_000;
+
+/// The durability line printed when `--store-label` is not given: the embedded store's.
+const STORE_LABEL_DEFAULT: &str = "SQLite WAL, synchronous=FULL (fsync per group commit)";
+
+/// The queue the workers of `seq`, `fanout` and `timers` serve.
+const QUEUE: &str = "bench";
+
+/// A benchmark workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// N instances of K sequential task steps (`--steps`) with a no-op worker.
+    Seq,
+    /// N instances of one `foreach` step fanning out to M task steps at once (`--fanout`).
+    Fanout,
+    /// N instances that sleep T (`--sleep-ms`), then run one task step. Timer lateness is end
+    /// minus start minus T, so it includes that task step; give the worker at least
+    /// `--concurrency` slots, or tasks wait for one.
+    Timers,
+    /// N starts of a one-task definition whose queue nobody polls: start throughput alone.
+    Start,
+}
+
+impl Workload {
+    fn as_str(self) -> &'static str {
+        match self {
+            Workload::Seq => "seq",
+            Workload::Fanout => "fanout",
+            Workload::Timers => "timers",
+            Workload::Start => "start",
+        }
+    }
+}
+
 /// Flags of `weir bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Workload: `seq` (N instances of K sequential task steps with a no-op worker).
-    #[arg(long, default_value = "seq")]
-    workload: String,
+    /// Workload.
+    #[arg(long, value_enum, default_value_t = Workload::Seq)]
+    workload: Workload,
     /// Instances to run.
     #[arg(long, default_value_t = 10_000)]
     instances: usize,
-    /// Task steps per instance.
+    /// `seq`: task steps per instance.
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// `fanout`: task steps per instance, all in progress at once.
+    #[arg(long, default_value_t = 10, value_name = "M")]
+    fanout: usize,
+    /// `timers`: how long each instance sleeps, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    sleep_ms: u64,
     /// Instances in flight at once.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Start the example worker (a separate process) with this many tasks in flight; 0 to
-    /// bring your own worker for the queue `bench`.
+    /// Start the example worker (a separate process; one per node) with this many tasks in
+    /// flight in all; 0 to bring your own worker for the queue `bench`.
     #[arg(long, default_value_t = 256)]
     worker_concurrency: usize,
-    /// The server's pid, to report its CPU time and peak RSS.
+    /// Serve the tasks with workers inside the bench process instead of example worker
+    /// processes, and report task dispatch latency.
     #[arg(long)]
-    server_pid: Option<u32>,
-}
-
-/// What one run measured.
-struct Report {
-    instances: usize,
-    steps: usize,
-    concurrency: usize,
-    elapsed: Duration,
-    latencies: Vec<Duration>,
-    failed: usize,
-    server_cpu: Option<Duration>,
-    server_rss_peak_kib: Option<u64>,
+    inproc_worker: bool,
+    /// The server's pid, to report its CPU time and peak RSS; several (comma-separated) for
+    /// several nodes on this machine.
+    #[arg(long, value_delimiter = ',', value_name = "PID")]
+    server_pid: Vec<u32>,
+    /// The durability settings of the server(s), printed as the durability line.
+    #[arg(long, default_value = STORE_LABEL_DEFAULT, value_name = "TEXT")]
+    store_label: String,
 }
 
 /// Runs `weir bench`.
 pub fn run(global: Global, args: BenchArgs) -> anyhow::Result<()> {
-    if args.workload != "seq" {
-        bail!(
-            "unknown workload `{}`: only `seq` exists yet",
-            args.workload
-        );
+    if args.instances == 0 || args.instances > INSTANCES_MAX {
+        bail!("instances must be from 1 to {INSTANCES_MAX}");
     }
     if args.concurrency == 0 || args.concurrency > CONCURRENCY_MAX {
         bail!("concurrency must be from 1 to {CONCURRENCY_MAX}");
     }
-    if args.steps == 0 || args.steps > 100 {
-        bail!("steps must be from 1 to 100");
+    if args.steps == 0 || args.steps > STEPS_MAX {
+        bail!("steps must be from 1 to {STEPS_MAX}");
     }
-    let base = global
+    if args.fanout == 0 || args.fanout > FANOUT_MAX {
+        bail!("fanout must be from 1 to {FANOUT_MAX}");
+    }
+    if args.sleep_ms == 0 || args.sleep_ms > SLEEP_MS_MAX {
+        bail!("sleep-ms must be from 1 to {SLEEP_MS_MAX}");
+    }
+    let nodes: Vec<String> = global
         .servers
-        .first()
-        .cloned()
-        .context("no server URL")?
-        .trim_end_matches('/')
-        .to_string();
+        .iter()
+        .map(|url| url.trim().trim_end_matches('/').to_string())
+        .filter(|url| !url.is_empty())
+        .collect();
+    if nodes.is_empty() {
+        bail!("no server URL");
+    }
+    if nodes.len() > weir_sdk::SERVER_URLS_MAX {
+        bail!("at most {} server URLs", weir_sdk::SERVER_URLS_MAX);
+    }
+    let worker_kind = worker_kind(&args, nodes.len())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(run_seq(&base, &args))?;
-    print_report(&report, global.output, &args);
+    let report = runtime.block_on(execute(nodes, &args, worker_kind))?;
+    report::print(&report, global.output);
     Ok(())
 }
 
-struct WorkerProcess(Child);
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        // SIGTERM for a graceful stop, then make sure.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// Which workers the run starts, after checking the worker flags.
+fn worker_kind(args: &BenchArgs, nodes: usize) -> anyhow::Result<WorkerKind> {
+    if args.workload == Workload::Start {
+        // Nobody serves the start workload's queue: that is the point.
+        return Ok(WorkerKind::None);
     }
-}
-
-fn worker_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name("weir-example-worker");
-    if !path.exists() {
+    if args.worker_concurrency == 0 {
+        if args.inproc_worker {
+            bail!("--inproc-worker needs --worker-concurrency of at least 1");
+        }
+        return Ok(WorkerKind::None);
+    }
+    if args.worker_concurrency < nodes {
+        bail!("worker-concurrency must be at least the number of nodes ({nodes}): one worker runs per node");
+    }
+    let per_worker = args.worker_concurrency.div_ceil(nodes);
+    if per_worker > weir_sdk::CONCURRENCY_MAX {
         bail!(
-            "{} not found; build it (cargo build --release) or pass --worker-concurrency 0",
-            path.display()
+            "worker-concurrency of {} over {nodes} node(s) is more than {} per worker",
+            args.worker_concurrency,
+            weir_sdk::CONCURRENCY_MAX
         );
     }
-    Ok(path)
+    Ok(if args.inproc_worker {
+        WorkerKind::InProcess
+    } else {
+        WorkerKind::Process
+    })
 }
 
-async fn run_seq(base: &str, args: &BenchArgs) -> anyhow::Result<Report> {
+/// What every instance loop of a run shares.
+struct Shared {
+    client: reqwest::Client,
+    nodes: Vec<String>,
+    /// The definition every instance runs.
+    name: String,
+    run_id: String,
+    total: usize,
+    /// Whether each instance is awaited to its end (all workloads but `start`).
+    wait: bool,
+    dispatch: Option<Arc<Dispatch>>,
+    /// The next instance number to start.
+    next: AtomicUsize,
+    progress: indicatif::ProgressBar,
+}
+
+/// What one instance loop measured: per-instance latencies and how many did not complete.
+type LoopResult = anyhow::Result<(Vec<Duration>, usize)>;
+
+/// Starts instances one after another until the run's total is reached.
+async fn instance_loop(shared: Arc<Shared>) -> LoopResult {
+    let mut latencies = Vec::new();
+    let mut failed = 0;
+    loop {
+        let n = shared.next.fetch_add(1, Ordering::Relaxed);
+        if n >= shared.total {
+            break;
+        }
+        let node = &shared.nodes[n % shared.nodes.len()];
+        let id = format!("bench-{}-{n}", shared.run_id);
+        let begin = Instant::now();
+        if let Some(dispatch) = &shared.dispatch {
+            dispatch.starting(&id, begin);
+        }
+        workloads::start(&shared.client, node, &shared.name, &id, n).await?;
+        if shared.wait {
+            let status = workloads::wait_end(&shared.client, node, &id).await?;
+            latencies.push(begin.elapsed());
+            if status != "completed" {
+                failed += 1;
+            }
+        } else {
+            latencies.push(begin.elapsed());
+        }
+        if let Some(dispatch) = &shared.dispatch {
+            dispatch.ended(&id);
+        }
+        shared.progress.inc(1);
+    }
+    Ok((latencies, failed))
+}
+
+async fn execute(
+    nodes: Vec<String>,
+    args: &BenchArgs,
+    worker_kind: WorkerKind,
+) -> anyhow::Result<Report> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)
         .build()?;
-    let name = format!("bench-seq-{}", args.steps);
-    let mut definition = format!("name: {name}\nsteps:\n");
-    for step in 0..args.steps {
-        definition.push_str(&format!(
-            "  - id: s{step}\n    task: bench\n    input: {{ n: \"${{ .input.n }}\" }}\n"
-        ));
-    }
-    let response = client
-        .post(format!("{base}/v1/definitions"))
-        .header("content-type", "application/yaml")
-        .body(definition)
-        .send()
-        .await
-        .with_context(|| format!("deploying to {base}"))?;
-    if response.status().as_u16() != 201 {
-        bail!(
-            "deploy answered {}: {}",
-            response.status(),
-            response.text().await.unwrap_or_default()
-        );
-    }
+    let run_id = format!("{:08x}", rand::random::<u32>());
+    let sleep = Duration::from_millis(args.sleep_ms);
+    let (queue, (name, source)) = match args.workload {
+        Workload::Seq => (QUEUE.to_owned(), workloads::seq_definition(args.steps)),
+        Workload::Fanout => (QUEUE.to_owned(), workloads::fanout_definition(args.fanout)),
+        Workload::Timers => (QUEUE.to_owned(), workloads::timers_definition(sleep)),
+        Workload::Start => {
+            let queue = format!("bench-start-{run_id}");
+            let definition = workloads::start_definition(&queue);
+            (queue, definition)
+        }
+    };
+    workloads::deploy(&client, &nodes, &name, &source).await?;
 
-    let _worker = if args.worker_concurrency > 0 {
-        let child = Command::new(worker_binary()?)
-            .args([
-                "--server",
-                base,
-                "--queues",
-                "bench",
-                "--quiet",
-                "--concurrency",
-            ])
-            .arg(args.worker_concurrency.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the example worker")?;
-        Some(WorkerProcess(child))
-    } else {
-        None
+    let dispatch = (worker_kind == WorkerKind::InProcess).then(|| {
+        let (offset, chain) = match args.workload {
+            Workload::Timers => (sleep, false),
+            Workload::Seq => (Duration::ZERO, true),
+            Workload::Fanout | Workload::Start => (Duration::ZERO, false),
+        };
+        Arc::new(Dispatch::new(offset, chain))
+    });
+    let processes = match worker_kind {
+        WorkerKind::Process => workers::spawn_processes(&nodes, &queue, args.worker_concurrency)?,
+        _ => Vec::new(),
+    };
+    let in_process = match &dispatch {
+        Some(dispatch) => Some(InProcessWorkers::start(
+            &nodes,
+            &queue,
+            args.worker_concurrency,
+            dispatch.clone(),
+        )?),
+        None => None,
     };
 
-    let run_id = format!("{:08x}", rand::random::<u32>());
-    let cpu_before = args.server_pid.and_then(process_cpu);
+    let servers_before: Vec<Option<Duration>> = args
+        .server_pid
+        .iter()
+        .map(|pid| process_cpu(*pid))
+        .collect();
+    let client_before = process_cpu(std::process::id());
+    let workers_before = sum_cpu(processes.iter().map(|worker| worker.pid()));
+    let what = match args.workload {
+        Workload::Start => "starts",
+        _ => "instances",
+    };
     let progress = indicatif::ProgressBar::new(args.instances as u64);
     progress.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} instances {per_sec} eta {eta}",
-        )
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:40}} {{pos}}/{{len}} {what} {{per_sec}} eta {{eta}}"
+        ))
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let next = Arc::new(AtomicUsize::new(0));
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        nodes: nodes.clone(),
+        name: name.clone(),
+        run_id,
+        total: args.instances,
+        wait: args.workload != Workload::Start,
+        dispatch: dispatch.clone(),
+        next: AtomicUsize::new(0),
+        progress: progress.clone(),
+    });
     let started = Instant::now();
-    let mut loops = Vec::with_capacity(args.concurrency);
-    for _ in 0..args.concurrency.min(args.instances) {
-        let client = client.clone();
-        let next = next.clone();
-        let base = base.to_string();
-        let name = name.clone();
-        let run_id = run_id.clone();
-        let progress = progress.clone();
-        let total = args.instances;
-        loops.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut failed = 0;
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= total {
-                    break;
-                }
-                let id = format!("bench-{run_id}-{n}");
-                let begin = Instant::now();
-                let status = run_one(&client, &base, &name, &id, n).await?;
-                latencies.push(begin.elapsed());
-                if status != "completed" {
-                    failed += 1;
-                }
-                progress.inc(1);
-            }
-            Ok::<_, anyhow::Error>((latencies, failed))
-        }));
-    }
+    let loops: Vec<_> = (0..args.concurrency.min(args.instances))
+        .map(|_| tokio::spawn(instance_loop(shared.clone())))
+        .collect();
     let mut latencies = Vec::with_capacity(args.instances);
     let mut failed = 0;
     for handle in loops {
@@ -210,159 +323,64 @@ async fn run_seq(base: &str, args: &BenchArgs) -> anyhow::Result<Report> {
     }
     let elapsed = started.elapsed();
     progress.finish_and_clear();
-    let server_cpu = match (cpu_before, args.server_pid.and_then(process_cpu)) {
-        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+
+    let servers: Vec<ServerFigures> = args
+        .server_pid
+        .iter()
+        .zip(servers_before)
+        .map(|(pid, before)| ServerFigures {
+            pid: *pid,
+            cpu: cpu_between(before, process_cpu(*pid)),
+            rss_peak_kib: process_rss_peak_kib(*pid),
+        })
+        .collect();
+    let client_cpu = cpu_between(client_before, process_cpu(std::process::id()));
+    let worker_cpu = cpu_between(
+        workers_before,
+        sum_cpu(processes.iter().map(|worker| worker.pid())),
+    );
+    // Measured; now the workers may go.
+    drop(processes);
+    if let Some(in_process) = in_process {
+        in_process.stop().await?;
+    }
+    let pending = match args.workload {
+        Workload::Start => {
+            Some(workloads::count_running(&client, &nodes, &name, args.instances).await?)
+        }
         _ => None,
     };
     Ok(Report {
+        workload: args.workload,
+        nodes,
         instances: args.instances,
         steps: args.steps,
+        fanout: args.fanout,
+        sleep,
         concurrency: args.concurrency,
+        worker_concurrency: match worker_kind {
+            WorkerKind::None => 0,
+            _ => args.worker_concurrency,
+        },
+        worker_kind,
         elapsed,
         latencies,
         failed,
-        server_cpu,
-        server_rss_peak_kib: args.server_pid.and_then(process_rss_peak_kib),
+        dispatch: dispatch.map(|dispatch| dispatch.samples()),
+        pending,
+        queue: (args.workload == Workload::Start).then_some(queue),
+        servers,
+        client_cpu,
+        worker_cpu,
+        store_label: args.store_label.clone(),
     })
 }
 
-/// Starts one instance and waits for its end; returns its final status.
-async fn run_one(
-    client: &reqwest::Client,
-    base: &str,
-    name: &str,
-    id: &str,
-    n: usize,
-) -> anyhow::Result<String> {
-    let body = json!({ "definition": name, "id": id, "input": { "n": n } });
-    let response = client
-        .post(format!("{base}/v1/instances"))
-        .json(&body)
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!(
-            "start answered {}: {}",
-            response.status(),
-            response.text().await.unwrap_or_default()
-        );
+/// CPU time of several processes together; `None` if any cannot be read, or there are none.
+fn sum_cpu(pids: impl Iterator<Item = u32>) -> Option<Duration> {
+    let mut total: Option<Duration> = None;
+    for pid in pids {
+        total = Some(total.unwrap_or_default() + process_cpu(pid)?);
     }
-    loop {
-        let response = client
-            .get(format!("{base}/v1/instances/{id}?wait_ms=30000"))
-            .send()
-            .await?;
-        let instance: Value = response.json().await?;
-        match instance["status"].as_str() {
-            Some("running") => continue,
-            Some(status) => return Ok(status.to_string()),
-            None => bail!("unexpected answer: {instance}"),
-        }
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
-
-fn machine() -> String {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    format!("{cores} cores, {model}")
-}
-
-/// User plus system CPU time of a process, from /proc.
-fn process_cpu(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Some(Duration::from_millis((utime + stime) * 1000 / ticks.max(1)))
-}
-
-/// Peak resident set size of a process, from /proc.
-fn process_rss_peak_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn print_report(report: &Report, output: Output, args: &BenchArgs) {
-    let mut sorted = report.latencies.clone();
-    sorted.sort();
-    let seconds = report.elapsed.as_secs_f64();
-    let instances_per_second = report.instances as f64 / seconds;
-    let steps_per_second = (report.instances * report.steps) as f64 / seconds;
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let figures = json!({
-        "workload": "seq",
-        "instances": report.instances,
-        "steps_per_instance": report.steps,
-        "concurrency": report.concurrency,
-        "worker_concurrency": args.worker_concurrency,
-        "failed": report.failed,
-        "elapsed_s": seconds,
-        "instances_per_s": instances_per_second,
-        "step_completions_per_s": steps_per_second,
-        "latency_ms": {
-            "p50": ms(percentile(&sorted, 0.50)),
-            "p90": ms(percentile(&sorted, 0.90)),
-            "p99": ms(percentile(&sorted, 0.99)),
-            "max": ms(sorted.last().copied().unwrap_or_default()),
-        },
-        "server_cpu_s": report.server_cpu.map(|d| d.as_secs_f64()),
-        "server_rss_peak_mib": report.server_rss_peak_kib.map(|k| k as f64 / 1024.0),
-        "durability": "SQLite WAL, synchronous=FULL (fsync per group commit)",
-        "machine": machine(),
-    });
-    match output {
-        Output::Json => println!("{figures}"),
-        Output::Table => {
-            println!(
-                "workload            seq: {} instances x {} task steps",
-                report.instances, report.steps
-            );
-            println!(
-                "concurrency         {} instances in flight, worker {} tasks",
-                report.concurrency, args.worker_concurrency
-            );
-            println!(
-                "elapsed             {seconds:.2} s ({} not completed)",
-                report.failed
-            );
-            println!("instances/s         {instances_per_second:.0}");
-            println!("step completions/s  {steps_per_second:.0}");
-            println!(
-                "latency (ms)        p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
-                ms(percentile(&sorted, 0.50)),
-                ms(percentile(&sorted, 0.90)),
-                ms(percentile(&sorted, 0.99)),
-                ms(sorted.last().copied().unwrap_or_default())
-            );
-            if let Some(cpu) = report.server_cpu {
-                println!("server CPU          {:.2} s", cpu.as_secs_f64());
-            }
-            if let Some(rss) = report.server_rss_peak_kib {
-                println!("server peak RSS     {:.1} MiB", rss as f64 / 1024.0);
-            }
-            println!("durability          SQLite WAL, synchronous=FULL (fsync per group commit)");
-            println!("machine             {}", machine());
-        }
-    }
+    total
 }
