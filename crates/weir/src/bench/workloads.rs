@@ -1,0 +1,272 @@
+//! The workloads' definitions, and how one instance is started and awaited over HTTP.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+/// How long one `GET /v1/instances/{id}?wait_ms=` waits before it is asked again.
+const WAIT_MS: u64 = 30_000;
+
+/// Instances per page when counting the pending instances of a `start` run (the API's most).
+const LIST_PAGE: usize = 1000;
+
+/// The definition of `seq`: `steps` task steps in a row on queue `bench`.
+pub(super) fn seq_definition(steps: usize) -> (String, String) {
+    let name = format!("bench-seq-{steps}");
+    let mut definition = format!("name: {name}\nsteps:\n");
+    for step in 0..steps {
+        definition.push_str(&format!(
+            "  - id: s{step}\n    task: bench\n    input: {{ n: \"${{ .input.n }}\" }}\n"
+        ));
+    }
+    (name, definition)
+}
+
+/// The definition of `fanout`: one `foreach` step over `fanout` items, all in progress at once,
+/// each a task on queue `bench`; the step joins when every item's task has completed.
+pub(super) fn fanout_definition(fanout: usize) -> (String, String) {
+    let name = format!("bench-fanout-{fanout}");
+    let definition = format!(
+        "name: {name}\n\
+         steps:\n  \
+         - id: fan\n    \
+         foreach:\n      \
+         items: \"${{ [range({fanout})] }}\"\n      \
+         concurrency: {fanout}\n      \
+         steps:\n        \
+         - task: bench\n          \
+         input: {{ n: \"${{ .input.n }}\", item: \"${{ .item }}\" }}\n"
+    );
+    (name, definition)
+}
+
+/// The definition of `timers`: a durable sleep, then one task on queue `bench`.
+pub(super) fn timers_definition(sleep: Duration) -> (String, String) {
+    let ms = sleep.as_millis();
+    let name = format!("bench-timers-{ms}ms");
+    let definition = format!(
+        "name: {name}\n\
+         steps:\n  \
+         - id: nap\n    \
+         sleep: {ms}ms\n  \
+         - id: after\n    \
+         task: bench\n    \
+         input: {{ n: \"${{ .input.n }}\" }}\n"
+    );
+    (name, definition)
+}
+
+/// The definition of `start`: one task on `queue`, which nobody polls. Definition and queue are
+/// unique to the run, so that its instances can be counted and left alone.
+pub(super) fn start_definition(queue: &str) -> (String, String) {
+    let name = queue.to_owned();
+    let definition = format!(
+        "name: {name}\nsteps:\n  - id: s0\n    task: {queue}\n    input: {{ n: \"${{ .input.n }}\" }}\n"
+    );
+    (name, definition)
+}
+
+/// Deploys `source` through the first node. Every other node is asked for that version, and
+/// given it when it does not know it: nodes of one cluster share their store and know it
+/// already; independent servers (no shared store) each need their own copy.
+pub(super) async fn deploy(
+    client: &reqwest::Client,
+    nodes: &[String],
+    name: &str,
+    source: &str,
+) -> anyhow::Result<()> {
+    let Some((first, others)) = nodes.split_first() else {
+        bail!("no server URL");
+    };
+    let version = deploy_to(client, first, source).await?;
+    for node in others {
+        let response = client
+            .get(format!("{node}/v1/definitions/{name}?version={version}"))
+            .send()
+            .await
+            .with_context(|| format!("asking {node} for {name} version {version}"))?;
+        match response.status().as_u16() {
+            200 => {}
+            404 => {
+                deploy_to(client, node, source).await?;
+            }
+            status => bail!(
+                "{node} answered {status} for {name} version {version}: {}",
+                response.text().await.unwrap_or_default()
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Deploys `source` to `node`; returns the new version.
+async fn deploy_to(client: &reqwest::Client, node: &str, source: &str) -> anyhow::Result<u64> {
+    let response = client
+        .post(format!("{node}/v1/definitions"))
+        .header("content-type", "application/yaml")
+        .body(source.to_owned())
+        .send()
+        .await
+        .with_context(|| format!("deploying to {node}"))?;
+    if response.status().as_u16() != 201 {
+        bail!(
+            "deploy answered {}: {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
+    }
+    let deployed: Value = response.json().await.context("deploy answer")?;
+    deployed["version"]
+        .as_u64()
+        .with_context(|| format!("deploy answer without a version: {deployed}"))
+}
+
+/// Starts instance `id` of `name` through `node`, with input `{"n": n}`.
+pub(super) async fn start(
+    client: &reqwest::Client,
+    node: &str,
+    name: &str,
+    id: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    let body = json!({ "definition": name, "id": id, "input": { "n": n } });
+    let response = client
+        .post(format!("{node}/v1/instances"))
+        .json(&body)
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!(
+            "start answered {}: {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// Waits for instance `id` to end, asking `node`; returns its final status.
+pub(super) async fn wait_end(
+    client: &reqwest::Client,
+    node: &str,
+    id: &str,
+) -> anyhow::Result<String> {
+    loop {
+        let response = client
+            .get(format!("{node}/v1/instances/{id}?wait_ms={WAIT_MS}"))
+            .send()
+            .await?;
+        let instance: Value = response.json().await?;
+        match instance["status"].as_str() {
+            // Not ended yet: the wait was over first.
+            Some("running" | "paused" | "compensating") => continue,
+            Some(status) => return Ok(status.to_string()),
+            None => bail!("unexpected answer: {instance}"),
+        }
+    }
+}
+
+/// Counts the running instances of definition `name`: the union of the ids every node lists,
+/// which is right both for a cluster (every node lists them all) and for independent servers
+/// (each lists its own). Each node is read at most `expected` plus one page deep (the run
+/// started no more than `expected`).
+pub(super) async fn count_running(
+    client: &reqwest::Client,
+    nodes: &[String],
+    name: &str,
+    expected: usize,
+) -> anyhow::Result<usize> {
+    let mut ids = HashSet::new();
+    for node in nodes {
+        list_running(client, node, name, expected, &mut ids).await?;
+    }
+    Ok(ids.len())
+}
+
+/// Adds the ids of the running instances of `name` that `node` lists to `ids`.
+async fn list_running(
+    client: &reqwest::Client,
+    node: &str,
+    name: &str,
+    expected: usize,
+    ids: &mut HashSet<String>,
+) -> anyhow::Result<()> {
+    let pages_max = expected / LIST_PAGE + 2;
+    let mut cursor: Option<String> = None;
+    for _ in 0..pages_max {
+        let mut request = client.get(format!("{node}/v1/instances")).query(&[
+            ("status", "running"),
+            ("definition", name),
+            ("limit", &LIST_PAGE.to_string()),
+        ]);
+        if let Some(cursor) = &cursor {
+            request = request.query(&[("cursor", cursor)]);
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("listing instances on {node}"))?;
+        if !response.status().is_success() {
+            bail!(
+                "listing instances on {node} answered {}: {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            );
+        }
+        let page: Value = response.json().await.context("instance list")?;
+        let listed = page["instances"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        ids.extend(
+            listed
+                .iter()
+                .filter_map(|instance| instance["id"].as_str())
+                .map(str::to_owned),
+        );
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(source: &str) {
+        if let Err(problems) = weir_model::dsl::parse(source) {
+            panic!("{source}\n{problems:?}");
+        }
+    }
+
+    #[test]
+    fn definitions_are_valid() {
+        // Goal: every workload's definition passes the server's own parser and validation.
+        let (name, source) = seq_definition(3);
+        assert_eq!(name, "bench-seq-3");
+        valid(&source);
+        let (name, source) = fanout_definition(10);
+        assert_eq!(name, "bench-fanout-10");
+        valid(&source);
+        let (name, source) = timers_definition(Duration::from_millis(1500));
+        assert_eq!(name, "bench-timers-1500ms");
+        valid(&source);
+        let (name, source) = start_definition("bench-start-0a1b2c3d");
+        assert_eq!(name, "bench-start-0a1b2c3d");
+        valid(&source);
+    }
+
+    #[test]
+    fn seq_definition_is_unchanged() {
+        // Goal: `seq` runs exactly the definition its published figures were measured with.
+        assert_eq!(
+            seq_definition(2).1,
+            "name: bench-seq-2\nsteps:\n  - id: s0\n    task: bench\n    input: { n: \"${ .input.n }\" }\n  - id: s1\n    task: bench\n    input: { n: \"${ .input.n }\" }\n"
+        );
+    }
+}
