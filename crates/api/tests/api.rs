@@ -1,30 +1,100 @@
 //! Goal: every endpoint answers with the documented status and shape, and bad input
 //! is refused with a precise error that changes nothing in the store.
 //!
-//! Method: a real engine on a real SQLite file, served over real HTTP on a loopback
-//! port; requests made with reqwest. Bad-input cases are a table checked by one
-//! function that snapshots the store before and after.
+//! Method: a real engine on a real store, served over real HTTP on a loopback port;
+//! requests made with reqwest. Every test runs twice, on SQLite (a temporary file)
+//! and on PostgreSQL (a private server the test starts and stops): `on_both!` makes
+//! `sqlite::<test>` and `postgres::<test>`. Bad-input cases are a table checked by
+//! one function that snapshots the store before and after.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use weir_engine::{Config, Engine, TokioClock};
-use weir_store::{InstanceQuery, SqliteStore, Store};
+use weir_pgtest::PgServer;
+use weir_store::{InstanceQuery, PostgresStore, SqliteStore, Store};
+
+/// Which store a test runs on.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Makes `sqlite::<test>` and `postgres::<test>` of each `async fn <test>(Backend)`.
+macro_rules! on_both {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both!(
+    every_endpoint_and_its_errors,
+    http_and_sleep_steps_run_for_real,
+    recovery_operations_signals_and_compensation,
+    human_tasks_are_listed_validated_and_completed,
+    child_workflows_report_to_their_parent_and_are_cancelled_with_it,
+);
+
+/// What holds a store's data for the length of a test.
+enum Place {
+    /// The SQLite data directory.
+    Sqlite { _dir: tempfile::TempDir },
+    /// The PostgreSQL server, stopped (and its directory deleted) when dropped.
+    Postgres { _server: PgServer },
+}
+
+/// Opens a store with `partition_count` partitions on `backend`, in a new place.
+async fn open_store(backend: Backend, partition_count: u32) -> (Arc<dyn Store>, Place) {
+    // Blocking work (initdb, the synchronous PostgreSQL client) runs off the runtime.
+    tokio::task::spawn_blocking(move || -> (Arc<dyn Store>, Place) {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let store = SqliteStore::open(dir.path(), partition_count).unwrap();
+                (Arc::new(store), Place::Sqlite { _dir: dir })
+            }
+            Backend::Postgres => {
+                let server = PgServer::start();
+                let url = server.create_database("weir");
+                let store = PostgresStore::connect(&url, partition_count).unwrap();
+                (Arc::new(store), Place::Postgres { _server: server })
+            }
+        }
+    })
+    .await
+    .unwrap()
+}
 
 struct Harness {
     base: String,
     client: reqwest::Client,
     engine: Engine,
     store: Arc<dyn Store>,
-    _dir: tempfile::TempDir,
     server: tokio::task::JoinHandle<()>,
+    /// Last: the data outlives the store that uses it.
+    _place: Place,
 }
 
 impl Harness {
-    async fn start() -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path(), 8).unwrap());
+    async fn start(backend: Backend) -> Harness {
+        let (store, place) = open_store(backend, 8).await;
         let config = Config {
             task_lease: Duration::from_secs(30),
             ..Config::default()
@@ -51,8 +121,8 @@ impl Harness {
             client: reqwest::Client::new(),
             engine,
             store,
-            _dir: dir,
             server,
+            _place: place,
         }
     }
 
@@ -171,9 +241,8 @@ fn json_body(value: &str) -> Option<(&'static str, Vec<u8>)> {
     Some(("application/json", value.as_bytes().to_vec()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_endpoint_and_its_errors() {
-    let h = Harness::start().await;
+async fn every_endpoint_and_its_errors(backend: Backend) {
+    let h = Harness::start(backend).await;
 
     // Health.
     assert_eq!(h.get("/healthz").await.0, 200);
@@ -661,11 +730,10 @@ async fn every_endpoint_and_its_errors() {
     h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_and_sleep_steps_run_for_real() {
+async fn http_and_sleep_steps_run_for_real(backend: Backend) {
     // Goal: the built-in `http` step makes a real call and `sleep` a durable timer.
     // Method: a definition whose http step calls this very server's /healthz.
-    let h = Harness::start().await;
+    let h = Harness::start(backend).await;
     let definition = format!(
         r#"
 name: ping
@@ -762,12 +830,11 @@ impl Harness {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recovery_operations_signals_and_compensation() {
+async fn recovery_operations_signals_and_compensation(backend: Backend) {
     // Goal: every recovery operation answers as documented, is refused with 409 where it
     // makes no sense, and is recorded in the history with who asked.
     // Method: a saga over real HTTP; tasks taken and completed by the test itself.
-    let h = Harness::start().await;
+    let h = Harness::start(backend).await;
     assert_eq!(h.deploy(SAGA).await.0, 201);
     let start = |id: &str| json!({"definition": "saga", "id": id, "input": {}});
     assert_eq!(h.post("/v1/instances", start("s-1")).await.0, 201);
@@ -1033,11 +1100,10 @@ async fn recovery_operations_signals_and_compensation() {
     h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn human_tasks_are_listed_validated_and_completed() {
+async fn human_tasks_are_listed_validated_and_completed(backend: Backend) {
     // Goal: people complete human tasks through the API; bad form data gets 422 with the
     // JSON pointer of each problem and changes nothing.
-    let h = Harness::start().await;
+    let h = Harness::start(backend).await;
     let definition = r#"
 name: approval
 steps:
@@ -1150,11 +1216,10 @@ output: "${ .steps.approve.output }"
     h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn child_workflows_report_to_their_parent_and_are_cancelled_with_it() {
+async fn child_workflows_report_to_their_parent_and_are_cancelled_with_it(backend: Backend) {
     // Goal: a `workflow` step runs a child instance, gets its output, and cancelling the
     // parent cancels the child. Method: real engine and HTTP; the test is the worker.
-    let h = Harness::start().await;
+    let h = Harness::start(backend).await;
     let child = "name: kid\nsteps:\n  - id: work\n    task: kid-work\n    input: { n: \"${ .input.n }\" }\n";
     let parent = r#"
 name: parent

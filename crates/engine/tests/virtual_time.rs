@@ -1,8 +1,11 @@
 //! Goal: the engine runs durable timers, backoff and timeouts on its injected clock, so
 //! a workflow that sleeps for hours and backs off for minutes finishes in virtual time.
 //!
-//! Method: a real engine on a real SQLite file, tokio's clock paused (it jumps ahead
+//! Method: a real engine on a real store, tokio's clock paused (it jumps ahead
 //! whenever every task waits), the test acting as the worker through the engine's API.
+//! It runs on SQLite and on PostgreSQL (`sqlite::<test>`, `postgres::<test>`); the
+//! latter keeps partition leases on its own clock, in real time, where the test's
+//! 180 s lease never runs out, while timers follow the engine's clock.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +13,69 @@ use std::time::Duration;
 use serde_json::json;
 use weir_engine::{Config, Engine, StartRequest, TokioClock};
 use weir_model::event::ErrorInfo;
-use weir_store::{SqliteStore, Store};
+use weir_pgtest::PgServer;
+use weir_store::{PostgresStore, SqliteStore, Store};
+
+/// Which store a test runs on.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Makes `sqlite::<test>` and `postgres::<test>` of each `async fn <test>(Backend)`.
+macro_rules! on_both {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(start_paused = true)]
+                async fn $test() {
+                    super::$test(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(start_paused = true)]
+                async fn $test() {
+                    super::$test(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both!(an_hours_long_workflow_runs_in_virtual_time);
+
+/// What holds a store's data for the length of a test.
+enum Place {
+    /// The SQLite data directory.
+    Sqlite { _dir: tempfile::TempDir },
+    /// The PostgreSQL server, stopped (and its directory deleted) when dropped.
+    Postgres { _server: PgServer },
+}
+
+/// Opens a store with `partition_count` partitions on `backend`, in a new place.
+async fn open_store(backend: Backend, partition_count: u32) -> (Arc<dyn Store>, Place) {
+    // Blocking work (initdb, the synchronous PostgreSQL client) runs off the runtime.
+    tokio::task::spawn_blocking(move || -> (Arc<dyn Store>, Place) {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let store = SqliteStore::open(dir.path(), partition_count).unwrap();
+                (Arc::new(store), Place::Sqlite { _dir: dir })
+            }
+            Backend::Postgres => {
+                let server = PgServer::start();
+                let url = server.create_database("weir");
+                let store = PostgresStore::connect(&url, partition_count).unwrap();
+                (Arc::new(store), Place::Postgres { _server: server })
+            }
+        }
+    })
+    .await
+    .unwrap()
+}
 
 const DEFINITION: &str = r#"
 name: slow
@@ -43,10 +108,8 @@ async fn poll_until(
     Vec::new()
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_hours_long_workflow_runs_in_virtual_time() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path(), 4).unwrap());
+async fn an_hours_long_workflow_runs_in_virtual_time(backend: Backend) {
+    let (store, _place) = open_store(backend, 4).await;
     let clock = Arc::new(TokioClock::starting_at(1_000_000));
     // The worker (this test) holds tasks without heartbeats for minutes: a long task lease
     // keeps the stalled attempt from being offered again before its step timeout.
