@@ -52,9 +52,23 @@ impl Committer {
                 "committer stopped".into(),
             )));
         }
-        match receiver.await {
-            Ok(result) => result,
-            Err(_) => Err(Arc::new(weir_store::Error::Incompatible(
+        // On a current-thread runtime (where tests pause tokio's clock) the wait runs on
+        // the blocking pool: a running blocking task stops paused time from jumping ahead
+        // while the commit takes real time, as it would otherwise fire timeouts that are
+        // minutes away in virtual time before the commit returns.
+        let received = if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::CurrentThread
+        {
+            tokio::task::spawn_blocking(move || receiver.blocking_recv().ok())
+                .await
+                .ok()
+                .flatten()
+        } else {
+            receiver.await.ok()
+        };
+        match received {
+            Some(result) => result,
+            None => Err(Arc::new(weir_store::Error::Incompatible(
                 "committer stopped".into(),
             ))),
         }

@@ -99,6 +99,11 @@ pub(crate) struct PartitionActor {
     timer_due: HashMap<(String, String), u64>,
     ended: HashSet<String>,
     ended_order: VecDeque<String>,
+    /// Running instances waiting only for a timer (a sleep, a retry backoff, a wait's
+    /// timeout): their state is left in the store, not in memory, and loaded back when
+    /// a timer fires or a command arrives. This keeps a partition's memory bounded by
+    /// what is busy, not by what is asleep.
+    parked: HashSet<String>,
     mailbox: mpsc::Receiver<Message>,
     /// Where HTTP results come back to.
     sender: mpsc::Sender<Message>,
@@ -129,6 +134,7 @@ impl PartitionActor {
             timer_due: HashMap::new(),
             ended: HashSet::new(),
             ended_order: VecDeque::new(),
+            parked: HashSet::new(),
             mailbox,
             sender,
         };
@@ -140,7 +146,13 @@ impl PartitionActor {
                 .definitions
                 .get(&state.definition, state.version)
                 .await?;
-            for effect in machine::resume_effects(&state, &definition) {
+            let effects = machine::resume_effects(&state, &definition);
+            if parkable(&state, &effects) {
+                // Its timers come from the snapshot's timer rows below.
+                actor.parked.insert(state.id);
+                continue;
+            }
+            for effect in effects {
                 resume.push((state.id.clone(), effect));
             }
             if state.status == machine::InstanceStatus::Paused {
@@ -192,7 +204,12 @@ impl PartitionActor {
                 }
                 _ = tokio::time::sleep(sleep) => {}
             }
-            let pending = self.process(std::mem::take(&mut messages));
+            let now = self.shared.clock.now_ms();
+            if let Err(err) = self.unpark(&messages, now).await {
+                tracing::error!(partition = self.partition, error = %err, "loading parked instances failed; stopping partition");
+                break;
+            }
+            let pending = self.process(std::mem::take(&mut messages), now);
             if !self.commit(pending).await {
                 tracing::warn!(
                     partition = self.partition,
@@ -205,8 +222,59 @@ impl PartitionActor {
         self.shared.board.remove_partition(self.partition);
     }
 
-    fn process(&mut self, messages: Vec<Message>) -> Pending {
-        let now = self.shared.clock.now_ms();
+    /// Loads back the parked instances that `messages` or the timers due at `now` concern.
+    async fn unpark(&mut self, messages: &[Message], now: u64) -> Result<(), Error> {
+        if self.parked.is_empty() {
+            return Ok(());
+        }
+        let mut wanted: Vec<String> = Vec::new();
+        let mut want = |id: &str| {
+            if self.parked.contains(id) && !wanted.iter().any(|w| w == id) {
+                wanted.push(id.to_string());
+            }
+        };
+        for message in messages {
+            match message {
+                Message::Apply { instance_id, .. } => want(instance_id),
+                Message::Revive { state, .. } => want(&state.id),
+                Message::Start { .. } => {}
+            }
+        }
+        for (due, instance_id, _) in &self.timers {
+            if *due > now {
+                break;
+            }
+            want(instance_id);
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let store = self.shared.store.clone();
+        let ids = wanted.clone();
+        let records = tokio::task::spawn_blocking(move || {
+            ids.iter()
+                .map(|id| store.instance(id))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|err| Error::Unavailable(format!("loading parked instances: {err}")))??;
+        for (id, record) in wanted.into_iter().zip(records) {
+            self.parked.remove(&id);
+            let record = record
+                .ok_or_else(|| Error::Corrupt(format!("parked instance {id} is not stored")))?;
+            let state: InstanceState = serde_json::from_str(&record.state)
+                .map_err(|err| Error::Corrupt(format!("instance {id}: {err}")))?;
+            let definition = self
+                .shared
+                .definitions
+                .get(&state.definition, state.version)
+                .await?;
+            self.instances.insert(id, Active { state, definition });
+        }
+        Ok(())
+    }
+
+    fn process(&mut self, messages: Vec<Message>, now: u64) -> Pending {
         let mut pending = Pending::default();
         for message in messages {
             match message {
@@ -219,7 +287,10 @@ impl PartitionActor {
                     parent,
                     reply,
                 } => {
-                    if self.instances.contains_key(&id) || self.ended.contains(&id) {
+                    if self.instances.contains_key(&id)
+                        || self.ended.contains(&id)
+                        || self.parked.contains(&id)
+                    {
                         let _ = reply.send(Ok(StartOutcome::Existing));
                         continue;
                     }
@@ -505,6 +576,12 @@ impl PartitionActor {
                 }
                 self.instances.remove(&id);
                 self.remember_ended(id);
+            } else if let Some(active) = self.instances.get(&id) {
+                let effects = machine::resume_effects(&active.state, &active.definition);
+                if parkable(&active.state, &effects) {
+                    self.instances.remove(&id);
+                    self.parked.insert(id);
+                }
             }
         }
         true
@@ -610,6 +687,16 @@ impl PartitionActor {
         self.ended.insert(id.clone());
         self.ended_order.push_back(id);
     }
+}
+
+/// Whether an instance waits only for timers, so that its state can stay in the store
+/// until one fires or a command arrives (`effects` are its resume effects).
+fn parkable(state: &InstanceState, effects: &[Effect]) -> bool {
+    state.status == machine::InstanceStatus::Running
+        && !effects.is_empty()
+        && effects
+            .iter()
+            .all(|effect| matches!(effect, Effect::StartTimer { .. }))
 }
 
 fn rejection_error(rejection: Rejection) -> Error {

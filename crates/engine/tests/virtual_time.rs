@@ -45,7 +45,10 @@ macro_rules! on_both {
     };
 }
 
-on_both!(an_hours_long_workflow_runs_in_virtual_time);
+on_both!(
+    an_hours_long_workflow_runs_in_virtual_time,
+    sleeping_instances_are_parked_and_still_answer
+);
 
 /// What holds a store's data for the length of a test.
 enum Place {
@@ -217,5 +220,88 @@ async fn an_hours_long_workflow_runs_in_virtual_time(backend: Backend) {
             .count(),
         2
     );
+    engine.shutdown().await;
+}
+
+const NAP: &str = r#"
+name: nap
+steps:
+  - id: sleep
+    sleep: 1h
+  - id: after
+    task: after-nap
+"#;
+
+/// Goal: instances waiting only for a timer leave memory (parked) and come back when a
+/// command or their timer needs them, also after the partition is loaded again.
+/// Method: instances asleep for an hour; a second engine takes the store over (loading
+/// parks them); cancel one and pause/resume another while parked; an hour later the
+/// others reach their task.
+async fn sleeping_instances_are_parked_and_still_answer(backend: Backend) {
+    let (store, _place) = open_store(backend, 4).await;
+    let clock = Arc::new(TokioClock::starting_at(1_000_000));
+    let config = Config {
+        cluster: weir_engine::ClusterConfig {
+            heartbeat: Duration::from_secs(60),
+            failure_timeout: Duration::from_secs(180),
+            ..Default::default()
+        },
+        ..Config::default()
+    };
+    let first = Engine::start(store.clone(), config.clone(), clock.clone())
+        .await
+        .unwrap();
+    first.deploy(NAP).await.unwrap();
+    for n in 0..3 {
+        let request = StartRequest {
+            definition: "nap".into(),
+            version: None,
+            input: json!({ "n": n }),
+            id: Some(format!("nap-{n}")),
+            restart: None,
+            parent: None,
+        };
+        first.start_instance(request).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    first.shutdown().await;
+    drop(first);
+
+    let engine = Engine::start(store, config, clock).await.unwrap();
+    let cancelled = engine.cancel("nap-0", "test").await.unwrap();
+    assert_eq!(cancelled.status, "cancelled");
+    assert_eq!(
+        engine.pause("nap-1", "test").await.unwrap().status,
+        "paused"
+    );
+    assert_eq!(
+        engine.resume("nap-1", "test").await.unwrap().status,
+        "running"
+    );
+    let queues = ["after-nap".to_string()];
+    assert!(engine.poll(&queues, 8, Duration::ZERO).await.is_empty());
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    let mut woke = Vec::new();
+    while woke.len() < 2 {
+        let offers = poll_until(&engine, &queues, Duration::from_secs(600)).await;
+        assert!(!offers.is_empty(), "the sleepers woke up: {woke:?}");
+        for offer in offers {
+            engine
+                .complete_task(&offer.task_id, &offer.lease_token, json!({}))
+                .await
+                .unwrap();
+            woke.push(offer.instance_id);
+        }
+    }
+    woke.sort();
+    assert_eq!(woke, ["nap-1", "nap-2"]);
+    for id in ["nap-1", "nap-2"] {
+        let done = engine
+            .wait_instance(id, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.status, "completed", "{id}");
+    }
     engine.shutdown().await;
 }
