@@ -44,6 +44,8 @@ pub const POLL_WAIT_MAX: Duration = Duration::from_secs(60);
 pub const ID_LENGTH_MAX: usize = 128;
 /// Most instances one listing returns.
 pub const LIST_LIMIT_MAX: u32 = 1000;
+/// Most partitions loaded at once when a node takes partitions.
+const PARTITION_LOADS_MAX: usize = 4;
 
 /// Engine errors, each mapping to one kind of answer for the caller.
 #[derive(Debug, thiserror::Error)]
@@ -455,12 +457,21 @@ impl Engine {
                 .copied()
                 .collect()
         };
+        // A few loads at a time: each holds a partition's unfinished instances in memory
+        // while it parses them, so all at once would multiply the peak.
         let mut takes = tokio::task::JoinSet::new();
-        for partition in missing {
-            let engine = self.clone();
-            takes.spawn(async move { (partition, engine.acquire(partition).await) });
-        }
-        while let Some(taken) = takes.join_next().await {
+        let mut missing = missing.into_iter();
+        loop {
+            while takes.len() < PARTITION_LOADS_MAX {
+                let Some(partition) = missing.next() else {
+                    break;
+                };
+                let engine = self.clone();
+                takes.spawn(async move { (partition, engine.acquire(partition).await) });
+            }
+            let Some(taken) = takes.join_next().await else {
+                break;
+            };
             if let Ok((partition, Err(err))) = taken {
                 tracing::warn!(partition, error = %err, "taking the partition failed");
             }

@@ -146,13 +146,12 @@ impl PartitionActor {
                 .definitions
                 .get(&state.definition, state.version)
                 .await?;
-            let effects = machine::resume_effects(&state, &definition);
-            if parkable(&state, &effects) {
+            if parkable(&state) {
                 // Its timers come from the snapshot's timer rows below.
                 actor.parked.insert(state.id);
                 continue;
             }
-            for effect in effects {
+            for effect in machine::resume_effects(&state, &definition) {
                 resume.push((state.id.clone(), effect));
             }
             if state.status == machine::InstanceStatus::Paused {
@@ -577,8 +576,7 @@ impl PartitionActor {
                 self.instances.remove(&id);
                 self.remember_ended(id);
             } else if let Some(active) = self.instances.get(&id) {
-                let effects = machine::resume_effects(&active.state, &active.definition);
-                if parkable(&active.state, &effects) {
+                if parkable(&active.state) {
                     self.instances.remove(&id);
                     self.parked.insert(id);
                 }
@@ -689,14 +687,16 @@ impl PartitionActor {
     }
 }
 
-/// Whether an instance waits only for timers, so that its state can stay in the store
-/// until one fires or a command arrives (`effects` are its resume effects).
-fn parkable(state: &InstanceState, effects: &[Effect]) -> bool {
+/// Whether an instance waits only for a timer or a signal (a sleep, a retry's backoff,
+/// a `wait` step), so that its state can stay in the store until a timer fires or a
+/// command arrives. Instances waiting for a task, an HTTP call, a child or lanes stay
+/// in memory: their next event is frequent and should not cost a read.
+fn parkable(state: &InstanceState) -> bool {
     state.status == machine::InstanceStatus::Running
-        && !effects.is_empty()
-        && effects
-            .iter()
-            .all(|effect| matches!(effect, Effect::StartTimer { .. }))
+        && matches!(
+            state.wait,
+            machine::Wait::Sleep | machine::Wait::Retry | machine::Wait::Signal { .. }
+        )
 }
 
 fn rejection_error(rejection: Rejection) -> Error {
