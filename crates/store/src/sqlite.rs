@@ -126,7 +126,7 @@ impl SqliteStore {
         })?;
         let lock = lock_data_dir(data_dir)?;
         let path = data_dir.join(DATABASE_FILE);
-        let mut writer = open_connection(&path)?;
+        let mut writer = open_connection(&path, WRITER_CACHE_KIB)?;
         migrate(&mut writer)?;
         let partition_count = init_partitions(&mut writer, partition_count)?;
         Ok(SqliteStore {
@@ -142,7 +142,7 @@ impl SqliteStore {
         let reader = self.readers.lock().expect("reader pool lock").pop();
         let reader = match reader {
             Some(reader) => reader,
-            None => open_connection(&self.path)?,
+            None => open_connection(&self.path, READER_CACHE_KIB)?,
         };
         let result = f(&reader);
         let mut pool = self.readers.lock().expect("reader pool lock");
@@ -196,16 +196,24 @@ fn lock_data_dir(data_dir: &Path) -> Result<File, Error> {
     Ok(file)
 }
 
-fn open_connection(path: &Path) -> Result<Connection, Error> {
+/// Page cache of the writer: it touches the hot pages of every table and index.
+const WRITER_CACHE_KIB: i64 = 64 * 1024;
+/// Page cache of each reader: readers mostly scan once (loading a partition, listing),
+/// and up to `READERS_IDLE_MAX` of them live at once, so a large cache each would hold
+/// hundreds of MiB of pages read once (the OS page cache keeps them anyway).
+const READER_CACHE_KIB: i64 = 8 * 1024;
+
+fn open_connection(path: &Path, cache_kib: i64) -> Result<Connection, Error> {
     let connection = Connection::open(path)?;
     // WAL lets readers run beside the writer; FULL fsyncs the WAL on every commit,
     // which is what makes an acknowledged commit durable.
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "FULL")?;
     connection.pragma_update(None, "foreign_keys", "OFF")?;
-    // Temporary b-trees (sorts, statement journals) stay in memory; 64 MiB page cache.
+    // Temporary b-trees (sorts, statement journals) stay in memory; a negative cache
+    // size is in KiB.
     connection.pragma_update(None, "temp_store", "MEMORY")?;
-    connection.pragma_update(None, "cache_size", -65536)?;
+    connection.pragma_update(None, "cache_size", -cache_kib)?;
     connection.busy_timeout(std::time::Duration::from_secs(10))?;
     Ok(connection)
 }
