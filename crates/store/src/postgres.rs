@@ -262,7 +262,8 @@ impl Default for PostgresOptions {
 struct Connection {
     client: Client,
     /// Prepared statements by their text: preparing costs a round trip, and a
-    /// statement belongs to the connection that prepared it.
+    /// statement belongs to the connection that prepared it. The texts are a fixed
+    /// set (the listing's filters make 8 variants), so the map stays small.
     statements: HashMap<String, Statement>,
 }
 
