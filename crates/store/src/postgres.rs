@@ -40,6 +40,23 @@ pub const POOL_WAIT_DEFAULT: Duration = Duration::from_secs(5);
 const POOL_IDLE_MIN: u32 = 2;
 /// Longest wait for one new connection (TCP and start-up), unless the URL sets one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a session of ours may sit in an open transaction: a node paused (or cut
+/// off) between two statements of a transaction would otherwise keep its partitions'
+/// row locks, and the node taking them over would wait for it. Far above any real gap
+/// between our statements, below the engine's partition lease.
+const IDLE_IN_TRANSACTION_MAX_MS: u32 = 3_000;
+/// Longest a statement waits for a lock (a lease, a partition's row) before failing,
+/// so that one blocked partition does not stall a caller that has others to tend.
+const LOCK_WAIT_MAX_MS: u32 = 3_000;
+/// Longest schema set-up waits for another node's set-up (a migration may be slow).
+const SET_UP_LOCK_WAIT_MAX_MS: u32 = 120_000;
+/// TCP keepalive: a connection whose server vanished (no reset, e.g. a network cut)
+/// is found dead after about idle + interval x retries instead of hours.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+/// Time between keepalive probes once the connection is idle (see [`KEEPALIVE_IDLE`]).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// Unanswered keepalive probes before the connection is dropped.
+const KEEPALIVE_RETRIES: u32 = 3;
 /// Advisory lock that serializes schema set-up among nodes starting together ("weirschm").
 const SCHEMA_LOCK_KEY: i64 = 0x7765_6972_7363_686d;
 /// First half of the advisory lock key that serializes new versions of one
@@ -304,10 +321,12 @@ impl r2d2::ManageConnection for Manager {
         // A returned commit must be durable: a server or role configured with
         // synchronous_commit=off is overridden for our sessions (stronger settings such
         // as remote_apply are kept).
-        client.batch_execute(
+        client.batch_execute(&format!(
             "SELECT set_config('synchronous_commit', 'on', false)
-             WHERE current_setting('synchronous_commit') = 'off'",
-        )?;
+             WHERE current_setting('synchronous_commit') = 'off';
+             SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MAX_MS};
+             SET lock_timeout = {LOCK_WAIT_MAX_MS}"
+        ))?;
         Ok(Connection {
             client,
             statements: HashMap::new(),
@@ -360,6 +379,11 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("weir");
         }
+        config
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES);
         let pool_size = options.pool_size.max(1);
         let pool = r2d2::Pool::builder()
             .max_size(pool_size)
@@ -467,6 +491,9 @@ impl Drop for PostgresStore {
 /// advisory lock held until the transaction ends; returns the stored partition count.
 fn set_up(connection: &mut Connection, partition_count: u32) -> Result<u32, Error> {
     let mut transaction = connection.client.transaction()?;
+    transaction.batch_execute(&format!(
+        "SET LOCAL lock_timeout = {SET_UP_LOCK_WAIT_MAX_MS}"
+    ))?;
     transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])?;
     transaction.batch_execute(
         r#"CREATE TABLE IF NOT EXISTS meta (key TEXT COLLATE "C" PRIMARY KEY, value TEXT NOT NULL)"#,

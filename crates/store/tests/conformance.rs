@@ -916,6 +916,48 @@ fn postgres_a_node_that_lost_its_lease_commits_nothing_more() {
 }
 
 #[test]
+fn postgres_a_stuck_lock_holder_blocks_calls_for_a_bounded_time() {
+    // Goal: a session that holds a partition's row lock and stops (a node paused
+    // mid-transaction) makes lease and commit calls fail after a bounded wait, not hang;
+    // once the lock is gone they succeed. Method: a raw client holds the lock.
+    let place = Place::postgres();
+    let Place::Postgres { url, .. } = &place else {
+        unreachable!()
+    };
+    let store = PostgresStore::connect(url, 1).unwrap();
+    let lease = store.acquire_lease(0, "a", 0, 60_000).unwrap().unwrap();
+    let mut holder = ::postgres::Client::connect(url, ::postgres::NoTls).unwrap();
+    let mut stuck = holder.transaction().unwrap();
+    stuck
+        .execute(
+            "SELECT 1 FROM partitions WHERE partition = 0 FOR UPDATE",
+            &[],
+        )
+        .unwrap();
+    let started = Instant::now();
+    assert!(store.acquire_lease(0, "a", 0, 60_000).is_err());
+    assert!(store.commit(&[batch(0, lease.epoch, 0, 1)]).is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    stuck.rollback().unwrap();
+    assert_eq!(
+        store.commit(&[batch(0, lease.epoch, 0, 1)]).unwrap(),
+        vec![Ok(())]
+    );
+    assert_eq!(
+        store
+            .acquire_lease(0, "a", 0, 60_000)
+            .unwrap()
+            .unwrap()
+            .epoch,
+        lease.epoch + 1
+    );
+}
+
+#[test]
 fn postgres_nodes_starting_together_set_the_schema_up_once() {
     const NODES: u32 = 6;
     let place = Place::postgres();
