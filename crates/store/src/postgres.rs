@@ -7,6 +7,13 @@
 //! versions are serialized with advisory locks, lease changes are single
 //! conditional updates, commits lock their partitions' rows).
 //!
+//! A group commit is one statement in the common case (every batch current): it locks
+//! the partitions' rows, checks their epochs and log ends, and writes everything or
+//! nothing. When it writes nothing, the batches are decided one by one under the row
+//! locks, exactly as SQLite decides them. A commit whose connection breaks before the
+//! answer arrives returns an error though it may have committed; the engine treats a
+//! failed commit by reloading the partition from the store, which is then the truth.
+//!
 //! Calls block. The synchronous `postgres` client runs a small tokio runtime per
 //! connection, so these methods must not be called from async code: the engine
 //! calls them from `spawn_blocking` threads and its committer thread.
@@ -33,6 +40,23 @@ pub const POOL_WAIT_DEFAULT: Duration = Duration::from_secs(5);
 const POOL_IDLE_MIN: u32 = 2;
 /// Longest wait for one new connection (TCP and start-up), unless the URL sets one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a session of ours may sit in an open transaction: a node paused (or cut
+/// off) between two statements of a transaction would otherwise keep its partitions'
+/// row locks, and the node taking them over would wait for it. Far above any real gap
+/// between our statements, below the engine's partition lease.
+const IDLE_IN_TRANSACTION_MAX_MS: u32 = 3_000;
+/// Longest a statement waits for a lock (a lease, a partition's row) before failing,
+/// so that one blocked partition does not stall a caller that has others to tend.
+const LOCK_WAIT_MAX_MS: u32 = 3_000;
+/// Longest schema set-up waits for another node's set-up (a migration may be slow).
+const SET_UP_LOCK_WAIT_MAX_MS: u32 = 120_000;
+/// TCP keepalive: a connection whose server vanished (no reset, e.g. a network cut)
+/// is found dead after about idle + interval x retries instead of hours.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+/// Time between keepalive probes once the connection is idle (see [`KEEPALIVE_IDLE`]).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// Unanswered keepalive probes before the connection is dropped.
+const KEEPALIVE_RETRIES: u32 = 3;
 /// Advisory lock that serializes schema set-up among nodes starting together ("weirschm").
 const SCHEMA_LOCK_KEY: i64 = 0x7765_6972_7363_686d;
 /// First half of the advisory lock key that serializes new versions of one
@@ -125,49 +149,69 @@ CREATE TABLE members (
 const INSTANCE_COLUMNS: &str =
     "id, partition, definition, version, status, active, input, output, error, created_at, updated_at, state";
 
-/// Locks the rows of the partitions a commit touches, in partition order so that
-/// two committers never wait for each other in a cycle.
+/// Locks the rows of the partitions a commit touches, in partition order (see
+/// [`COMMIT_IF_CURRENT`]), for deciding batch by batch.
 const LOCK_PARTITIONS: &str = "SELECT partition, epoch, last_seq FROM partitions
      WHERE partition = ANY($1::bigint[]) ORDER BY partition FOR UPDATE";
 
-/// Every write of a group commit's accepted batches in one statement (one round
-/// trip): rows travel as arrays and are expanded by `unnest`. The batches have been
-/// checked and merged beforehand, so no two parts touch the same row.
-const WRITE_BATCHES: &str = r#"
-WITH advanced AS (
+/// Commits a group of batches in one statement (one round trip, its own transaction)
+/// if every partition is where the batches expect it: locks the partitions' rows in
+/// partition order (so that two committers never wait for each other in a cycle),
+/// compares each one's epoch and log end with the batches', and only if all match
+/// writes everything; returns whether it did. The rows travel as arrays expanded by
+/// `unnest`, merged beforehand so that no two parts touch the same row.
+///
+/// Parameters: per partition `$1` partition, `$2` log end after the batches, `$34`
+/// epoch and `$35` log end before them; then the rows (see [`Writes`]).
+const COMMIT_IF_CURRENT: &str = r#"
+WITH expected AS (
+    SELECT * FROM unnest($1::bigint[], $34::bigint[], $35::bigint[])
+        AS e(partition, epoch, seq_before)
+), locked AS (
+    SELECT partition, epoch, last_seq FROM partitions
+    WHERE partition = ANY($1::bigint[]) ORDER BY partition FOR UPDATE
+), fence AS (
+    SELECT count(*) = cardinality($1::bigint[]) AS ok
+    FROM locked l JOIN expected e ON e.partition = l.partition
+    WHERE l.epoch = e.epoch AND l.last_seq = e.seq_before
+), advanced AS (
     UPDATE partitions p SET last_seq = u.last_seq
     FROM unnest($1::bigint[], $2::bigint[]) AS u(partition, last_seq)
-    WHERE p.partition = u.partition
+    WHERE p.partition = u.partition AND (SELECT ok FROM fence)
 ), appended AS (
     INSERT INTO events (partition, seq, epoch, instance_id, at, type, payload)
     SELECT * FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::text[], $7::bigint[],
         $8::text[], $9::text[])
+    WHERE (SELECT ok FROM fence)
 ), upserted AS (
     INSERT INTO instances (id, partition, definition, version, status, active, input, output,
         error, created_at, updated_at, state)
     SELECT * FROM unnest($10::text[], $11::bigint[], $12::text[], $13::bigint[], $14::text[],
         $15::boolean[], $16::text[], $17::text[], $18::text[], $19::bigint[], $20::bigint[],
         $21::text[])
+    WHERE (SELECT ok FROM fence)
     ON CONFLICT (id) DO UPDATE SET status = excluded.status, active = excluded.active,
         output = excluded.output, error = excluded.error, updated_at = excluded.updated_at,
         state = excluded.state
 ), tasks_deleted AS (
-    DELETE FROM tasks WHERE task_id = ANY($22::text[])
+    DELETE FROM tasks WHERE task_id = ANY($22::text[]) AND (SELECT ok FROM fence)
 ), tasks_put AS (
     INSERT INTO tasks (task_id, partition, queue, instance_id, payload)
     SELECT * FROM unnest($23::text[], $24::bigint[], $25::text[], $26::text[], $27::text[])
+    WHERE (SELECT ok FROM fence)
     ON CONFLICT (task_id) DO UPDATE SET partition = excluded.partition, queue = excluded.queue,
         instance_id = excluded.instance_id, payload = excluded.payload
 ), timers_deleted AS (
     DELETE FROM timers t USING unnest($28::text[], $29::text[]) AS d(instance_id, key)
-    WHERE t.instance_id = d.instance_id AND t.key = d.key
+    WHERE t.instance_id = d.instance_id AND t.key = d.key AND (SELECT ok FROM fence)
 ), timers_put AS (
     INSERT INTO timers (instance_id, key, partition, fire_at)
     SELECT * FROM unnest($30::text[], $31::text[], $32::bigint[], $33::bigint[])
+    WHERE (SELECT ok FROM fence)
     ON CONFLICT (instance_id, key) DO UPDATE SET partition = excluded.partition,
         fire_at = excluded.fire_at
 )
-SELECT 1"#;
+SELECT ok FROM fence"#;
 
 const HEARTBEAT: &str = concat!(
     "WITH c AS (SELECT ",
@@ -235,7 +279,8 @@ impl Default for PostgresOptions {
 struct Connection {
     client: Client,
     /// Prepared statements by their text: preparing costs a round trip, and a
-    /// statement belongs to the connection that prepared it.
+    /// statement belongs to the connection that prepared it. The texts are a fixed
+    /// set (the listing's filters make 8 variants), so the map stays small.
     statements: HashMap<String, Statement>,
 }
 
@@ -276,10 +321,12 @@ impl r2d2::ManageConnection for Manager {
         // A returned commit must be durable: a server or role configured with
         // synchronous_commit=off is overridden for our sessions (stronger settings such
         // as remote_apply are kept).
-        client.batch_execute(
+        client.batch_execute(&format!(
             "SELECT set_config('synchronous_commit', 'on', false)
-             WHERE current_setting('synchronous_commit') = 'off'",
-        )?;
+             WHERE current_setting('synchronous_commit') = 'off';
+             SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MAX_MS};
+             SET lock_timeout = {LOCK_WAIT_MAX_MS}"
+        ))?;
         Ok(Connection {
             client,
             statements: HashMap::new(),
@@ -332,6 +379,11 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("weir");
         }
+        config
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES);
         let pool_size = options.pool_size.max(1);
         let pool = r2d2::Pool::builder()
             .max_size(pool_size)
@@ -347,6 +399,65 @@ impl PostgresStore {
         };
         store.partition_count = store.with(|connection| set_up(connection, partition_count))?;
         Ok(store)
+    }
+
+    /// Commits what can be of `batches`, deciding each in order as SQLite does: under
+    /// the partitions' row locks, a batch is applied if its epoch and log end are the
+    /// partition's, counting the batches before it in the group.
+    fn commit_batch_by_batch(
+        &self,
+        batches: &[PartitionBatch],
+    ) -> Result<Vec<Result<(), Refusal>>, Error> {
+        let mut partitions: Vec<i64> = batches.iter().map(|b| i64::from(b.partition)).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        self.with(|connection| {
+            let lock = connection.statement(LOCK_PARTITIONS)?;
+            let write = connection.statement(COMMIT_IF_CURRENT)?;
+            let mut transaction = connection.client.transaction()?;
+            // (epoch, last_seq) of each locked partition; a partition that does not
+            // exist is absent and its batch refused, as SQLite's update would match nothing.
+            let mut current: HashMap<u32, (u64, u64)> = HashMap::new();
+            for row in transaction.query(&lock, &[&partitions])? {
+                current.insert(
+                    column_u32(&row, 0)?,
+                    (column_u64(&row, 1)?, column_u64(&row, 2)?),
+                );
+            }
+            let mut outcomes = Vec::with_capacity(batches.len());
+            let mut accepted = Vec::with_capacity(batches.len());
+            for batch in batches {
+                match current.get_mut(&batch.partition) {
+                    Some((epoch, last_seq))
+                        if *epoch == batch.epoch && *last_seq == batch.seq_before =>
+                    {
+                        if let Some(problem) = malformation(batch) {
+                            panic!("malformed partition batch: {problem}");
+                        }
+                        *last_seq = batch.seq_before + batch.events.len() as u64;
+                        accepted.push(batch);
+                        outcomes.push(Ok(()));
+                    }
+                    _ => outcomes.push(Err(Refusal::Fenced {
+                        partition: batch.partition,
+                        epoch: batch.epoch,
+                    })),
+                }
+            }
+            if !accepted.is_empty() {
+                let chain = chain(&accepted).expect("accepted batches continue each other");
+                let writes = Writes::merge(&accepted, &chain)?;
+                let rows = transaction.query(&write, &writes.params())?;
+                let written = rows.first().map(|row| row.try_get::<_, bool>(0));
+                assert!(
+                    matches!(written, Some(Ok(true))),
+                    "partitions changed under their row locks"
+                );
+            }
+            // synchronous_commit is on: when this returns, the batches are durable.
+            transaction.commit()?;
+            Ok(outcomes)
+        })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, Error>) -> Result<T, Error> {
@@ -380,6 +491,9 @@ impl Drop for PostgresStore {
 /// advisory lock held until the transaction ends; returns the stored partition count.
 fn set_up(connection: &mut Connection, partition_count: u32) -> Result<u32, Error> {
     let mut transaction = connection.client.transaction()?;
+    transaction.batch_execute(&format!(
+        "SET LOCAL lock_timeout = {SET_UP_LOCK_WAIT_MAX_MS}"
+    ))?;
     transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])?;
     transaction.batch_execute(
         r#"CREATE TABLE IF NOT EXISTS meta (key TEXT COLLATE "C" PRIMARY KEY, value TEXT NOT NULL)"#,
@@ -429,6 +543,13 @@ fn set_up(connection: &mut Connection, partition_count: u32) -> Result<u32, Erro
     };
     transaction.commit()?;
     Ok(count)
+}
+
+/// Whether PostgreSQL can hold `text`: its text type refuses the NUL character, which
+/// SQLite keeps. A lookup by such a key is answered "none" without asking the server,
+/// as it could not have been stored (an error would differ from SQLite's answer).
+fn storable(text: &str) -> bool {
+    !text.contains('\0')
 }
 
 /// A value for a BIGINT column.
@@ -535,29 +656,56 @@ fn read_membership(
     Ok(Membership { now, members })
 }
 
-/// The same checks as SQLite's: a batch the engine built wrongly is a bug, not a refusal.
-fn assert_well_formed(batch: &PartitionBatch) {
+/// What is wrong with a batch the engine built wrongly (a bug, not a refusal): the
+/// checks SQLite asserts on the batches it applies.
+fn malformation(batch: &PartitionBatch) -> Option<String> {
     for (index, event) in batch.events.iter().enumerate() {
-        assert_eq!(event.partition, batch.partition);
-        assert_eq!(
-            event.seq,
-            batch.seq_before + 1 + index as u64,
-            "event seqs are contiguous"
-        );
-        assert_eq!(event.epoch, batch.epoch);
+        let seq = batch.seq_before + 1 + index as u64;
+        if event.partition != batch.partition || event.epoch != batch.epoch || event.seq != seq {
+            return Some(format!(
+                "event (partition {}, seq {}, epoch {}) in the batch of partition {} at seq {seq}, \
+                 epoch {}: event seqs are contiguous",
+                event.partition, event.seq, event.epoch, batch.partition, batch.epoch
+            ));
+        }
     }
-    for instance in &batch.instances {
-        assert_eq!(instance.partition, batch.partition);
+    let partitions = (batch.instances.iter().map(|i| i.partition))
+        .chain(batch.tasks_put.iter().map(|t| t.partition))
+        .chain(batch.timers_put.iter().map(|t| t.partition));
+    for partition in partitions {
+        if partition != batch.partition {
+            return Some(format!(
+                "a row of partition {partition} in the batch of partition {}",
+                batch.partition
+            ));
+        }
     }
-    for task in &batch.tasks_put {
-        assert_eq!(task.partition, batch.partition);
-    }
-    for timer in &batch.timers_put {
-        assert_eq!(timer.partition, batch.partition);
-    }
+    None
 }
 
-/// The rows of a group commit's accepted batches, as the columns of [`WRITE_BATCHES`].
+/// Per partition: (epoch, log end before its first batch, log end after its last),
+/// when each of its batches continues the one before under the same epoch; `None`
+/// when they do not (some would be refused whatever the store holds).
+fn chain(batches: &[&PartitionBatch]) -> Option<BTreeMap<u32, (u64, u64, u64)>> {
+    let mut partitions: BTreeMap<u32, (u64, u64, u64)> = BTreeMap::new();
+    for batch in batches {
+        let seq_after = batch.seq_before + batch.events.len() as u64;
+        match partitions.get_mut(&batch.partition) {
+            None => {
+                partitions.insert(batch.partition, (batch.epoch, batch.seq_before, seq_after));
+            }
+            Some((epoch, _, last_seq)) => {
+                if *epoch != batch.epoch || *last_seq != batch.seq_before {
+                    return None;
+                }
+                *last_seq = seq_after;
+            }
+        }
+    }
+    Some(partitions)
+}
+
+/// The rows of a group commit's batches, as the parameters of [`COMMIT_IF_CURRENT`].
 ///
 /// Batches are merged first, in order, to the net effect of applying them one after
 /// the other (as SQLite does): an instance written twice keeps its first insert's
@@ -567,6 +715,8 @@ fn assert_well_formed(batch: &PartitionBatch) {
 struct Writes<'a> {
     partitions: Vec<i64>,
     last_seqs: Vec<i64>,
+    epochs: Vec<i64>,
+    seq_befores: Vec<i64>,
     event_partitions: Vec<i64>,
     event_seqs: Vec<i64>,
     event_epochs: Vec<i64>,
@@ -601,15 +751,17 @@ struct Writes<'a> {
 }
 
 impl<'a> Writes<'a> {
-    /// `last_seqs`: each accepted partition's log end after its batches.
+    /// `chain`: what [`chain`] says of `batches`.
     fn merge(
         batches: &[&'a PartitionBatch],
-        last_seqs: &BTreeMap<u32, u64>,
+        chain: &BTreeMap<u32, (u64, u64, u64)>,
     ) -> Result<Writes<'a>, Error> {
         let mut writes = Writes::default();
-        for (&partition, &last_seq) in last_seqs {
+        for (&partition, &(epoch, seq_before, last_seq)) in chain {
             writes.partitions.push(i64::from(partition));
             writes.last_seqs.push(db_int(last_seq)?);
+            writes.epochs.push(db_int(epoch)?);
+            writes.seq_befores.push(db_int(seq_before)?);
         }
         // (first write, last write) of each instance.
         let mut instances: BTreeMap<&str, (&InstanceRecord, &InstanceRecord)> = BTreeMap::new();
@@ -688,8 +840,8 @@ impl<'a> Writes<'a> {
         Ok(writes)
     }
 
-    /// The parameters of [`WRITE_BATCHES`], in order.
-    fn params(&self) -> [&(dyn ToSql + Sync); 33] {
+    /// The parameters of [`COMMIT_IF_CURRENT`], in order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 35] {
         [
             &self.partitions,
             &self.last_seqs,
@@ -724,6 +876,8 @@ impl<'a> Writes<'a> {
             &self.timer_keys,
             &self.timer_partitions,
             &self.timer_fire_ats,
+            &self.epochs,
+            &self.seq_befores,
         ]
     }
 }
@@ -775,6 +929,9 @@ impl Store for PostgresStore {
     }
 
     fn leave(&self, node_id: &str) -> Result<(), Error> {
+        if !storable(node_id) {
+            return Ok(());
+        }
         self.with(|connection| {
             connection.execute("DELETE FROM members WHERE node_id = $1", &[&node_id])?;
             Ok(())
@@ -782,6 +939,9 @@ impl Store for PostgresStore {
     }
 
     fn set_draining(&self, node_id: &str, draining: bool) -> Result<bool, Error> {
+        if !storable(node_id) {
+            return Ok(false);
+        }
         self.with(|connection| {
             let changed = connection.execute(
                 "UPDATE members SET draining = $1 WHERE node_id = $2",
@@ -821,7 +981,7 @@ impl Store for PostgresStore {
         _now: u64,
         ttl_ms: u64,
     ) -> Result<Vec<u32>, Error> {
-        if leases.is_empty() {
+        if leases.is_empty() || !storable(owner) {
             return Ok(Vec::new());
         }
         let (partitions, epochs) = lease_arrays(leases)?;
@@ -842,7 +1002,7 @@ impl Store for PostgresStore {
     }
 
     fn release_leases(&self, owner: &str, leases: &[(u32, u64)]) -> Result<(), Error> {
-        if leases.is_empty() {
+        if leases.is_empty() || !storable(owner) {
             return Ok(());
         }
         let (partitions, epochs) = lease_arrays(leases)?;
@@ -923,52 +1083,25 @@ impl Store for PostgresStore {
         if batches.is_empty() {
             return Ok(Vec::new());
         }
-        let mut partitions: Vec<i64> = batches.iter().map(|b| i64::from(b.partition)).collect();
-        partitions.sort_unstable();
-        partitions.dedup();
-        self.with(|connection| {
-            let lock = connection.statement(LOCK_PARTITIONS)?;
-            let write = connection.statement(WRITE_BATCHES)?;
-            let mut transaction = connection.client.transaction()?;
-            // (epoch, last_seq) of each locked partition; a partition that does not
-            // exist is absent and its batch refused, as SQLite's update would match nothing.
-            let mut current: HashMap<u32, (u64, u64)> = HashMap::new();
-            for row in transaction.query(&lock, &[&partitions])? {
-                current.insert(
-                    column_u32(&row, 0)?,
-                    (column_u64(&row, 1)?, column_u64(&row, 2)?),
-                );
+        // The common case, every batch current, costs one statement. Refusals are rare
+        // (a node that lost a lease); they take the exact path below.
+        let all: Vec<&PartitionBatch> = batches.iter().collect();
+        let well_formed = batches.iter().all(|b| malformation(b).is_none());
+        if let Some(chain) = chain(&all).filter(|_| well_formed) {
+            let writes = Writes::merge(&all, &chain)?;
+            let written = self.with(|connection| {
+                let rows = connection.query(COMMIT_IF_CURRENT, &writes.params())?;
+                let row = rows.first().ok_or_else(|| {
+                    Error::Incompatible("the commit statement returned no row".into())
+                })?;
+                Ok(row.try_get::<_, bool>(0)?)
+            })?;
+            if written {
+                // synchronous_commit is on: the statement's commit is durable.
+                return Ok(vec![Ok(()); batches.len()]);
             }
-            let mut outcomes = Vec::with_capacity(batches.len());
-            let mut accepted = Vec::with_capacity(batches.len());
-            let mut last_seqs = BTreeMap::new();
-            for batch in batches {
-                // Checked in order against the log end the earlier batches left, so
-                // two batches of one partition behave as two SQLite updates would.
-                match current.get_mut(&batch.partition) {
-                    Some((epoch, last_seq))
-                        if *epoch == batch.epoch && *last_seq == batch.seq_before =>
-                    {
-                        assert_well_formed(batch);
-                        *last_seq = batch.seq_before + batch.events.len() as u64;
-                        last_seqs.insert(batch.partition, *last_seq);
-                        accepted.push(batch);
-                        outcomes.push(Ok(()));
-                    }
-                    _ => outcomes.push(Err(Refusal::Fenced {
-                        partition: batch.partition,
-                        epoch: batch.epoch,
-                    })),
-                }
-            }
-            if !accepted.is_empty() {
-                let writes = Writes::merge(&accepted, &last_seqs)?;
-                transaction.execute(&write, &writes.params())?;
-            }
-            // synchronous_commit is on: when this returns, the batches are durable.
-            transaction.commit()?;
-            Ok(outcomes)
-        })
+        }
+        self.commit_batch_by_batch(batches)
     }
 
     fn put_definition(&self, name: &str, source: &str, now: u64) -> Result<u32, Error> {
@@ -997,6 +1130,9 @@ impl Store for PostgresStore {
         name: &str,
         version: Option<u32>,
     ) -> Result<Option<DefinitionRecord>, Error> {
+        if !storable(name) {
+            return Ok(None);
+        }
         self.with(|connection| {
             let rows = match version {
                 Some(version) => connection.query(
@@ -1028,6 +1164,9 @@ impl Store for PostgresStore {
     }
 
     fn instance(&self, id: &str) -> Result<Option<InstanceRecord>, Error> {
+        if !storable(id) {
+            return Ok(None);
+        }
         self.with(|connection| {
             let rows = connection.query(
                 &format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = $1"),
@@ -1038,6 +1177,19 @@ impl Store for PostgresStore {
     }
 
     fn instances(&self, query: &InstanceQuery) -> Result<Vec<InstanceRecord>, Error> {
+        let filters = [&query.status, &query.definition];
+        if filters
+            .iter()
+            .any(|f| f.as_deref().is_some_and(|f| !storable(f)))
+        {
+            return Ok(Vec::new());
+        }
+        // A stored id (without NUL) sorts after a cursor with NUL exactly when it sorts
+        // after the cursor's part before the NUL.
+        let after_id = query
+            .after_id
+            .as_deref()
+            .map(|after| after.split('\0').next().unwrap_or_default());
         let mut sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE true");
         let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
         if let Some(status) = &query.status {
@@ -1048,7 +1200,7 @@ impl Store for PostgresStore {
             params.push(definition);
             sql.push_str(&format!(" AND definition = ${}", params.len()));
         }
-        if let Some(after) = &query.after_id {
+        if let Some(after) = &after_id {
             params.push(after);
             sql.push_str(&format!(" AND id > ${}", params.len()));
         }
@@ -1059,6 +1211,9 @@ impl Store for PostgresStore {
     }
 
     fn history(&self, instance_id: &str, partition: u32) -> Result<Vec<EventRecord>, Error> {
+        if !storable(instance_id) {
+            return Ok(Vec::new());
+        }
         self.with(|connection| {
             rows(
                 connection.query(

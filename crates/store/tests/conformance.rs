@@ -424,6 +424,7 @@ fn definitions_get_increasing_versions(place: Place) {
     );
     assert!(store.definition("d", Some(3)).unwrap().is_none());
     assert!(store.definition("e", None).unwrap().is_none());
+    assert!(store.definition("d\0", None).unwrap().is_none());
     let all = store.definitions().unwrap();
     assert_eq!(
         all.iter()
@@ -523,9 +524,29 @@ fn listing_filters_and_pages_in_byte_order(place: Place) {
     );
     assert!(ids(InstanceQuery {
         status: Some("nothing".into()),
+        ..all.clone()
+    })
+    .is_empty());
+    // Keys with NUL (which PostgreSQL cannot store) are simply not found, as on SQLite.
+    assert!(store.instance("B\0").unwrap().is_none());
+    assert!(ids(InstanceQuery {
+        status: Some("running\0".into()),
+        ..all.clone()
+    })
+    .is_empty());
+    assert!(ids(InstanceQuery {
+        definition: Some("\0".into()),
         ..all
     })
     .is_empty());
+    assert_eq!(
+        ids(InstanceQuery {
+            after_id: Some("a1\0z".into()),
+            limit: 100,
+            ..Default::default()
+        }),
+        ["a10", "b", "é"]
+    );
     assert_eq!(
         store.instance("é").unwrap().unwrap().definition,
         "refund",
@@ -567,6 +588,7 @@ fn events_after_pages_the_log(place: Place) {
         [2]
     );
     assert!(store.history("i2", 1).unwrap().is_empty());
+    assert!(store.history("i2\0", 0).unwrap().is_empty());
 }
 
 fn node(id: &str, url: &str, standby: bool) -> Announcement {
@@ -608,6 +630,7 @@ fn membership_follows_heartbeats(place: Place) {
 
     assert!(store.set_draining("b", true).unwrap());
     assert!(!store.set_draining("nobody", true).unwrap());
+    assert!(!store.set_draining("b\0", true).unwrap());
     std::thread::sleep(Duration::from_millis(5));
     let kept = store
         .heartbeat(&node("b", "http://b2", false), false, wall_ms(), LONG)
@@ -827,6 +850,111 @@ fn postgres_nodes_racing_for_a_lease_never_share_an_epoch() {
     let lease = stores[0].leases().unwrap()[1].clone();
     assert_eq!((lease.owner.clone(), lease.epoch), winners[0]);
     assert_eq!(lease.epoch, 1);
+}
+
+#[test]
+fn postgres_a_node_that_lost_its_lease_commits_nothing_more() {
+    // Goal: fencing holds between nodes racing on one database: once another node has
+    // taken a partition, the old owner's commits are all refused, and the log stays
+    // contiguous with epochs that never go back. Method: node a commits one event at a
+    // time with a short lease it does not renew; node b takes the partition when it
+    // expires and continues the log.
+    const B_BATCHES: u64 = 10;
+    let place = Place::postgres();
+    let Place::Postgres { url, .. } = &place else {
+        unreachable!()
+    };
+    let a = PostgresStore::connect(url, 1).unwrap();
+    let b = PostgresStore::connect(url, 1).unwrap();
+    let lease_a = a.acquire_lease(0, "a", 0, 200).unwrap().unwrap();
+    let (committed_by_a, lease_b) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let mut seq = 0;
+            loop {
+                let outcome = a.commit(&[batch(0, lease_a.epoch, seq, 1)]).unwrap();
+                if outcome[0].is_err() {
+                    // Refused for good: later tries at any log end are refused too.
+                    for seq_before in [seq, seq + 1] {
+                        let again = a.commit(&[batch(0, lease_a.epoch, seq_before, 1)]);
+                        assert!(again.unwrap()[0].is_err());
+                    }
+                    return seq;
+                }
+                seq += 1;
+            }
+        });
+        let lease_b = loop {
+            if let Some(lease) = b.acquire_lease(0, "b", 0, 60_000).unwrap() {
+                break lease;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let from = b.load_partition(0).unwrap().last_seq;
+        for n in 0..B_BATCHES {
+            let outcome = b.commit(&[batch(0, lease_b.epoch, from + n, 1)]).unwrap();
+            assert_eq!(outcome, vec![Ok(())]);
+        }
+        (writer.join().unwrap(), lease_b)
+    });
+    assert!(committed_by_a > 0);
+    assert_eq!(lease_b.epoch, lease_a.epoch + 1);
+    let log = b.events_after(0, 0, 100_000).unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=committed_by_a + B_BATCHES).collect::<Vec<_>>(),
+        "contiguous"
+    );
+    let epochs: Vec<u64> = log.iter().map(|e| e.epoch).collect();
+    assert!(
+        epochs.windows(2).all(|w| w[0] <= w[1]),
+        "epochs never go back"
+    );
+    assert_eq!(
+        epochs.iter().filter(|&&e| e == lease_a.epoch).count() as u64,
+        committed_by_a
+    );
+}
+
+#[test]
+fn postgres_a_stuck_lock_holder_blocks_calls_for_a_bounded_time() {
+    // Goal: a session that holds a partition's row lock and stops (a node paused
+    // mid-transaction) makes lease and commit calls fail after a bounded wait, not hang;
+    // once the lock is gone they succeed. Method: a raw client holds the lock.
+    let place = Place::postgres();
+    let Place::Postgres { url, .. } = &place else {
+        unreachable!()
+    };
+    let store = PostgresStore::connect(url, 1).unwrap();
+    let lease = store.acquire_lease(0, "a", 0, 60_000).unwrap().unwrap();
+    let mut holder = ::postgres::Client::connect(url, ::postgres::NoTls).unwrap();
+    let mut stuck = holder.transaction().unwrap();
+    stuck
+        .execute(
+            "SELECT 1 FROM partitions WHERE partition = 0 FOR UPDATE",
+            &[],
+        )
+        .unwrap();
+    let started = Instant::now();
+    assert!(store.acquire_lease(0, "a", 0, 60_000).is_err());
+    assert!(store.commit(&[batch(0, lease.epoch, 0, 1)]).is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    stuck.rollback().unwrap();
+    assert_eq!(
+        store.commit(&[batch(0, lease.epoch, 0, 1)]).unwrap(),
+        vec![Ok(())]
+    );
+    assert_eq!(
+        store
+            .acquire_lease(0, "a", 0, 60_000)
+            .unwrap()
+            .unwrap()
+            .epoch,
+        lease.epoch + 1
+    );
 }
 
 #[test]
