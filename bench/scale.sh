@@ -27,21 +27,22 @@ start() {
 }
 grow() { # grow DB to $1 finished instances by copying the seed rows
   python3 - "$DIR/data/weir.db" "$1" <<'PY'
-import sqlite3, sys
+import secrets, sqlite3, sys
 db, target = sys.argv[1], int(sys.argv[2])
 c = sqlite3.connect(db)
 c.execute("PRAGMA synchronous=FULL")
 seed = "id NOT LIKE '%-copy%'"
 have = c.execute("SELECT count(*) FROM instances WHERE active = 0").fetchone()[0]
 seeds = c.execute(f"SELECT count(*) FROM instances WHERE active = 0 AND {seed}").fetchone()[0]
-k = c.execute("SELECT count(*) FROM instances WHERE id LIKE '%-copy%'").fetchone()[0] // max(seeds, 1)
+tag = secrets.token_hex(3)  # unique per growth, so copies never collide
+k = 0
 while have < target:
     k += 1
     with c:
-        c.execute(f"""INSERT INTO instances SELECT id || '-copy{k}', partition, definition, version, status,
+        c.execute(f"""INSERT INTO instances SELECT id || '-copy{tag}{k}', partition, definition, version, status,
                       active, input, output, error, created_at, updated_at, state
                       FROM instances WHERE active = 0 AND {seed}""")
-        c.execute(f"""INSERT INTO events SELECT e.partition, e.seq + p.last_seq, e.epoch, e.instance_id || '-copy{k}',
+        c.execute(f"""INSERT INTO events SELECT e.partition, e.seq + p.last_seq, e.epoch, e.instance_id || '-copy{tag}{k}',
                       e.at, e.type, e.payload FROM events e JOIN partitions p ON p.partition = e.partition
                       WHERE e.instance_id IN (SELECT id FROM instances WHERE active = 0 AND {seed})""")
         c.execute(f"""UPDATE partitions SET last_seq = (SELECT max(seq) FROM events e WHERE e.partition = partitions.partition)
