@@ -138,6 +138,14 @@ impl PartitionActor {
             mailbox,
             sender,
         };
+        let now = shared.clock.now_ms();
+        let mut next_timer: HashMap<&str, u64> = HashMap::new();
+        for timer in &snapshot.timers {
+            let due = next_timer
+                .entry(timer.instance_id.as_str())
+                .or_insert(u64::MAX);
+            *due = (*due).min(timer.fire_at);
+        }
         let mut resume = Vec::new();
         for record in snapshot.instances {
             let state: InstanceState = serde_json::from_str(&record.state)
@@ -146,7 +154,7 @@ impl PartitionActor {
                 .definitions
                 .get(&state.definition, state.version)
                 .await?;
-            if parkable(&state) {
+            if parkable(&state, next_timer.get(state.id.as_str()).copied(), now) {
                 // Its timers come from the snapshot's timer rows below.
                 actor.parked.insert(state.id);
                 continue;
@@ -528,6 +536,15 @@ impl PartitionActor {
                 None => batch.timers_delete.push((instance_id, key)),
             }
         }
+        // The earliest timer each instance armed in this batch, to tell short naps
+        // (not worth parking) from long sleeps.
+        let mut next_timer: HashMap<String, u64> = HashMap::new();
+        for timer in &batch.timers_put {
+            let due = next_timer
+                .entry(timer.instance_id.clone())
+                .or_insert(u64::MAX);
+            *due = (*due).min(timer.fire_at);
+        }
         let result = self.committer.commit(batch).await;
         match result {
             Ok(Ok(())) => {}
@@ -576,7 +593,8 @@ impl PartitionActor {
                 self.instances.remove(&id);
                 self.remember_ended(id);
             } else if let Some(active) = self.instances.get(&id) {
-                if parkable(&active.state) {
+                let now = self.shared.clock.now_ms();
+                if parkable(&active.state, next_timer.get(&id).copied(), now) {
                     self.instances.remove(&id);
                     self.parked.insert(id);
                 }
@@ -687,16 +705,22 @@ impl PartitionActor {
     }
 }
 
+/// Shortest wait worth parking for: an instance whose next timer is sooner stays in
+/// memory, as loading it back would cost more than keeping it.
+const PARK_AFTER_MS: u64 = 5_000;
+
 /// Whether an instance waits only for a timer or a signal (a sleep, a retry's backoff,
 /// a `wait` step), so that its state can stay in the store until a timer fires or a
 /// command arrives. Instances waiting for a task, an HTTP call, a child or lanes stay
-/// in memory: their next event is frequent and should not cost a read.
-fn parkable(state: &InstanceState) -> bool {
+/// in memory: their next event is frequent and should not cost a read. `next_timer` is
+/// its earliest timer when known.
+fn parkable(state: &InstanceState, next_timer: Option<u64>, now: u64) -> bool {
     state.status == machine::InstanceStatus::Running
         && matches!(
             state.wait,
             machine::Wait::Sleep | machine::Wait::Retry | machine::Wait::Signal { .. }
         )
+        && next_timer.is_none_or(|due| due >= now.saturating_add(PARK_AFTER_MS))
 }
 
 fn rejection_error(rejection: Rejection) -> Error {
