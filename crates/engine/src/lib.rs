@@ -414,14 +414,10 @@ impl Engine {
             .await?;
         let heartbeat_ok_at = Instant::now();
         // Leases not renewed are lost: stop their actors at once.
-        let lost: Vec<u32> = {
-            let partitions = inner.partitions.lock().expect("partitions lock");
-            partitions
-                .keys()
-                .filter(|p| !renewed.contains(p))
-                .copied()
-                .collect()
-        };
+        let lost = self
+            .owned_partitions()
+            .into_iter()
+            .filter(|p| !renewed.contains(p));
         for partition in lost {
             self.drop_partition(partition, "lease lost; partition stopped");
         }
@@ -438,14 +434,11 @@ impl Engine {
             assignment.partitions_of(&node_id).into_iter().collect()
         };
         // Hand over what is placed elsewhere.
-        let owned: Vec<u32> = inner
-            .partitions
-            .lock()
-            .expect("partitions lock")
-            .keys()
-            .copied()
+        let handover: Vec<u32> = self
+            .owned_partitions()
+            .into_iter()
+            .filter(|p| !mine.contains(p))
             .collect();
-        let handover: Vec<u32> = owned.into_iter().filter(|p| !mine.contains(p)).collect();
         if !handover.is_empty() {
             self.hand_over(&handover).await;
         }
@@ -547,15 +540,7 @@ impl Engine {
         if !expired {
             return;
         }
-        let owned: Vec<u32> = self
-            .inner
-            .partitions
-            .lock()
-            .expect("partitions lock")
-            .keys()
-            .copied()
-            .collect();
-        for partition in owned {
+        for partition in self.owned_partitions() {
             self.drop_partition(
                 partition,
                 "store unreachable for a lease period; partition stopped",
@@ -590,7 +575,12 @@ impl Engine {
             .values()
             .filter(|node| **node == self.inner.config.node_id)
             .count();
-        let mut held: Vec<u32> = self
+        (self.owned_partitions(), placed)
+    }
+
+    /// The partitions this node runs an actor for, ascending.
+    fn owned_partitions(&self) -> Vec<u32> {
+        let mut owned: Vec<u32> = self
             .inner
             .partitions
             .lock()
@@ -598,8 +588,8 @@ impl Engine {
             .keys()
             .copied()
             .collect();
-        held.sort_unstable();
-        (held, placed)
+        owned.sort_unstable();
+        owned
     }
 
     /// This node's name.
@@ -691,15 +681,7 @@ impl Engine {
             self.inner.stopping.store(true, Ordering::SeqCst);
         }
         let _ = self.inner.shutdown.send(true);
-        let owned: Vec<u32> = self
-            .inner
-            .partitions
-            .lock()
-            .expect("partitions lock")
-            .keys()
-            .copied()
-            .collect();
-        self.hand_over(&owned).await;
+        self.hand_over(&self.owned_partitions()).await;
         for task in self
             .inner
             .background

@@ -32,32 +32,9 @@ steps:
 output: { shipped: "${ .steps.ship.output.id }", order: "${ .input.n }" }
 "#;
 
-/// A small deterministic generator, so a failing run can be replayed from its seed.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 #[test]
 fn instances_survive_kill_9_and_complete_exactly_once() {
-    let seed = std::env::var("WEIR_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("seed {seed} (set WEIR_TEST_SEED to replay)");
-    let mut random = SplitMix(seed);
+    let mut random = SplitMix::from_env();
 
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");

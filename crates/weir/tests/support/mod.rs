@@ -275,3 +275,31 @@ pub fn list_all(base: &str, status: &str) -> Result<Vec<Value>, String> {
         }
     }
 }
+
+/// A small deterministic generator, so that a failing run can be replayed from its seed.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    /// Seeded from `WEIR_TEST_SEED`, else the clock; the seed is printed.
+    pub fn from_env() -> SplitMix {
+        let seed = std::env::var("WEIR_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("the clock is after 1970")
+                    .as_nanos() as u64
+            });
+        eprintln!("seed {seed} (set WEIR_TEST_SEED to replay)");
+        SplitMix(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
