@@ -645,6 +645,23 @@ impl Engine {
     /// Asks a node to hand its partitions over (or to take them again). The node
     /// sees the flag at its next heartbeat; so do the others, which take over.
     pub async fn set_draining(&self, node_id: &str, draining: bool) -> Result<(), Error> {
+        if draining {
+            // Draining the last node that could run partitions would stop everything.
+            let now = self.now();
+            let ttl = self.lease_ttl_ms();
+            let membership = self
+                .blocking(move |store| store.membership(now, ttl))
+                .await?;
+            let others_left = membership
+                .members
+                .iter()
+                .any(|m| m.alive && !m.draining && m.node_id != node_id);
+            if !others_left && membership.members.iter().any(|m| m.node_id == node_id) {
+                return Err(Error::Conflict(format!(
+                    "draining {node_id} would leave no live node to run the partitions"
+                )));
+            }
+        }
         let node = node_id.to_string();
         let found = self
             .blocking(move |store| store.set_draining(&node, draining))

@@ -563,6 +563,21 @@ fn standby_takes_over_only_when_too_few_actives_live_and_drain_hands_over() {
     )
     .unwrap();
     assert_eq!(code, 404, "an unknown node cannot be drained");
+    // Draining node-2 leaves the standby to take over; draining the standby too would
+    // leave no node at all, and is refused.
+    let drain = |node: &str, action: &str| {
+        post_json(
+            &format!("{}/v1/nodes/{node}/{action}", cluster.nodes[1].url()),
+            &json!({}),
+        )
+        .unwrap()
+    };
+    assert_eq!(drain("node-2", "drain").0, 200);
+    let (code, body) = drain("node-3", "drain");
+    assert_eq!(code, 409, "no node would be left: {body}");
+    assert_eq!(body["error"]["code"], json!("conflict"));
+    assert_eq!(drain("node-2", "undrain").0, 200);
+    cluster.wait_balanced(Duration::from_secs(15));
 
     // Kill node-2: no active node lives but the drained one, so the standby takes over.
     cluster.nodes[1].process.kill();
