@@ -126,6 +126,16 @@ impl Cluster {
         }
     }
 
+    /// Stops every node with SIGTERM, asserting that each stops gracefully.
+    fn stop_gracefully(&mut self) {
+        for node in &mut self.nodes {
+            assert!(
+                node.process.terminate(Duration::from_secs(15)),
+                "graceful stop"
+            );
+        }
+    }
+
     fn deploy(&self) {
         let (code, body) = post_raw(
             &format!("{}/v1/definitions", self.nodes[0].url()),
@@ -261,6 +271,20 @@ fn check_epochs(store_url: &str) -> usize {
     changes
 }
 
+/// The partitions `node` holds in a `/v1/cluster` answer (none for an unknown node).
+fn held_by(status: &Value, node: &str) -> HashSet<u32> {
+    status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["node_id"] == node)
+        .and_then(|n| n["partitions"].as_array())
+        .into_iter()
+        .flatten()
+        .map(|p| p.as_u64().expect("a partition number") as u32)
+        .collect()
+}
+
 /// Reads an integer column whatever its width.
 fn to_i64(row: &postgres::Row, index: usize) -> i64 {
     row.try_get::<_, i64>(index)
@@ -326,12 +350,7 @@ fn crash_failover_keeps_every_instance_exactly_once() {
     let changes = check_epochs(&cluster.store_url);
     eprintln!("{changes} ownership changes seen in the logs; epochs never went back");
     assert!(changes >= KILLS, "the kills moved partitions");
-    for node in &mut cluster.nodes {
-        assert!(
-            node.process.terminate(Duration::from_secs(15)),
-            "graceful stop"
-        );
-    }
+    cluster.stop_gracefully();
 }
 
 #[test]
@@ -343,17 +362,7 @@ fn a_paused_node_is_fenced_and_rejoins() {
     cluster.attach_workers("16");
     let urls = cluster.urls();
     let before = cluster.status().unwrap();
-    let held_before: HashSet<u64> = before["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node_id"] == "node-3")
-        .unwrap()["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_u64().unwrap())
-        .collect();
+    let held_before = held_by(&before, "node-3");
     assert!(!held_before.is_empty());
     let epochs_before: HashMap<u64, u64> = before["partitions"]
         .as_array()
@@ -390,7 +399,7 @@ fn a_paused_node_is_fenced_and_rejoins() {
                 let owner = lease["owner"].as_str().unwrap_or("");
                 !owner.is_empty()
                     && owner != "node-3"
-                    && lease["epoch"].as_u64() > epochs_before.get(p).copied()
+                    && lease["epoch"].as_u64() > epochs_before.get(&u64::from(*p)).copied()
             })
             .then_some(())
     });
@@ -417,12 +426,7 @@ fn a_paused_node_is_fenced_and_rejoins() {
         log.contains("lease lost") || log.contains("fenced"),
         "node-3 noticed it lost its leases; log:\n{log}"
     );
-    for node in &mut cluster.nodes {
-        assert!(
-            node.process.terminate(Duration::from_secs(15)),
-            "graceful stop"
-        );
-    }
+    cluster.stop_gracefully();
 }
 
 #[test]
@@ -462,12 +466,7 @@ fn rolling_restart_under_load_loses_nothing() {
     wait_completed(&cluster, INSTANCES, Duration::from_secs(120));
     check_histories(&urls[0], INSTANCES);
     check_epochs(&cluster.store_url);
-    for node in &mut cluster.nodes {
-        assert!(
-            node.process.terminate(Duration::from_secs(15)),
-            "graceful stop"
-        );
-    }
+    cluster.stop_gracefully();
 }
 
 #[test]
@@ -498,12 +497,7 @@ fn a_postgresql_restart_under_load_is_survived() {
     wait_completed(&cluster, INSTANCES, Duration::from_secs(180));
     check_histories(&urls[0], INSTANCES);
     check_epochs(&cluster.store_url);
-    for node in &mut cluster.nodes {
-        assert!(
-            node.process.terminate(Duration::from_secs(15)),
-            "graceful stop"
-        );
-    }
+    cluster.stop_gracefully();
 }
 
 #[test]
@@ -519,14 +513,7 @@ fn standby_takes_over_only_when_too_few_actives_live_and_drain_hands_over() {
         &standby_args,
     ));
     cluster.wait_balanced(Duration::from_secs(30));
-    let held = |status: &Value, node: &str| -> usize {
-        status["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["node_id"] == node)
-            .map_or(0, |n| n["partitions"].as_array().unwrap().len())
-    };
+    let held = |status: &Value, node: &str| held_by(status, node).len();
     let status = cluster.status().unwrap();
     assert_eq!(held(&status, "node-3"), 0, "the standby idles: {status}");
     let role = status["nodes"]
@@ -652,9 +639,7 @@ fn any_node_serves_the_whole_api() {
         assert!(text.contains(node), "{text}");
     }
     assert!(text.contains("64 partitions, 0 without an owner"), "{text}");
-    for node in &mut cluster.nodes {
-        assert!(node.process.terminate(Duration::from_secs(15)));
-    }
+    cluster.stop_gracefully();
 }
 
 /// Percentile of a sorted list of durations.
@@ -694,17 +679,11 @@ fn failover_timing() {
         let victim = round % cluster.nodes.len();
         let victim_id = format!("node-{}", victim + 1);
         let status = cluster.status().unwrap();
-        let victim_partitions: HashSet<u32> = status["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["node_id"] == victim_id.as_str())
-            .unwrap()["partitions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p.as_u64().unwrap() as u32)
-            .collect();
+        let victim_partitions = held_by(&status, &victim_id);
+        assert!(
+            !victim_partitions.is_empty(),
+            "{victim_id} holds partitions"
+        );
         // One waiting probe task on each of the victim's partitions.
         let mut probes = HashSet::new();
         for &partition in &victim_partitions {
