@@ -23,6 +23,12 @@ use crate::AppState;
 pub const FORWARDED_HEADER: &str = "x-weir-forwarded-by";
 /// How long one node waits for another to connect.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a node waits for a peer to answer a poll that does not wait (a
+/// paused or overloaded peer must not hold up this node's workers).
+const PEER_POLL_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a forwarded request may take: the longest wait a client may ask
+/// for, and a margin for the work itself.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(weir_engine::POLL_WAIT_MAX.as_secs() + 10);
 /// How long a poll waits on the local board between looks at the peers' boards.
 pub(crate) const POLL_SLICE: Duration = Duration::from_millis(200);
 
@@ -113,6 +119,7 @@ async fn proxy(
         .peers
         .request(parts.method.clone(), &url)
         .header(FORWARDED_HEADER, state.engine.node_id())
+        .timeout(FORWARD_TIMEOUT)
         .body(bytes.to_vec());
     if let Some(content_type) = parts.headers.get(axum::http::header::CONTENT_TYPE) {
         outgoing = outgoing.header(axum::http::header::CONTENT_TYPE, content_type.clone());
@@ -160,6 +167,7 @@ pub(crate) async fn poll_peers(state: &AppState, body: &Value) -> Vec<Value> {
             .peers
             .post(&url)
             .header(FORWARDED_HEADER, state.engine.node_id())
+            .timeout(PEER_POLL_TIMEOUT)
             .json(body)
             .send()
             .await;

@@ -55,8 +55,16 @@ pub fn router(engine: Engine, limits: Limits) -> axum::Router {
     })
 }
 
-/// Serves the API on `listener` until `shutdown` resolves, then drains open
-/// requests for at most `drain`.
+/// How long in-flight requests may run after the shutdown signal. Polls and
+/// instance waits end at once when a node stops, so this bounds only the rare
+/// slow request and connections that never become idle (a client that opened
+/// a connection and sends nothing keeps hyper's HTTP/1 graceful shutdown
+/// waiting); after it the server stops without them, so that the engine can
+/// hand its partitions over promptly.
+pub const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(5);
+
+/// Serves the API on `listener` until `shutdown` resolves, then lets in-flight
+/// requests finish for at most [`SHUTDOWN_DRAIN_MAX`].
 pub async fn serve(
     listener: TcpListener,
     engine: Engine,
@@ -65,9 +73,30 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let address: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?address, "API listening");
-    axum::serve(listener, router(engine, limits))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let (signalled, signal) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = signalled.send(());
+    };
+    let server = axum::serve(listener, router(engine, limits)).with_graceful_shutdown(shutdown);
+    let server = std::future::IntoFuture::into_future(server);
+    let drain_expired = async move {
+        if signal.await.is_err() {
+            // The server ended by itself: the other branch finishes.
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(SHUTDOWN_DRAIN_MAX).await;
+    };
+    tokio::select! {
+        result = server => result,
+        () = drain_expired => {
+            tracing::warn!(
+                drain_ms = SHUTDOWN_DRAIN_MAX.as_millis() as u64,
+                "connections still open after the shutdown drain; closing them"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// How long a long poll may be held, at most, when the client asks for more.

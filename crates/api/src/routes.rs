@@ -60,7 +60,31 @@ pub(crate) fn router(state: AppState) -> Router {
             state.clone(),
             crate::forward::to_owner,
         ))
+        .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// Logs every request at debug level when it ends: method, path, status and time.
+async fn log_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return next.run(request).await;
+    }
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let started = std::time::Instant::now();
+    tracing::debug!(%method, path, "request started");
+    let response = next.run(request).await;
+    tracing::debug!(
+        %method,
+        path,
+        status = response.status().as_u16(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "request ended"
+    );
+    response
 }
 
 async fn not_found() -> ApiError {
@@ -640,6 +664,9 @@ async fn poll(
     let peer_poll = json!({ "queues": body.queues, "max_tasks": max_tasks, "wait_ms": 0 });
     let deadline = tokio::time::Instant::now() + wait;
     loop {
+        if state.engine.polls_stopped() {
+            return Ok(Json(json!({ "tasks": [] })));
+        }
         let offers = state
             .engine
             .poll(&body.queues, max_tasks, Duration::ZERO)

@@ -507,7 +507,7 @@ impl Engine {
                 .expect("partitions lock")
                 .remove(partition);
             if let Some(owned) = owned {
-                let _ = owned.stop.send(true);
+                let _ = owned.stop.send_replace(true);
                 stopped.push((*partition, owned));
             }
         }
@@ -681,7 +681,7 @@ impl Engine {
     /// Stops handing out tasks: open and future polls answer empty at once, so
     /// that long polls do not hold a graceful shutdown up. Completions still work.
     pub fn stop_polls(&self) {
-        let _ = self.inner.draining.send(true);
+        let _ = self.inner.draining.send_replace(true);
     }
 
     /// Whether polls answer empty at once (the node is stopping).
@@ -697,7 +697,7 @@ impl Engine {
             let _ownership = self.inner.ownership.lock().await;
             self.inner.stopping.store(true, Ordering::SeqCst);
         }
-        let _ = self.inner.shutdown.send(true);
+        let _ = self.inner.shutdown.send_replace(true);
         self.hand_over(&self.owned_partitions()).await;
         for task in self
             .inner
@@ -889,9 +889,10 @@ impl Engine {
             return Ok(view);
         };
         let mut draining = self.inner.draining.subscribe();
+        // `wait_for` also returns at once when the node already stops.
         tokio::select! {
             _ = tokio::time::timeout(wait.min(POLL_WAIT_MAX), receiver.wait_for(|ended| *ended)) => {}
-            _ = draining.changed() => {}
+            _ = draining.wait_for(|stopping| *stopping) => {}
         }
         drop(waiter);
         self.instance(id).await

@@ -47,7 +47,7 @@ impl Waiters {
     pub fn ended(&self, id: &str) {
         let map = self.by_instance.lock().expect("waiters lock");
         if let Some((sender, _)) = map.get(id) {
-            let _ = sender.send(true);
+            let _ = sender.send_replace(true);
         }
     }
 }

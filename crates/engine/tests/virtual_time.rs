@@ -305,3 +305,32 @@ async fn sleeping_instances_are_parked_and_still_answer(backend: Backend) {
     }
     engine.shutdown().await;
 }
+
+/// Goal: once a node stops handing out tasks, every poll answers at once, also one
+/// that arrives when no poll was open at the moment of the stop (the stop must be
+/// remembered, not only announced to the polls open then).
+#[tokio::test(start_paused = true)]
+async fn polls_after_a_stop_answer_at_once() {
+    let (store, _place) = open_store(Backend::Sqlite, 4).await;
+    let clock = Arc::new(TokioClock::starting_at(1_000_000));
+    let engine = Engine::start(store, Config::default(), clock)
+        .await
+        .unwrap();
+    let queues = vec!["payments".to_string()];
+    engine.stop_polls();
+    let asked = tokio::time::Instant::now();
+    let offers = engine.poll(&queues, 1, weir_engine::POLL_WAIT_MAX).await;
+    assert!(offers.is_empty());
+    assert_eq!(
+        asked.elapsed(),
+        Duration::ZERO,
+        "a poll after the stop waited in virtual time"
+    );
+    let waited = engine
+        .wait_instance("absent", weir_engine::POLL_WAIT_MAX)
+        .await
+        .unwrap();
+    assert!(waited.is_none());
+    assert_eq!(asked.elapsed(), Duration::ZERO);
+    engine.shutdown().await;
+}

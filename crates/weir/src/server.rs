@@ -285,6 +285,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     weir_api::serve(listener, engine.clone(), limits, shutdown)
         .await
         .context("serving the API")?;
+    tracing::info!("API stopped; stopping the engine");
     engine.shutdown().await;
     Ok(())
 }

@@ -129,10 +129,7 @@ impl Cluster {
     /// Stops every node with SIGTERM, asserting that each stops gracefully.
     fn stop_gracefully(&mut self) {
         for node in &mut self.nodes {
-            assert!(
-                node.process.terminate(Duration::from_secs(15)),
-                "graceful stop"
-            );
+            node.stop_gracefully(Duration::from_secs(15));
         }
     }
 
@@ -152,19 +149,18 @@ impl Cluster {
 /// panics on an answer that is not retryable.
 fn start_order(urls: &[String], first: usize, n: usize) -> usize {
     let body = json!({ "definition": "order", "id": format!("order-{n}"), "input": { "n": n } });
+    let mut last = String::new();
     for attempt in 0..600 {
         let url = &urls[(first + attempt) % urls.len()];
         match post_json(&format!("{url}/v1/instances"), &body) {
             Ok((201, _)) | Ok((200, _)) => return attempt,
-            Ok((code, body)) if code >= 500 => {
-                eprintln!("start order-{n} on {url} answered {code}: {body}; retrying");
-            }
+            Ok((code, body)) if code >= 500 => last = format!("{url} answered {code}: {body}"),
             Ok((code, body)) => panic!("start order-{n} answered {code}: {body}"),
-            Err(_) => {}
+            Err(err) => last = format!("{url}: {err}"),
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("order-{n} could not be started in 30 s");
+    panic!("order-{n} could not be started in 30 s; last answer: {last}");
 }
 
 /// Waits until `count` instances completed, reading from any live node.
@@ -451,11 +447,7 @@ fn rolling_restart_under_load_loses_nothing() {
     for i in 0..cluster.nodes.len() {
         std::thread::sleep(Duration::from_millis(800));
         eprintln!("rolling restart of node-{}", i + 1);
-        assert!(
-            cluster.nodes[i].process.terminate(Duration::from_secs(15)),
-            "node-{} stopped gracefully",
-            i + 1
-        );
+        cluster.nodes[i].stop_gracefully(Duration::from_secs(15));
         let args = cluster.node_args(i, &[]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         cluster.nodes[i].restart(&args);

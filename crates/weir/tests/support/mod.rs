@@ -97,6 +97,26 @@ impl Server {
         self.wait_ready(Duration::from_secs(60));
     }
 
+    /// SIGTERM; panics with the end of the server's log unless it exits by
+    /// itself within `timeout`.
+    pub fn stop_gracefully(&mut self, timeout: Duration) {
+        let pid = self.process.pid();
+        if !self.process.terminate(timeout) {
+            panic!(
+                "server on port {} (pid {pid:?}) did not stop within {timeout:?} of SIGTERM; log tail:\n{}",
+                self.port,
+                self.log_tail(80)
+            );
+        }
+    }
+
+    /// The last `lines` lines of the server's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     pub fn wait_ready(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let url = format!("{}/readyz", self.url());
@@ -129,7 +149,7 @@ fn spawn_server(data_dir: &Path, port: u16, extra: &[&str], log: &Path) -> Proce
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
         .args(extra)
-        .env("WEIR_LOG", "info")
+        .env("WEIR_LOG", "info,weir_api=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file)
