@@ -187,6 +187,33 @@ pub(crate) async fn poll_peers(state: &AppState, body: &Value) -> Vec<Value> {
     Vec::new()
 }
 
+/// Sends a batch of completions to the node at `base`; its results, in order, or
+/// why it did not answer.
+pub(crate) async fn complete_on(
+    state: &AppState,
+    base: &str,
+    completions: Vec<Value>,
+) -> Result<Vec<Value>, String> {
+    let url = format!("{}/v1/tasks/completions", base.trim_end_matches('/'));
+    let answer = state
+        .peers
+        .post(&url)
+        .header(FORWARDED_HEADER, state.engine.node_id())
+        .timeout(FORWARD_TIMEOUT)
+        .json(&serde_json::json!({ "completions": completions }))
+        .send()
+        .await
+        .map_err(|err| err.to_string())?;
+    if !answer.status().is_success() {
+        return Err(format!("it answered {}", answer.status()));
+    }
+    let mut body: Value = answer.json().await.map_err(|err| err.to_string())?;
+    match body.get_mut("results").map(Value::take) {
+        Some(Value::Array(results)) => Ok(results),
+        _ => Err("its answer had no results".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,6 +48,7 @@ pub(crate) fn router(state: AppState) -> Router {
             post(complete_human_task),
         )
         .route("/v1/tasks/poll", post(poll))
+        .route("/v1/tasks/completions", post(complete_batch))
         .route("/v1/tasks/{task_id}/complete", post(complete))
         .route("/v1/tasks/{task_id}/fail", post(fail))
         .route("/v1/tasks/{task_id}/heartbeat", post(heartbeat))
@@ -718,6 +719,124 @@ async fn complete(
         .complete_task(&task_id, &body.lease_token, body.output)
         .await?;
     Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompletionsBody {
+    completions: Vec<CompletionItem>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompletionItem {
+    task_id: String,
+    lease_token: String,
+    #[serde(default)]
+    output: Value,
+}
+
+/// `POST /v1/tasks/completions`: several completions in one request. The answer
+/// is 200 with one result per completion, in order: `{"task_id", "status"}` and,
+/// unless `status` is 200, the `error` a single completion would have answered.
+/// In a cluster, completions of instances another node owns are sent on to it in
+/// one request per node.
+async fn complete_batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let bytes = read_body(body, state.limits.body_size_max).await?;
+    let body: CompletionsBody = parse_json(&bytes)?;
+    let count = body.completions.len();
+    if count == 0 || count > weir_engine::COMPLETIONS_BATCH_MAX {
+        return Err(ApiError::invalid(format!(
+            "completions must hold 1 to {} completions",
+            weir_engine::COMPLETIONS_BATCH_MAX
+        ))
+        .with("pointer", "/completions".into()));
+    }
+    let forwarded = headers.contains_key(crate::FORWARDED_HEADER);
+    // Which node answers each completion: None is this node.
+    let mut local = Vec::new();
+    let mut remote: HashMap<String, Vec<usize>> = HashMap::new();
+    for (index, item) in body.completions.iter().enumerate() {
+        let owner = match weir_model::machine::parse_task_id(&item.task_id) {
+            Some((instance, _, _)) if !forwarded => state.engine.owner_url(instance),
+            _ => None,
+        };
+        match owner {
+            Some(url) => remote.entry(url).or_default().push(index),
+            None => local.push(index),
+        }
+    }
+    let mut results: Vec<Value> = vec![Value::Null; count];
+    let mut items: Vec<Option<CompletionItem>> = body.completions.into_iter().map(Some).collect();
+    for (url, indexes) in remote {
+        let batch: Vec<Value> = indexes
+            .iter()
+            .map(|&i| {
+                let item = items[i].take().expect("each completion goes to one node");
+                json!({ "task_id": item.task_id, "lease_token": item.lease_token, "output": item.output })
+            })
+            .collect();
+        let task_ids: Vec<Value> = batch.iter().map(|b| b["task_id"].clone()).collect();
+        let answered = crate::forward::complete_on(&state, &url, batch).await;
+        for (n, &index) in indexes.iter().enumerate() {
+            results[index] = match &answered {
+                Ok(answers) if answers.len() == indexes.len() => answers[n].clone(),
+                Ok(_) | Err(_) => {
+                    let why =
+                        answered.as_ref().err().cloned().unwrap_or_else(|| {
+                            "it answered a different number of results".to_string()
+                        });
+                    completion_result(
+                        &task_ids[n],
+                        Err(ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "unavailable",
+                            format!("the node owning this instance ({url}) did not take it ({why}); retry"),
+                        )),
+                    )
+                }
+            };
+        }
+    }
+    let completions: Vec<weir_engine::TaskCompletion> = local
+        .iter()
+        .map(|&i| {
+            let item = items[i].take().expect("each completion goes to one node");
+            weir_engine::TaskCompletion {
+                task_id: item.task_id,
+                lease_token: item.lease_token,
+                output: item.output,
+            }
+        })
+        .collect();
+    let task_ids: Vec<Value> = completions
+        .iter()
+        .map(|c| Value::String(c.task_id.clone()))
+        .collect();
+    let outcomes = state.engine.complete_tasks(completions).await;
+    for ((index, task_id), outcome) in local.into_iter().zip(task_ids).zip(outcomes) {
+        results[index] = completion_result(&task_id, outcome.map_err(ApiError::from));
+    }
+    Ok(Json(json!({ "results": results })))
+}
+
+/// One result of a batch of completions.
+fn completion_result(task_id: &Value, outcome: Result<(), ApiError>) -> Value {
+    match outcome {
+        Ok(()) => json!({ "task_id": task_id, "status": 200 }),
+        Err(err) => {
+            let status = err.status.as_u16();
+            let mut error = Map::new();
+            error.insert("code".into(), Value::String(err.code.into()));
+            error.insert("message".into(), Value::String(err.message));
+            error.extend(err.details);
+            json!({ "task_id": task_id, "status": status, "error": error })
+        }
+    }
 }
 
 #[derive(Deserialize)]

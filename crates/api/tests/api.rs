@@ -50,6 +50,7 @@ on_both!(
     recovery_operations_signals_and_compensation,
     human_tasks_are_listed_validated_and_completed,
     child_workflows_report_to_their_parent_and_are_cancelled_with_it,
+    completions_are_taken_in_batches,
 );
 
 /// What holds a store's data for the length of a test.
@@ -1309,5 +1310,130 @@ steps:
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(failure.unwrap()["error"]["type"], json!("child_failed"));
+    h.stop().await;
+}
+
+/// Goal: a batch of completions is answered one result per completion, in order,
+/// each as a single completion would have been answered; a bad batch changes nothing.
+async fn completions_are_taken_in_batches(backend: Backend) {
+    let h = Harness::start(backend).await;
+    assert_eq!(h.deploy(ORDER).await.0, 201);
+    for n in 0..3 {
+        let (status, _) = h
+            .post(
+                "/v1/instances",
+                json!({"definition": "order", "id": format!("b-{n}"), "input": {"sku": n}}),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    let (_, polled) = h
+        .post(
+            "/v1/tasks/poll",
+            json!({"queues": ["inventory"], "max_tasks": 3, "wait_ms": 2000}),
+        )
+        .await;
+    let tasks = polled["tasks"].as_array().unwrap().clone();
+    assert_eq!(tasks.len(), 3, "{polled}");
+    let item = |task: &Value, token: &Value| json!({"task_id": task["task_id"], "lease_token": token, "output": {"id": task["instance_id"]}});
+
+    // Refused as a whole: nothing changes.
+    let too_many: Vec<Value> = (0..257)
+        .map(|_| item(&tasks[0], &tasks[0]["lease_token"]))
+        .collect();
+    for (body, pointer) in [
+        (json!({"completions": []}), Some("/completions")),
+        (json!({"completions": too_many}), Some("/completions")),
+        (json!({"completions": [{"task_id": "x"}]}), None),
+        (json!({"completions": [], "extra": 1}), None),
+    ] {
+        let refused = check_refused(
+            &h,
+            "POST",
+            "/v1/tasks/completions",
+            json_body(&body.to_string()),
+            400,
+            "invalid_request",
+        )
+        .await;
+        if let Some(pointer) = pointer {
+            assert_eq!(refused["error"]["pointer"], json!(pointer), "{refused}");
+        }
+    }
+
+    // Two good completions, a stale token and an unknown task, in that order.
+    let batch = json!({"completions": [
+        item(&tasks[0], &tasks[0]["lease_token"]),
+        item(&tasks[1], &json!("0000")),
+        item(&tasks[2], &tasks[2]["lease_token"]),
+        {"task_id": "nope", "lease_token": "0000"},
+    ]});
+    let (status, answer) = h.post("/v1/tasks/completions", batch.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    let results = answer["results"].as_array().unwrap();
+    let statuses: Vec<&Value> = results.iter().map(|r| &r["status"]).collect();
+    assert_eq!(
+        statuses,
+        [&json!(200), &json!(409), &json!(200), &json!(409)],
+        "{answer}"
+    );
+    assert_eq!(results[0]["task_id"], tasks[0]["task_id"]);
+    assert_eq!(results[3]["task_id"], json!("nope"));
+    assert_eq!(results[1]["error"]["code"], json!("stale_lease"));
+    assert!(results[0].get("error").is_none());
+
+    // The same batch again: every completion is now a duplicate, nothing is applied twice.
+    let (status, again) = h.post("/v1/tasks/completions", batch).await;
+    assert_eq!(status, 200);
+    assert!(
+        again["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["status"] == json!(409)),
+        "{again}"
+    );
+
+    // The completed ones moved on to their next step, with their outputs; the stale
+    // one is still held by its lease.
+    let (_, polled) = h
+        .post(
+            "/v1/tasks/poll",
+            json!({"queues": ["payments"], "max_tasks": 10, "wait_ms": 2000}),
+        )
+        .await;
+    let mut next: Vec<(String, Value)> = polled["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["instance_id"].as_str().unwrap().to_string(),
+                t["input"].clone(),
+            )
+        })
+        .collect();
+    next.sort_by(|a, b| a.0.cmp(&b.0));
+    let expected: Vec<(String, Value)> = [&tasks[0], &tasks[2]]
+        .iter()
+        .map(|t| {
+            let id = t["instance_id"].as_str().unwrap().to_string();
+            (id.clone(), json!({"reservation": id}))
+        })
+        .collect();
+    let mut expected = expected;
+    expected.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(next, expected);
+    for task in [&tasks[0], &tasks[2]] {
+        let id = task["instance_id"].as_str().unwrap();
+        let (_, history) = h.get(&format!("/v1/instances/{id}/history")).await;
+        let completed = history["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == "step_completed")
+            .count();
+        assert_eq!(completed, 1, "{history}");
+    }
     h.stop().await;
 }

@@ -40,6 +40,11 @@ use taskboard::TaskBoard;
 
 /// Longest a poll may wait for a task.
 pub const POLL_WAIT_MAX: Duration = Duration::from_secs(60);
+/// Most completions in one batch (`POST /v1/tasks/completions`).
+pub const COMPLETIONS_BATCH_MAX: usize = 256;
+/// Most API reads of the store that run at once; the SQLite store keeps as many
+/// reader connections open ([`weir_store::READERS_MAX`]).
+pub const STORE_READS_CONCURRENT_MAX: usize = weir_store::READERS_MAX;
 /// Longest instance, step and definition name or id.
 pub const ID_LENGTH_MAX: usize = 128;
 /// Most instances one listing returns.
@@ -220,6 +225,19 @@ struct Inner {
     /// Set when the node stops handing out tasks (before it stops).
     draining: watch::Sender<bool>,
     background: Mutex<Vec<JoinHandle<()>>>,
+    /// Permits for API reads of the store (see [`STORE_READS_CONCURRENT_MAX`]).
+    reads: tokio::sync::Semaphore,
+}
+
+/// One task completion of a batch ([`Engine::complete_tasks`]).
+#[derive(Debug, Clone)]
+pub struct TaskCompletion {
+    /// The task's id.
+    pub task_id: String,
+    /// The lease token the poll gave with the task.
+    pub lease_token: String,
+    /// The task's output.
+    pub output: Value,
 }
 
 /// Handle to a running engine; cheap to clone.
@@ -265,6 +283,7 @@ impl Engine {
                 shutdown,
                 draining,
                 background: Mutex::new(Vec::new()),
+                reads: tokio::sync::Semaphore::new(STORE_READS_CONCURRENT_MAX),
             }),
         };
         let _ = engine
@@ -729,6 +748,23 @@ impl Engine {
         }
     }
 
+    /// A read for the API: at most [`STORE_READS_CONCURRENT_MAX`] run at once, the
+    /// others wait here (on the runtime, not in blocking threads), so that a burst
+    /// of reads neither grows the blocking pool nor opens connections beyond the
+    /// store's reader pool. Coordination (heartbeats, leases) does not wait here.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T, weir_store::Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let _permit = self
+            .inner
+            .reads
+            .acquire()
+            .await
+            .map_err(|err| Error::Unavailable(err.to_string()))?;
+        self.blocking(f).await
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn Store) -> Result<T, weir_store::Error> + Send + 'static,
@@ -869,7 +905,7 @@ impl Engine {
     /// One instance.
     pub async fn instance(&self, id: &str) -> Result<Option<InstanceView>, Error> {
         let owned = id.to_string();
-        let record = self.blocking(move |store| store.instance(&owned)).await?;
+        let record = self.read(move |store| store.instance(&owned)).await?;
         record.map(instance_view).transpose()
     }
 
@@ -901,7 +937,7 @@ impl Engine {
     /// Instances in id order, filtered; `after_id` is the cursor.
     pub async fn instances(&self, mut query: InstanceQuery) -> Result<Vec<InstanceView>, Error> {
         query.limit = query.limit.clamp(1, LIST_LIMIT_MAX);
-        let records = self.blocking(move |store| store.instances(&query)).await?;
+        let records = self.read(move |store| store.instances(&query)).await?;
         records.into_iter().map(instance_view).collect()
     }
 
@@ -913,7 +949,7 @@ impl Engine {
         let partition = partition_of(id, self.inner.partition_count);
         let owned = id.to_string();
         let records = self
-            .blocking(move |store| store.history(&owned, partition))
+            .read(move |store| store.history(&owned, partition))
             .await?;
         records.into_iter().map(history_event).collect()
     }
@@ -1111,7 +1147,7 @@ impl Engine {
     /// Applies a command to an instance whether or not its partition holds it in memory.
     async fn revive(&self, id: &str, command: Command) -> Result<InstanceView, Error> {
         let owned = id.to_string();
-        let record = self.blocking(move |store| store.instance(&owned)).await?;
+        let record = self.read(move |store| store.instance(&owned)).await?;
         let record =
             record.ok_or_else(|| Error::NotFound(format!("instance {id} does not exist")))?;
         let state: machine::InstanceState = serde_json::from_str(&record.state)
@@ -1140,6 +1176,16 @@ impl Engine {
     }
 
     async fn apply(&self, id: &str, command: Command) -> Result<(), Error> {
+        let receiver = self.send_apply(id, command).await?;
+        self.applied(id, receiver).await
+    }
+
+    /// Sends a command to its instance's partition; the receiver gets the outcome.
+    async fn send_apply(
+        &self,
+        id: &str,
+        command: Command,
+    ) -> Result<oneshot::Receiver<Result<(), Error>>, Error> {
         let partition = partition_of(id, self.inner.partition_count);
         let (reply, receiver) = oneshot::channel();
         let message = Message::Apply {
@@ -1148,6 +1194,15 @@ impl Engine {
             reply: Some(reply),
         };
         self.send(partition, message).await?;
+        Ok(receiver)
+    }
+
+    /// The outcome of a command sent with [`Engine::send_apply`].
+    async fn applied(
+        &self,
+        id: &str,
+        receiver: oneshot::Receiver<Result<(), Error>>,
+    ) -> Result<(), Error> {
         match receiver.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(Error::NotFound(message))) => {
@@ -1202,6 +1257,45 @@ impl Engine {
         )
         .await
         .map_err(conflict_is_stale)
+    }
+
+    /// Several completions at once (a worker's batch), at most
+    /// [`COMPLETIONS_BATCH_MAX`]: every one is sent to its partition before any
+    /// outcome is awaited, so that they share the partitions' batches and the
+    /// group commit. One outcome per completion, in order.
+    pub async fn complete_tasks(&self, completions: Vec<TaskCompletion>) -> Vec<Result<(), Error>> {
+        assert!(completions.len() <= COMPLETIONS_BATCH_MAX);
+        let mut sent = Vec::with_capacity(completions.len());
+        for completion in completions {
+            let TaskCompletion {
+                task_id,
+                lease_token,
+                output,
+            } = completion;
+            let receiver = match self.check_lease(&task_id, &lease_token) {
+                Ok(instance_id) => {
+                    let command = Command::CompleteTask { task_id, output };
+                    match self.send_apply(&instance_id, command).await {
+                        Ok(receiver) => Ok((instance_id, receiver)),
+                        Err(err) => Err(err),
+                    }
+                }
+                Err(err) => Err(err),
+            };
+            sent.push(receiver);
+        }
+        let mut outcomes = Vec::with_capacity(sent.len());
+        for receiver in sent {
+            let outcome = match receiver {
+                Ok((instance_id, receiver)) => self
+                    .applied(&instance_id, receiver)
+                    .await
+                    .map_err(conflict_is_stale),
+                Err(err) => Err(err),
+            };
+            outcomes.push(outcome);
+        }
+        outcomes
     }
 
     /// A worker failed a task.

@@ -37,6 +37,8 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Most server URLs one client accepts; a cluster is reached through a handful of them.
 pub const SERVER_URLS_MAX: usize = 64;
+/// Most completions in one [`Client::complete_many`] request (the server's limit).
+pub const COMPLETIONS_BATCH_MAX: usize = 256;
 
 /// A client of one weir cluster, reached through one or more node URLs.
 ///
@@ -205,6 +207,60 @@ impl Client {
     ) -> Result<(), Error> {
         let body = json!({ "lease_token": lease_token, "output": output });
         self.task_call(task_id, "complete", &body).await
+    }
+
+    /// Reports several tasks completed in one request (`POST /v1/tasks/completions`),
+    /// at most [`COMPLETIONS_BATCH_MAX`]: `(task_id, lease_token, output)` each. The
+    /// outer error is the request's (nothing was taken: repeat it); the inner ones are
+    /// each completion's, as [`Client::complete`] would have answered them.
+    pub async fn complete_many(
+        &self,
+        completions: &[(&str, &str, &Value)],
+    ) -> Result<Vec<Result<(), Error>>, Error> {
+        assert!(completions.len() <= COMPLETIONS_BATCH_MAX);
+        let items: Vec<Value> = completions
+            .iter()
+            .map(|(task_id, lease_token, output)| {
+                json!({ "task_id": task_id, "lease_token": lease_token, "output": output })
+            })
+            .collect();
+        let timeout = self.inner.request_timeout;
+        // Repeating is safe for the same reason as for one completion: lease tokens.
+        let answer: Value = self
+            .call(
+                Method::POST,
+                &["v1", "tasks", "completions"],
+                &[],
+                json_body(&json!({ "completions": items }))?,
+                Repeat::Safe,
+                timeout,
+            )
+            .await?;
+        let results = match answer.get("results") {
+            Some(Value::Array(results)) if results.len() == completions.len() => results,
+            _ => {
+                return Err(Error::Protocol {
+                    url: "/v1/tasks/completions".into(),
+                    reason: format!("expected {} results", completions.len()),
+                })
+            }
+        };
+        Ok(results
+            .iter()
+            .map(|result| {
+                let status = result
+                    .get("status")
+                    .and_then(Value::as_u64)
+                    .and_then(|s| u16::try_from(s).ok())
+                    .unwrap_or(502);
+                if status == 200 {
+                    return Ok(());
+                }
+                let body = json!({ "error": result.get("error").cloned().unwrap_or(Value::Null) });
+                let bytes = serde_json::to_vec(&body).unwrap_or_default();
+                Err(Error::Api(ApiError::from_response(status, &bytes)))
+            })
+            .collect())
     }
 
     /// Reports a task failed (`POST /v1/tasks/{task_id}/fail`); the engine retries it

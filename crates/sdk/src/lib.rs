@@ -45,7 +45,9 @@ mod error;
 mod wire;
 mod worker;
 
-pub use client::{Client, SourceFormat, REQUEST_TIMEOUT_DEFAULT, SERVER_URLS_MAX};
+pub use client::{
+    Client, SourceFormat, COMPLETIONS_BATCH_MAX, REQUEST_TIMEOUT_DEFAULT, SERVER_URLS_MAX,
+};
 pub use error::{ApiError, Error, Problem};
 pub use wire::{
     DefinitionSource, DefinitionSummary, Deployed, Event, HumanTask, Instance, InstanceError,

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::client::Client;
+use crate::client::{Client, COMPLETIONS_BATCH_MAX};
 use crate::error::Error;
 use crate::wire::PolledTask;
 
@@ -456,6 +456,108 @@ struct Shared {
     handlers: Arc<HashMap<String, Handler>>,
     heartbeat_interval: Duration,
     stats: WorkerStats,
+    /// Completions on their way to the server, batched by [`send_completions`].
+    completions: mpsc::Sender<PendingCompletion>,
+}
+
+impl Shared {
+    /// Completes a task through the batcher: completions that finish while a request
+    /// is on its way go together in the next one.
+    async fn complete_batched(
+        &self,
+        task_id: &str,
+        lease_token: &str,
+        output: &Value,
+    ) -> Result<(), Error> {
+        let (reply, outcome) = oneshot::channel();
+        let pending = PendingCompletion {
+            task_id: task_id.to_owned(),
+            lease_token: lease_token.to_owned(),
+            output: output.clone(),
+            reply,
+        };
+        if self.completions.send(pending).await.is_err() {
+            // The batcher is gone (only while the worker stops): report it alone.
+            return self.client.complete(task_id, lease_token, output).await;
+        }
+        match outcome.await {
+            Ok(outcome) => outcome,
+            Err(_) => self.client.complete(task_id, lease_token, output).await,
+        }
+    }
+}
+
+/// A completion waiting for the batcher.
+struct PendingCompletion {
+    task_id: String,
+    lease_token: String,
+    output: Value,
+    reply: oneshot::Sender<Result<(), Error>>,
+}
+
+/// Most completions waiting for the batcher; handlers wait beyond that.
+const COMPLETIONS_QUEUE_MAX: usize = 4 * COMPLETIONS_BATCH_MAX;
+
+/// Most batch requests of completions on their way at once: a few, so that a
+/// batch does not wait for the previous one's round trip, and few, so that
+/// completions that finish meanwhile gather into the next batch.
+const COMPLETION_REQUESTS_CONCURRENT_MAX: usize = 4;
+
+/// Sends completions: one alone with `POST /v1/tasks/{id}/complete`, several that
+/// waited together in one `POST /v1/tasks/completions`. When a batch as a whole
+/// fails (a node unreachable, a server without the batch endpoint), each of its
+/// completions is sent alone, so every completion gets the answer it would have
+/// had without batching. Runs until every sender is gone.
+async fn send_completions(client: Client, mut receiver: mpsc::Receiver<PendingCompletion>) {
+    let requests = Arc::new(Semaphore::new(COMPLETION_REQUESTS_CONCURRENT_MAX));
+    loop {
+        let Ok(permit) = requests.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(COMPLETIONS_BATCH_MAX);
+        if receiver.recv_many(&mut batch, COMPLETIONS_BATCH_MAX).await == 0 {
+            return;
+        }
+        let client = client.clone();
+        tokio::spawn(async move {
+            send_batch(&client, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn send_batch(client: &Client, mut batch: Vec<PendingCompletion>) {
+    if batch.len() == 1 {
+        let pending = batch.pop().expect("one completion");
+        let outcome = client
+            .complete(&pending.task_id, &pending.lease_token, &pending.output)
+            .await;
+        let _ = pending.reply.send(outcome);
+        return;
+    }
+    let items: Vec<(&str, &str, &Value)> = batch
+        .iter()
+        .map(|p| (p.task_id.as_str(), p.lease_token.as_str(), &p.output))
+        .collect();
+    match client.complete_many(&items).await {
+        Ok(outcomes) => {
+            for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                let _ = pending.reply.send(outcome);
+            }
+        }
+        Err(error) => {
+            tracing::debug!(error = %ErrorChain(&error), count = batch.len(), "batch of completions failed, sending each alone");
+            for pending in batch {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let outcome = client
+                        .complete(&pending.task_id, &pending.lease_token, &pending.output)
+                        .await;
+                    let _ = pending.reply.send(outcome);
+                });
+            }
+        }
+    }
 }
 
 impl Worker {
@@ -491,11 +593,14 @@ impl Worker {
     /// invalid queue name), after the tasks in flight have finished.
     pub async fn run(self, shutdown: impl Future) -> Result<(), Error> {
         let semaphore = Arc::new(Semaphore::new(self.concurrency));
+        let (completions, pending_completions) = mpsc::channel(COMPLETIONS_QUEUE_MAX);
+        tokio::spawn(send_completions(self.client.clone(), pending_completions));
         let shared = Arc::new(Shared {
             client: self.client.clone(),
             handlers: self.handlers.clone(),
             heartbeat_interval: self.heartbeat_interval,
             stats: self.stats.clone(),
+            completions,
         });
         tokio::pin!(shutdown);
         let mut poll_backoff = POLL_BACKOFF_INITIAL;
@@ -685,7 +790,7 @@ async fn heartbeat_loop(heartbeat: &Heartbeat, interval: Duration) -> Infallible
 }
 
 async fn complete(shared: &Shared, task_id: &str, lease_token: &str, output: &Value) {
-    let outcome = report(|| shared.client.complete(task_id, lease_token, output)).await;
+    let outcome = report(|| shared.complete_batched(task_id, lease_token, output)).await;
     match outcome {
         Report::Done => {
             shared.stats.inner.completed.fetch_add(1, Ordering::Relaxed);

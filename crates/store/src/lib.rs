@@ -20,6 +20,10 @@ pub const PARTITION_COUNT_DEFAULT: u32 = 64;
 
 /// Most partitions a store may have; partition ids fit comfortably in every index.
 pub const PARTITION_COUNT_MAX: u32 = 4096;
+/// Read connections a store keeps open for reuse. Readers beyond it open a
+/// connection of their own and close it after use, so callers that read often
+/// (the engine's API reads) run at most this many reads at once.
+pub const READERS_MAX: usize = 8;
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]

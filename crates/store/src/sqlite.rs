@@ -21,8 +21,6 @@ use crate::{
 const DATABASE_FILE: &str = "weir.db";
 /// Name of the lock file that keeps a second process out.
 const LOCK_FILE: &str = "weir.lock";
-/// Most idle read connections kept open.
-const READERS_IDLE_MAX: usize = 8;
 
 /// Schema migrations, applied in order; the schema version is the count applied.
 /// Never edit one that has shipped: add a new one.
@@ -146,7 +144,7 @@ impl SqliteStore {
         };
         let result = f(&reader);
         let mut pool = self.readers.lock().expect("reader pool lock");
-        if pool.len() < READERS_IDLE_MAX {
+        if pool.len() < crate::READERS_MAX {
             pool.push(reader);
         }
         result
@@ -199,7 +197,7 @@ fn lock_data_dir(data_dir: &Path) -> Result<File, Error> {
 /// Page cache of the writer: it touches the hot pages of every table and index.
 const WRITER_CACHE_KIB: i64 = 64 * 1024;
 /// Page cache of each reader: readers mostly scan once (loading a partition, listing),
-/// and up to `READERS_IDLE_MAX` of them live at once, so a large cache each would hold
+/// and up to `crate::READERS_MAX` of them live at once, so a large cache each would hold
 /// hundreds of MiB of pages read once (the OS page cache keeps them anyway).
 const READER_CACHE_KIB: i64 = 8 * 1024;
 
