@@ -763,6 +763,9 @@ output: {{ status: "${{ .steps.ping.output.status }}", body: "${{ .steps.ping.ou
         done["output"],
         json!({"status": 200, "body": {"status": "ok"}})
     );
+    // The waited answer (made from the partition's memory) is the stored view.
+    let (_, stored) = h.get("/v1/instances/p-1").await;
+    assert_eq!(done, stored);
     let (_, history) = h.get("/v1/instances/p-1/history").await;
     let types: Vec<&str> = history["events"]
         .as_array()

@@ -926,12 +926,18 @@ impl Engine {
         };
         let mut draining = self.inner.draining.subscribe();
         // `wait_for` also returns at once when the node already stops.
-        tokio::select! {
-            _ = tokio::time::timeout(wait.min(POLL_WAIT_MAX), receiver.wait_for(|ended| *ended)) => {}
-            _ = draining.wait_for(|stopping| *stopping) => {}
-        }
+        let ending = tokio::select! {
+            ended = tokio::time::timeout(wait.min(POLL_WAIT_MAX), receiver.wait_for(Option::is_some)) => {
+                ended.ok().and_then(|ended| ended.ok().and_then(|view| view.clone()))
+            }
+            _ = draining.wait_for(|stopping| *stopping) => None,
+        };
         drop(waiter);
-        self.instance(id).await
+        match ending {
+            // The partition handed over the committed final view: no read needed.
+            Some(view) => Ok(Some(InstanceView::clone(&view))),
+            None => self.instance(id).await,
+        }
     }
 
     /// Instances in id order, filtered; `after_id` is the cursor.
@@ -1450,6 +1456,23 @@ impl Engine {
 fn generate_id() -> String {
     let bits: u128 = rand::random();
     format!("{bits:032x}")
+}
+
+/// The view of an instance from its in-memory state (the same as
+/// [`instance_view`] of the record the state is stored as).
+pub(crate) fn view_of_state(state: &machine::InstanceState) -> InstanceView {
+    let record = partition::instance_record_fields(state);
+    InstanceView {
+        id: state.id.clone(),
+        definition: state.definition.clone(),
+        version: state.version,
+        status: state.status.as_str().to_string(),
+        input: record.input.clone(),
+        output: record.output.cloned(),
+        error: record.error,
+        created_at: state.created_at,
+        updated_at: state.updated_at,
+    }
 }
 
 fn instance_view(record: InstanceRecord) -> Result<InstanceView, Error> {

@@ -582,8 +582,10 @@ impl PartitionActor {
                 .get(&id)
                 .is_some_and(|active| active.state.status.is_terminal());
             if ended {
-                self.shared.waiters.ended(&id);
                 let active = self.instances.get(&id).expect("checked above");
+                self.shared
+                    .waiters
+                    .ended(&id, || crate::view_of_state(&active.state));
                 if let (Some(parent), Some(engine)) =
                     (active.state.parent.clone(), self.shared.engine())
                 {
@@ -738,8 +740,27 @@ fn rejection_error(rejection: Rejection) -> Error {
     }
 }
 
+/// The input, output and error columns of a state, before they become text.
+pub(crate) struct RecordFields<'a> {
+    pub input: &'a Value,
+    pub output: Option<&'a Value>,
+    pub error: Option<Value>,
+}
+
+pub(crate) fn instance_record_fields(state: &InstanceState) -> RecordFields<'_> {
+    RecordFields {
+        input: &state.context["input"],
+        output: state.output.as_ref(),
+        error: state
+            .error
+            .as_ref()
+            .map(|e| json!({"type": e.error_type, "message": e.message})),
+    }
+}
+
 /// The instance row for a state.
 pub(crate) fn instance_record(partition: u32, state: &InstanceState) -> InstanceRecord {
+    let fields = instance_record_fields(state);
     InstanceRecord {
         id: state.id.clone(),
         partition,
@@ -747,12 +768,9 @@ pub(crate) fn instance_record(partition: u32, state: &InstanceState) -> Instance
         version: state.version,
         status: state.status.as_str().to_string(),
         active: !state.status.is_terminal(),
-        input: state.context["input"].to_string(),
-        output: state.output.as_ref().map(Value::to_string),
-        error: state
-            .error
-            .as_ref()
-            .map(|e| json!({"type": e.error_type, "message": e.message}).to_string()),
+        input: fields.input.to_string(),
+        output: fields.output.map(Value::to_string),
+        error: fields.error.as_ref().map(Value::to_string),
         created_at: state.created_at,
         updated_at: state.updated_at,
         state: serde_json::to_string(state).expect("states serialize"),

@@ -4,23 +4,28 @@
 //! the commit that ended it, so an end between the read and the wait is not missed.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
+
+use crate::InstanceView;
+
+/// What a waiter sees: nothing while the instance runs, its final view once it ended.
+pub(crate) type Ending = Option<Arc<InstanceView>>;
 
 /// Most instances waited on at once; beyond it, waits degrade to a plain read.
 pub const WAITED_INSTANCES_MAX: usize = 100_000;
 
 #[derive(Default)]
 pub(crate) struct Waiters {
-    by_instance: Mutex<HashMap<String, (watch::Sender<bool>, usize)>>,
+    by_instance: Mutex<HashMap<String, (watch::Sender<Ending>, usize)>>,
 }
 
 /// A registration; deregisters on drop.
 pub(crate) struct Waiter<'a> {
     waiters: &'a Waiters,
     id: String,
-    pub receiver: Option<watch::Receiver<bool>>,
+    pub receiver: Option<watch::Receiver<Ending>>,
 }
 
 impl Waiters {
@@ -30,7 +35,7 @@ impl Waiters {
             *count += 1;
             Some(sender.subscribe())
         } else if map.len() < WAITED_INSTANCES_MAX {
-            let (sender, receiver) = watch::channel(false);
+            let (sender, receiver) = watch::channel(None);
             map.insert(id.to_string(), (sender, 1));
             Some(receiver)
         } else {
@@ -43,11 +48,12 @@ impl Waiters {
         }
     }
 
-    /// An instance ended (its end is committed).
-    pub fn ended(&self, id: &str) {
+    /// An instance ended (its end is committed); `view` makes its final view, called
+    /// only when someone waits for it.
+    pub fn ended(&self, id: &str, view: impl FnOnce() -> InstanceView) {
         let map = self.by_instance.lock().expect("waiters lock");
         if let Some((sender, _)) = map.get(id) {
-            let _ = sender.send_replace(true);
+            sender.send_replace(Some(Arc::new(view())));
         }
     }
 }
