@@ -916,14 +916,15 @@ impl Engine {
         wait: Duration,
     ) -> Result<Option<InstanceView>, Error> {
         let mut waiter = self.inner.shared.waiters.register(id);
-        let view = self.instance(id).await?;
-        let running = view.as_ref().is_some_and(|v| v.status == "running");
-        if !running || wait.is_zero() {
-            return Ok(view);
+        if wait.is_zero() || waiter.receiver.is_none() || !self.running_in_memory(id).await {
+            // Not known to run here: the store says what it is.
+            let view = self.instance(id).await?;
+            let running = view.as_ref().is_some_and(|v| v.status == "running");
+            if !running || wait.is_zero() || waiter.receiver.is_none() {
+                return Ok(view);
+            }
         }
-        let Some(receiver) = waiter.receiver.as_mut() else {
-            return Ok(view);
-        };
+        let receiver = waiter.receiver.as_mut().expect("checked above");
         let mut draining = self.inner.draining.subscribe();
         // `wait_for` also returns at once when the node already stops.
         let ending = tokio::select! {
@@ -938,6 +939,23 @@ impl Engine {
             Some(view) => Ok(Some(InstanceView::clone(&view))),
             None => self.instance(id).await,
         }
+    }
+
+    /// Whether the instance runs in the memory of a partition this node owns. The
+    /// state may be ahead of the store (its batch committing), which is why only
+    /// "running" is trusted from it: a waiter that sees it waits for the end, which
+    /// is announced after its commit.
+    async fn running_in_memory(&self, id: &str) -> bool {
+        let partition = partition_of(id, self.inner.partition_count);
+        let (reply, receiver) = oneshot::channel();
+        let message = Message::IsRunning {
+            instance_id: id.to_string(),
+            reply,
+        };
+        if self.send(partition, message).await.is_err() {
+            return false;
+        }
+        receiver.await.unwrap_or(false)
     }
 
     /// Instances in id order, filtered; `after_id` is the cursor.

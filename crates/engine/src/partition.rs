@@ -44,6 +44,13 @@ pub(crate) enum Message {
         command: Command,
         reply: Option<oneshot::Sender<Result<(), Error>>>,
     },
+    /// Whether an instance is running in this partition's memory (not ended, not
+    /// parked): a waiter then needs no store read before it waits, as the end
+    /// will be announced after its commit. Answered between batches.
+    IsRunning {
+        instance_id: String,
+        reply: oneshot::Sender<bool>,
+    },
     /// A command for an instance that may have ended (retry, rerun): `state` is its
     /// committed state, used when the partition no longer holds it in memory.
     Revive {
@@ -244,7 +251,7 @@ impl PartitionActor {
             match message {
                 Message::Apply { instance_id, .. } => want(instance_id),
                 Message::Revive { state, .. } => want(&state.id),
-                Message::Start { .. } => {}
+                Message::Start { .. } | Message::IsRunning { .. } => {}
             }
         }
         for (due, instance_id, _) in &self.timers {
@@ -285,6 +292,13 @@ impl PartitionActor {
         let mut pending = Pending::default();
         for message in messages {
             match message {
+                Message::IsRunning { instance_id, reply } => {
+                    let running = self
+                        .instances
+                        .get(&instance_id)
+                        .is_some_and(|active| !active.state.status.is_terminal());
+                    let _ = reply.send(running);
+                }
                 Message::Start {
                     definition,
                     version,
