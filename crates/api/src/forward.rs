@@ -62,7 +62,7 @@ pub(crate) async fn to_owner(
     request: Request,
     next: Next,
 ) -> Response {
-    if request.headers().contains_key(FORWARDED_HEADER) {
+    if request.headers().contains_key(FORWARDED_HEADER) || state.engine.owns_every_partition() {
         return next.run(request).await;
     }
     let path = request.uri().path().to_string();

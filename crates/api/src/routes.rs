@@ -315,7 +315,15 @@ struct StartBody {
     id: Option<String>,
 }
 
-async fn start(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
+/// `POST /v1/instances[?wait_ms=N]`: starts an instance; with `wait_ms`, also waits
+/// up to that long for it to end (a start and a `GET ?wait_ms=` in one request)
+/// and answers its view then, ended or not.
+async fn start(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let wait = wait_param(&query)?;
     let bytes = read_body(body, state.limits.body_size_max).await?;
     let body: StartBody = parse_json(&bytes)?;
     let (view, outcome) = state
@@ -333,9 +341,29 @@ async fn start(State(state): State<AppState>, body: Body) -> Result<Response, Ap
         StartOutcome::Created => StatusCode::CREATED,
         StartOutcome::Existing => StatusCode::OK,
     };
+    let view = if wait.is_zero() {
+        view
+    } else {
+        // The start is durable: a failed wait still answers the started instance.
+        match state.engine.wait_instance(&view.id, wait).await {
+            Ok(Some(waited)) => waited,
+            Ok(None) | Err(_) => view,
+        }
+    };
     let mut object = instance_json(&view);
     object["created"] = Value::Bool(outcome == StartOutcome::Created);
     Ok((status, Json(object)).into_response())
+}
+
+/// The `wait_ms` query parameter (zero when absent).
+fn wait_param(query: &HashMap<String, String>) -> Result<Duration, ApiError> {
+    match query.get("wait_ms") {
+        None => Ok(Duration::ZERO),
+        Some(text) => text.parse::<u64>().map(Duration::from_millis).map_err(|_| {
+            ApiError::invalid("wait_ms must be a non-negative integer")
+                .with("parameter", "wait_ms".into())
+        }),
+    }
 }
 
 async fn get_instance(
@@ -343,13 +371,7 @@ async fn get_instance(
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let wait = match query.get("wait_ms") {
-        None => Duration::ZERO,
-        Some(text) => Duration::from_millis(text.parse::<u64>().map_err(|_| {
-            ApiError::invalid("wait_ms must be a non-negative integer")
-                .with("parameter", "wait_ms".into())
-        })?),
-    };
+    let wait = wait_param(&query)?;
     let view = state.engine.wait_instance(&id, wait).await?;
     let view = view.ok_or_else(|| {
         ApiError::new(

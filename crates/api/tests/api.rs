@@ -766,6 +766,27 @@ output: {{ status: "${{ .steps.ping.output.status }}", body: "${{ .steps.ping.ou
     // The waited answer (made from the partition's memory) is the stored view.
     let (_, stored) = h.get("/v1/instances/p-1").await;
     assert_eq!(done, stored);
+    // A start may wait for the end in the same request.
+    let (status, ran) = h
+        .post(
+            "/v1/instances?wait_ms=10000",
+            json!({"definition": "ping", "id": "p-2", "input": {"n": 8}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{ran}");
+    assert_eq!(ran["status"], json!("completed"), "{ran}");
+    assert_eq!(ran["created"], json!(true));
+    assert_eq!(ran["output"], done["output"]);
+    let refused = check_refused(
+        &h,
+        "POST",
+        "/v1/instances?wait_ms=soon",
+        json_body(r#"{"definition": "ping", "id": "p-3"}"#),
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert_eq!(refused["error"]["parameter"], json!("wait_ms"));
     let (_, history) = h.get("/v1/instances/p-1/history").await;
     let types: Vec<&str> = history["events"]
         .as_array()

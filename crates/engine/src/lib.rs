@@ -636,6 +636,13 @@ impl Engine {
             .owner_url(partition, &self.inner.config.node_id)
     }
 
+    /// Whether this node owns every partition (a single node, or the only live one):
+    /// then no request needs forwarding.
+    pub fn owns_every_partition(&self) -> bool {
+        let owned = self.inner.partitions.lock().expect("partitions lock").len();
+        owned == self.inner.partition_count as usize
+    }
+
     /// URLs of the other live nodes that own partitions (for task polls).
     pub fn peer_urls(&self) -> Vec<String> {
         self.inner

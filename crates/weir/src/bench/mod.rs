@@ -219,14 +219,15 @@ async fn instance_loop(shared: Arc<Shared>) -> LoopResult {
         if let Some(dispatch) = &shared.dispatch {
             dispatch.starting(&id, begin);
         }
-        workloads::start(&shared.client, node, &shared.name, &id, n).await?;
         if shared.wait {
-            let status = workloads::wait_end(&shared.client, node, &id).await?;
+            let status =
+                workloads::start_and_wait(&shared.client, node, &shared.name, &id, n).await?;
             latencies.push(begin.elapsed());
             if status != "completed" {
                 failed += 1;
             }
         } else {
+            workloads::start(&shared.client, node, &shared.name, &id, n).await?;
             latencies.push(begin.elapsed());
         }
         if let Some(dispatch) = &shared.dispatch {

@@ -131,12 +131,25 @@ pub(super) async fn start(
     id: &str,
     n: usize,
 ) -> anyhow::Result<()> {
+    start_waiting(client, node, name, id, n, 0).await.map(drop)
+}
+
+/// Starts instance `id` and waits up to `wait_ms` for it to end in the same request
+/// (`POST /v1/instances?wait_ms=`); its status when the answer came.
+async fn start_waiting(
+    client: &reqwest::Client,
+    node: &str,
+    name: &str,
+    id: &str,
+    n: usize,
+    wait_ms: u64,
+) -> anyhow::Result<String> {
     let body = json!({ "definition": name, "id": id, "input": { "n": n } });
-    let response = client
-        .post(format!("{node}/v1/instances"))
-        .json(&body)
-        .send()
-        .await?;
+    let mut request = client.post(format!("{node}/v1/instances")).json(&body);
+    if wait_ms > 0 {
+        request = request.query(&[("wait_ms", wait_ms)]);
+    }
+    let response = request.send().await?;
     if !response.status().is_success() {
         bail!(
             "start answered {}: {}",
@@ -144,7 +157,32 @@ pub(super) async fn start(
             response.text().await.unwrap_or_default()
         );
     }
-    Ok(())
+    let instance: Value = response.json().await?;
+    match instance["status"].as_str() {
+        Some(status) => Ok(status.to_string()),
+        None => bail!("unexpected answer: {instance}"),
+    }
+}
+
+/// Starts instance `id` and waits for it to end: one request when it ends within
+/// [`WAIT_MS`], as a client that wants a workflow's result makes it; its final status.
+pub(super) async fn start_and_wait(
+    client: &reqwest::Client,
+    node: &str,
+    name: &str,
+    id: &str,
+    n: usize,
+) -> anyhow::Result<String> {
+    let status = start_waiting(client, node, name, id, n, WAIT_MS).await?;
+    if is_running(&status) {
+        return wait_end(client, node, id).await;
+    }
+    Ok(status)
+}
+
+/// Whether a status is one an instance can still leave.
+fn is_running(status: &str) -> bool {
+    matches!(status, "running" | "paused" | "compensating")
 }
 
 /// Waits for instance `id` to end, asking `node`; returns its final status.
@@ -161,7 +199,7 @@ pub(super) async fn wait_end(
         let instance: Value = response.json().await?;
         match instance["status"].as_str() {
             // Not ended yet: the wait was over first.
-            Some("running" | "paused" | "compensating") => continue,
+            Some(status) if is_running(status) => continue,
             Some(status) => return Ok(status.to_string()),
             None => bail!("unexpected answer: {instance}"),
         }
