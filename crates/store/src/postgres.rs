@@ -243,19 +243,44 @@ const ACQUIRE_LEASE: &str = concat!(
      RETURNING p.epoch, p.expires_at"
 );
 
+/// Renews leases. Like every statement that changes several partition rows, it
+/// locks them in partition order first (`locked`): an update in the join's order
+/// could hold one row and wait for another that a commit (which locks in partition
+/// order) holds while waiting for the first, a deadlock.
 const RENEW_LEASES: &str = concat!(
     "WITH c AS (SELECT ",
     db_now_ms!(),
-    " AS now)
+    " AS now), locked AS (
+         SELECT partition FROM partitions WHERE partition = ANY($2::bigint[])
+         ORDER BY partition FOR UPDATE
+     )
      UPDATE partitions p SET expires_at = c.now + $4
      FROM c, unnest($2::bigint[], $3::bigint[]) AS l(partition, epoch)
      WHERE p.partition = l.partition AND p.owner = $1 AND p.epoch = l.epoch
+         AND p.partition IN (SELECT partition FROM locked)
      RETURNING p.partition, p.epoch"
 );
 
-const RELEASE_LEASES: &str = "UPDATE partitions p SET owner = '', expires_at = 0
+/// Gives leases up, locking the rows in partition order first (see [`RENEW_LEASES`]).
+const RELEASE_LEASES: &str = "WITH locked AS (
+         SELECT partition FROM partitions WHERE partition = ANY($2::bigint[])
+         ORDER BY partition FOR UPDATE
+     )
+     UPDATE partitions p SET owner = '', expires_at = 0
      FROM unnest($2::bigint[], $3::bigint[]) AS l(partition, epoch)
-     WHERE p.partition = l.partition AND p.owner = $1 AND p.epoch = l.epoch";
+     WHERE p.partition = l.partition AND p.owner = $1 AND p.epoch = l.epoch
+         AND p.partition IN (SELECT partition FROM locked)";
+
+/// How often a commit statement that PostgreSQL chose as a deadlock's victim is run
+/// again (it was rolled back whole, so running it again is exact). Lock order makes
+/// deadlocks between weir's own statements impossible; this covers anything else
+/// holding the same rows (an operator's session, a future statement).
+const DEADLOCK_RETRIES_MAX: u32 = 3;
+
+/// Whether PostgreSQL rolled a statement back to break a deadlock.
+fn is_deadlock(err: &postgres::Error) -> bool {
+    err.code() == Some(&postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
+}
 
 /// Settings of a PostgreSQL store's connection pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1090,7 +1115,18 @@ impl Store for PostgresStore {
         if let Some(chain) = chain(&all).filter(|_| well_formed) {
             let writes = Writes::merge(&all, &chain)?;
             let written = self.with(|connection| {
-                let rows = connection.query(COMMIT_IF_CURRENT, &writes.params())?;
+                let mut attempt = 1;
+                let rows = loop {
+                    match connection.query(COMMIT_IF_CURRENT, &writes.params()) {
+                        Err(Error::Postgres(err))
+                            if is_deadlock(&err) && attempt < DEADLOCK_RETRIES_MAX =>
+                        {
+                            tracing::warn!(attempt, error = %err, "commit chosen as a deadlock victim; running it again");
+                            attempt += 1;
+                        }
+                        result => break result?,
+                    }
+                };
                 let row = rows.first().ok_or_else(|| {
                     Error::Incompatible("the commit statement returned no row".into())
                 })?;

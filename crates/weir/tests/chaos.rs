@@ -5,7 +5,7 @@
 //! Method: the real server and the real example worker with chaos flags (30% retryable
 //! failures, 5% non-retryable, stalls past the step timeout, duplicate completions),
 //! 2,000 instances of an order workflow with compensations and a parallel step; then
-//! every history is checked.
+//! every history is checked. It runs on SQLite and on a private PostgreSQL.
 
 mod support;
 
@@ -49,9 +49,19 @@ steps:
 "#;
 
 #[test]
-fn a_chaotic_worker_cannot_break_the_saga() {
+fn a_chaotic_worker_cannot_break_the_saga_on_sqlite() {
+    a_chaotic_worker_cannot_break_the_saga(StoreKind::Sqlite);
+}
+
+#[test]
+fn a_chaotic_worker_cannot_break_the_saga_on_postgres() {
+    a_chaotic_worker_cannot_break_the_saga(StoreKind::Postgres);
+}
+
+fn a_chaotic_worker_cannot_break_the_saga(kind: StoreKind) {
+    let store = TestStore::new(kind);
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("data"), free_port(), &[]);
+    let server = Server::start(&dir.path().join("data"), free_port(), &store.args());
     let base = server.url();
     let (code, body) = post_raw(
         &format!("{base}/v1/definitions"),
@@ -86,7 +96,12 @@ fn a_chaotic_worker_cannot_break_the_saga() {
         let body =
             json!({ "definition": "chaos-order", "id": format!("c-{n}"), "input": { "n": n } });
         let (code, answer) = post_json(&format!("{base}/v1/instances"), &body).unwrap();
-        assert_eq!(code, 201, "{answer}");
+        assert_eq!(
+            code,
+            201,
+            "{answer}\ndatabase log:\n{}",
+            store.database_log_tail()
+        );
     }
     let ended = eventually(Duration::from_secs(300), || {
         let completed = list_all(&base, "completed").ok()?;

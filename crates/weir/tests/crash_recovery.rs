@@ -5,6 +5,7 @@
 //! 3-step task workflow started over HTTP while the server is killed with SIGKILL at 5
 //! random moments and restarted on the same data directory each time. Starts are
 //! retried with the same id (starting is idempotent). Then every history is checked.
+//! It runs on SQLite (the data directory) and on a private PostgreSQL (`--store`).
 
 mod support;
 
@@ -33,13 +34,23 @@ output: { shipped: "${ .steps.ship.output.id }", order: "${ .input.n }" }
 "#;
 
 #[test]
-fn instances_survive_kill_9_and_complete_exactly_once() {
+fn instances_survive_kill_9_and_complete_exactly_once_on_sqlite() {
+    instances_survive_kill_9_and_complete_exactly_once(StoreKind::Sqlite);
+}
+
+#[test]
+fn instances_survive_kill_9_and_complete_exactly_once_on_postgres() {
+    instances_survive_kill_9_and_complete_exactly_once(StoreKind::Postgres);
+}
+
+fn instances_survive_kill_9_and_complete_exactly_once(kind: StoreKind) {
     let mut random = SplitMix::from_env();
+    let store = TestStore::new(kind);
 
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let port = free_port();
-    let mut server = Server::start(&data_dir, port, &[]);
+    let mut server = Server::start(&data_dir, port, &store.args());
     let base = server.url();
 
     let (code, body) = post_raw(
@@ -75,7 +86,7 @@ fn instances_survive_kill_9_and_complete_exactly_once() {
                 kills_done + 1,
                 started_at.elapsed()
             );
-            server.restart(&[]);
+            server.restart(&store.args());
             kills_done += 1;
             continue;
         }

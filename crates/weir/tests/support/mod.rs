@@ -323,3 +323,54 @@ impl SplitMix {
         z ^ (z >> 31)
     }
 }
+
+/// Which store a test's servers keep their state in.
+#[derive(Debug, Clone, Copy)]
+pub enum StoreKind {
+    /// SQLite in the server's data directory (the default).
+    Sqlite,
+    /// A private PostgreSQL that the test starts (and stops when the store drops).
+    Postgres,
+}
+
+/// A test's store: the server arguments that select it, and the PostgreSQL server
+/// behind it, if any.
+pub struct TestStore {
+    _postgres: Option<weir_pgtest::PgServer>,
+    args: Vec<String>,
+}
+
+impl TestStore {
+    pub fn new(kind: StoreKind) -> TestStore {
+        match kind {
+            StoreKind::Sqlite => TestStore {
+                _postgres: None,
+                args: Vec::new(),
+            },
+            StoreKind::Postgres => {
+                let server = weir_pgtest::PgServer::start();
+                let url = server.create_database("weir");
+                TestStore {
+                    _postgres: Some(server),
+                    args: vec!["--store".into(), url],
+                }
+            }
+        }
+    }
+
+    /// The end of PostgreSQL's log (empty on SQLite), for failure messages.
+    pub fn database_log_tail(&self) -> String {
+        let log = self
+            ._postgres
+            .as_ref()
+            .map(|pg| pg.log())
+            .unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    /// The server arguments that select this store.
+    pub fn args(&self) -> Vec<&str> {
+        self.args.iter().map(String::as_str).collect()
+    }
+}
