@@ -794,6 +794,8 @@ async fn complete_batch(
     }
     let mut results: Vec<Value> = vec![Value::Null; count];
     let mut items: Vec<Option<CompletionItem>> = body.completions.into_iter().map(Some).collect();
+    // Other nodes' completions go out first and run beside this node's.
+    let mut forwarded_batches = Vec::with_capacity(remote.len());
     for (url, indexes) in remote {
         let batch: Vec<Value> = indexes
             .iter()
@@ -803,26 +805,33 @@ async fn complete_batch(
             })
             .collect();
         let task_ids: Vec<Value> = batch.iter().map(|b| b["task_id"].clone()).collect();
-        let answered = crate::forward::complete_on(&state, &url, batch).await;
-        for (n, &index) in indexes.iter().enumerate() {
-            results[index] = match &answered {
-                Ok(answers) if answers.len() == indexes.len() => answers[n].clone(),
-                Ok(_) | Err(_) => {
-                    let why =
-                        answered.as_ref().err().cloned().unwrap_or_else(|| {
-                            "it answered a different number of results".to_string()
-                        });
-                    completion_result(
-                        &task_ids[n],
-                        Err(ApiError::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "unavailable",
-                            format!("the node owning this instance ({url}) did not take it ({why}); retry"),
-                        )),
-                    )
-                }
+        let state = state.clone();
+        let ids = task_ids.clone();
+        let sent = tokio::spawn(async move {
+            let task_ids = ids;
+            let answered = match crate::forward::complete_on(&state, &url, batch).await {
+                Ok(answers) if answers.len() == task_ids.len() => Ok(answers),
+                Ok(_) => Err("it answered a different number of results".to_string()),
+                Err(why) => Err(why),
             };
-        }
+            match answered {
+                Ok(answers) => answers,
+                Err(why) => task_ids
+                    .iter()
+                    .map(|task_id| {
+                        completion_result(
+                            task_id,
+                            Err(ApiError::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "unavailable",
+                                format!("the node owning this instance ({url}) did not take it ({why}); retry"),
+                            )),
+                        )
+                    })
+                    .collect(),
+            }
+        });
+        forwarded_batches.push((indexes, task_ids, sent));
     }
     let completions: Vec<weir_engine::TaskCompletion> = local
         .iter()
@@ -842,6 +851,24 @@ async fn complete_batch(
     let outcomes = state.engine.complete_tasks(completions).await;
     for ((index, task_id), outcome) in local.into_iter().zip(task_ids).zip(outcomes) {
         results[index] = completion_result(&task_id, outcome.map_err(ApiError::from));
+    }
+    for (indexes, task_ids, sent) in forwarded_batches {
+        let answers = sent.await.unwrap_or_else(|err| {
+            let lost = |task_id: &Value| {
+                completion_result(
+                    task_id,
+                    Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        format!("forwarding the completion failed ({err}); retry"),
+                    )),
+                )
+            };
+            task_ids.iter().map(lost).collect()
+        });
+        for (index, answer) in indexes.into_iter().zip(answers) {
+            results[index] = answer;
+        }
     }
     Ok(Json(json!({ "results": results })))
 }

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
-use weir_model::machine::{self, Command, Effect, InstanceState, Rejection, TaskSpec, TimerId};
+use weir_model::machine::{
+    self, Command, Effect, InstanceState, InstanceStatus, Rejection, TaskSpec, TimerId,
+};
 use weir_model::Definition;
 use weir_store::{EventRecord, InstanceRecord, PartitionBatch, Refusal, TaskRecord, TimerRecord};
 
@@ -44,8 +46,9 @@ pub(crate) enum Message {
         command: Command,
         reply: Option<oneshot::Sender<Result<(), Error>>>,
     },
-    /// Whether an instance is running in this partition's memory (not ended, not
-    /// parked): a waiter then needs no store read before it waits, as the end
+    /// Whether an instance is `running` in this partition's memory (not paused or
+    /// compensating, not ended, not parked): a waiter then needs no store read
+    /// before it waits (the same status a stored view must have), as the end
     /// will be announced after its commit. Answered between batches.
     IsRunning {
         instance_id: String,
@@ -296,7 +299,7 @@ impl PartitionActor {
                     let running = self
                         .instances
                         .get(&instance_id)
-                        .is_some_and(|active| !active.state.status.is_terminal());
+                        .is_some_and(|active| active.state.status == InstanceStatus::Running);
                     let _ = reply.send(running);
                 }
                 Message::Start {
