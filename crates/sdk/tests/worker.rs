@@ -42,6 +42,13 @@ struct FakeState {
     stale: HashSet<String>,
     /// When set, every poll is answered with this status.
     poll_status: Option<StatusCode>,
+    /// Whether `POST /v1/tasks/completions` exists (a node older than batches answers
+    /// 404, and the worker must then send each completion alone).
+    batches_supported: bool,
+    /// Sizes of the batches of completions received.
+    batches: Vec<usize>,
+    /// How long a single completion takes to be answered (a slow node).
+    single_complete_delay: Duration,
     /// Everything the fake saw that breaks the contract.
     violations: Vec<String>,
 }
@@ -129,7 +136,47 @@ async fn task_call(
     Path((task_id, action)): Path<(String, String)>,
     Json(body): Json<Value>,
 ) -> Response {
+    let delay = fake.state().single_complete_delay;
+    if action == "complete" && !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let (status, answer) = apply_call(&mut fake.state(), task_id, &action, body);
+    fake.changed.notify_waiters();
+    (status, Json(answer)).into_response()
+}
+
+/// `POST /v1/tasks/completions`, as a node answers it: each completion as a single one.
+async fn completions(State(fake): State<Arc<Fake>>, Json(body): Json<Value>) -> Response {
     let mut state = fake.state();
+    if !state.batches_supported {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let items = body["completions"].as_array().cloned().unwrap_or_default();
+    state.batches.push(items.len());
+    let results: Vec<Value> = items
+        .into_iter()
+        .map(|item| {
+            let task_id = item["task_id"].as_str().unwrap_or_default().to_owned();
+            let (status, answer) = apply_call(&mut state, task_id.clone(), "complete", item);
+            let mut result = json!({ "task_id": task_id, "status": status.as_u16() });
+            if let Some(error) = answer.get("error") {
+                result["error"] = error.clone();
+            }
+            result
+        })
+        .collect();
+    drop(state);
+    fake.changed.notify_waiters();
+    Json(json!({ "results": results })).into_response()
+}
+
+/// One task call on the fake's state: the status and body a node answers.
+fn apply_call(
+    state: &mut FakeState,
+    task_id: String,
+    action: &str,
+    body: Value,
+) -> (StatusCode, Value) {
     if body["lease_token"] != json!(format!("lease-{task_id}")) {
         state
             .violations
@@ -138,13 +185,13 @@ async fn task_call(
     if action == "complete" {
         *state.complete_calls.entry(task_id.clone()).or_default() += 1;
     }
-    let response = if state.stale.contains(&task_id) {
+    if state.stale.contains(&task_id) {
         // A refused lease is no longer this worker's: its slot counts as free.
         state.leased.remove(&task_id);
         let error = json!({"error": {"code": "stale_lease", "message": "lease expired"}});
-        (StatusCode::CONFLICT, Json(error)).into_response()
+        (StatusCode::CONFLICT, error)
     } else {
-        match action.as_str() {
+        match action {
             "complete" => {
                 state.leased.remove(&task_id);
                 state.stale.insert(task_id.clone());
@@ -156,13 +203,10 @@ async fn task_call(
                 state.fails.insert(task_id, body);
             }
             "heartbeat" => *state.heartbeats.entry(task_id).or_default() += 1,
-            _ => return StatusCode::NOT_FOUND.into_response(),
+            _ => return (StatusCode::NOT_FOUND, json!({})),
         }
-        Json(json!({})).into_response()
-    };
-    drop(state);
-    fake.changed.notify_waiters();
-    response
+        (StatusCode::OK, json!({}))
+    }
 }
 
 /// Starts a fake node expecting a worker of `concurrency`; returns it and its URL.
@@ -171,6 +215,7 @@ async fn start_fake(concurrency: usize) -> (Arc<Fake>, String) {
     fake.state().concurrency = concurrency;
     let router = Router::new()
         .route("/v1/tasks/poll", post(poll))
+        .route("/v1/tasks/completions", post(completions))
         .route("/v1/tasks/{task_id}/{action}", post(task_call))
         .with_state(fake.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -505,4 +550,54 @@ async fn heartbeats_long_tasks_and_notices_a_lost_lease() {
     assert!(!state.fails.contains_key("lost"));
     assert_eq!(stats.lease_lost(), 1);
     assert!(state.violations.is_empty(), "{:?}", state.violations);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_that_finish_together_go_in_batches() {
+    // Goal: completions that finish while others are on their way are sent together, and
+    // each gets its own answer: a refused lease in a batch is counted as lost, the others
+    // as completed, none is sent twice. Method: 60 tasks whose handlers all finish after
+    // the same short pause, 3 of them with leases the node refuses; the fake node answers
+    // single completions slowly, takes batches and records their sizes.
+    const TASKS: usize = 60;
+    let (fake, url) = start_fake(TASKS).await;
+    fake.state().batches_supported = true;
+    // Single completions are slow to answer, so completions that finish meanwhile wait
+    // for a free request and go together.
+    fake.state().single_complete_delay = Duration::from_millis(20);
+    let ids: Vec<String> = (0..TASKS).map(|n| format!("t{n}")).collect();
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    for stale in ["t5", "t17", "t42"] {
+        fake.state().stale.insert(stale.to_owned());
+    }
+    let worker = builder(vec![url])
+        .concurrency(TASKS)
+        .queue("q", |task: Task, _heartbeat| async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(json!({ "done": task.task_id }))
+        })
+        .build()
+        .expect("valid worker");
+    let running = run(worker);
+    fake.add_tasks(&id_refs);
+    fake.wait_until("every task answered", |state| {
+        state.completes.len() == TASKS - 3
+    })
+    .await;
+    let stats = running.stats.clone();
+    running.stop().await;
+    let state = fake.state();
+    assert!(state.violations.is_empty(), "{:?}", state.violations);
+    assert!(
+        state.batches.iter().any(|&size| size > 1),
+        "no completions were batched: {:?}",
+        state.batches
+    );
+    assert!(
+        state.complete_calls.values().all(|&calls| calls == 1),
+        "a completion was sent twice"
+    );
+    assert_eq!(state.completes["t0"]["output"], json!({ "done": "t0" }));
+    assert_eq!(stats.completed(), (TASKS - 3) as u64);
+    assert_eq!(stats.lease_lost(), 3);
 }
