@@ -58,7 +58,8 @@ pub struct ServerArgs {
     /// This node's name (default node-1).
     #[arg(long, env = "WEIR_NODE_ID")]
     node_id: Option<String>,
-    /// Partitions of a new data directory (default 64; fixed once created).
+    /// Partitions of a new store, fixed once created (default: 4 per core, from 4 to 64,
+    /// for the embedded store; 64 for PostgreSQL).
     #[arg(long, env = "WEIR_PARTITIONS")]
     partitions: Option<u32>,
     /// How long a worker holds a task without a heartbeat, in ms (default 30000).
@@ -134,6 +135,7 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
             .map_or(defaults.failure_timeout, Duration::from_millis),
         vnodes: args.vnodes.or(file.vnodes).unwrap_or(defaults.vnodes),
     };
+    let store_given = args.store.is_some() || file.store.is_some();
     let settings = Settings {
         data_dir: args
             .data_dir
@@ -149,7 +151,7 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
         partitions: args
             .partitions
             .or(file.partitions)
-            .unwrap_or(PARTITION_COUNT_DEFAULT),
+            .unwrap_or_else(|| default_partitions(store_given)),
         task_lease: Duration::from_millis(
             args.task_lease_ms.or(file.task_lease_ms).unwrap_or(30_000),
         ),
@@ -290,6 +292,31 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Partitions per core of a new embedded store by default.
+///
+/// A partition is one actor: its commands run one after another and its batch is
+/// committed as one. On one machine, enough actors to keep every core busy is all
+/// the parallelism there is; more only split the same work into smaller batches
+/// (on 2 cores, `seq` at 256 in flight ran about 10,000 steps/s with 64 partitions,
+/// 11,400 with 16, 12,200 with 8). A PostgreSQL store keeps 64: there, partitions
+/// are also what moves between nodes, and finer ones balance better.
+const EMBEDDED_PARTITIONS_PER_CORE: u32 = 4;
+/// Fewest and most partitions of a new embedded store by default.
+const EMBEDDED_PARTITIONS_MIN: u32 = 4;
+const EMBEDDED_PARTITIONS_MAX: u32 = PARTITION_COUNT_DEFAULT;
+
+/// The partition count of a new store when none is configured.
+fn default_partitions(postgres: bool) -> u32 {
+    if postgres {
+        return PARTITION_COUNT_DEFAULT;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = u32::try_from(cores).unwrap_or(u32::MAX);
+    cores
+        .saturating_mul(EMBEDDED_PARTITIONS_PER_CORE)
+        .clamp(EMBEDDED_PARTITIONS_MIN, EMBEDDED_PARTITIONS_MAX)
+}
+
 /// A store URL fit for logs: no password.
 fn redact_password(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -321,4 +348,22 @@ async fn shutdown_signal() {
         _ = terminate => {}
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_partitions_follow_the_store() {
+        assert_eq!(default_partitions(true), PARTITION_COUNT_DEFAULT);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let embedded = default_partitions(false);
+        assert_eq!(
+            embedded,
+            (cores * EMBEDDED_PARTITIONS_PER_CORE)
+                .clamp(EMBEDDED_PARTITIONS_MIN, EMBEDDED_PARTITIONS_MAX)
+        );
+        assert!((EMBEDDED_PARTITIONS_MIN..=EMBEDDED_PARTITIONS_MAX).contains(&embedded));
+    }
 }
