@@ -158,29 +158,41 @@ fn unreachable_owner(base: &str, why: &str) -> Response {
     .into_response()
 }
 
+/// POSTs `body` as JSON to `path` on the node at `base`, marked as forwarded, and
+/// reads a JSON answer; why not, if the node did not answer with a success.
+async fn post_to_peer(
+    state: &AppState,
+    base: &str,
+    path: &str,
+    body: &Value,
+    timeout: Duration,
+) -> Result<Value, String> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let answer = state
+        .peers
+        .post(&url)
+        .header(FORWARDED_HEADER, state.engine.node_id())
+        .timeout(timeout)
+        .json(body)
+        .send()
+        .await
+        .map_err(|err| err.to_string())?;
+    if !answer.status().is_success() {
+        return Err(format!("it answered {}", answer.status()));
+    }
+    answer.json().await.map_err(|err| err.to_string())
+}
+
 /// Takes tasks from the other nodes' boards without waiting: the first peer with
 /// tasks answers. `body` is the poll as the worker sent it, with `wait_ms` zeroed.
 pub(crate) async fn poll_peers(state: &AppState, body: &Value) -> Vec<Value> {
     for base in state.engine.peer_urls() {
-        let url = format!("{}/v1/tasks/poll", base.trim_end_matches('/'));
-        let answer = state
-            .peers
-            .post(&url)
-            .header(FORWARDED_HEADER, state.engine.node_id())
-            .timeout(PEER_POLL_TIMEOUT)
-            .json(body)
-            .send()
-            .await;
-        let Ok(answer) = answer else { continue };
-        if !answer.status().is_success() {
-            continue;
-        }
-        let Ok(value) = answer.json::<Value>().await else {
-            continue;
-        };
-        if let Some(Value::Array(tasks)) = value.get("tasks") {
-            if !tasks.is_empty() {
-                return tasks.clone();
+        let answer = post_to_peer(state, &base, "/v1/tasks/poll", body, PEER_POLL_TIMEOUT).await;
+        if let Ok(Value::Object(mut answer)) = answer {
+            if let Some(Value::Array(tasks)) = answer.remove("tasks") {
+                if !tasks.is_empty() {
+                    return tasks;
+                }
             }
         }
     }
@@ -194,21 +206,10 @@ pub(crate) async fn complete_on(
     base: &str,
     completions: Vec<Value>,
 ) -> Result<Vec<Value>, String> {
-    let url = format!("{}/v1/tasks/completions", base.trim_end_matches('/'));
-    let answer = state
-        .peers
-        .post(&url)
-        .header(FORWARDED_HEADER, state.engine.node_id())
-        .timeout(FORWARD_TIMEOUT)
-        .json(&serde_json::json!({ "completions": completions }))
-        .send()
-        .await
-        .map_err(|err| err.to_string())?;
-    if !answer.status().is_success() {
-        return Err(format!("it answered {}", answer.status()));
-    }
-    let mut body: Value = answer.json().await.map_err(|err| err.to_string())?;
-    match body.get_mut("results").map(Value::take) {
+    let body = serde_json::json!({ "completions": completions });
+    let mut answer =
+        post_to_peer(state, base, "/v1/tasks/completions", &body, FORWARD_TIMEOUT).await?;
+    match answer.get_mut("results").map(Value::take) {
         Some(Value::Array(results)) => Ok(results),
         _ => Err("its answer had no results".into()),
     }
