@@ -41,13 +41,25 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The value of the body's `error` key: `{"code", "message", ...details}`.
+    pub(crate) fn into_error_object(self) -> Value {
         let mut error = Map::new();
         error.insert("code".into(), Value::String(self.code.into()));
         error.insert("message".into(), Value::String(self.message));
         error.extend(self.details);
-        (self.status, axum::Json(json!({ "error": error }))).into_response()
+        Value::Object(error)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status;
+        (
+            status,
+            axum::Json(json!({ "error": self.into_error_object() })),
+        )
+            .into_response()
     }
 }
 

@@ -779,92 +779,68 @@ async fn complete_batch(
         .with("pointer", "/completions".into()));
     }
     let forwarded = headers.contains_key(crate::FORWARDED_HEADER);
-    // Which node answers each completion: None is this node.
+    // Which node answers each completion, keeping each one's place in the batch.
     let mut local = Vec::new();
-    let mut remote: HashMap<String, Vec<usize>> = HashMap::new();
-    for (index, item) in body.completions.iter().enumerate() {
+    let mut remote: HashMap<String, Vec<(usize, Value)>> = HashMap::new();
+    for (index, item) in body.completions.into_iter().enumerate() {
         let owner = match weir_model::machine::parse_task_id(&item.task_id) {
             Some((instance, _, _)) if !forwarded => state.engine.owner_url(instance),
             _ => None,
         };
         match owner {
-            Some(url) => remote.entry(url).or_default().push(index),
-            None => local.push(index),
+            Some(url) => remote.entry(url).or_default().push((
+                index,
+                json!({ "task_id": item.task_id, "lease_token": item.lease_token, "output": item.output }),
+            )),
+            None => local.push((
+                index,
+                weir_engine::TaskCompletion {
+                    task_id: item.task_id,
+                    lease_token: item.lease_token,
+                    output: item.output,
+                },
+            )),
         }
     }
-    let mut results: Vec<Value> = vec![Value::Null; count];
-    let mut items: Vec<Option<CompletionItem>> = body.completions.into_iter().map(Some).collect();
     // Other nodes' completions go out first and run beside this node's.
     let mut forwarded_batches = Vec::with_capacity(remote.len());
-    for (url, indexes) in remote {
-        let batch: Vec<Value> = indexes
-            .iter()
-            .map(|&i| {
-                let item = items[i].take().expect("each completion goes to one node");
-                json!({ "task_id": item.task_id, "lease_token": item.lease_token, "output": item.output })
-            })
-            .collect();
+    for (url, entries) in remote {
+        let (indexes, batch): (Vec<usize>, Vec<Value>) = entries.into_iter().unzip();
         let task_ids: Vec<Value> = batch.iter().map(|b| b["task_id"].clone()).collect();
         let state = state.clone();
         let ids = task_ids.clone();
         let sent = tokio::spawn(async move {
-            let task_ids = ids;
-            let answered = match crate::forward::complete_on(&state, &url, batch).await {
-                Ok(answers) if answers.len() == task_ids.len() => Ok(answers),
-                Ok(_) => Err("it answered a different number of results".to_string()),
-                Err(why) => Err(why),
-            };
-            match answered {
-                Ok(answers) => answers,
-                Err(why) => task_ids
-                    .iter()
-                    .map(|task_id| {
-                        completion_result(
-                            task_id,
-                            Err(ApiError::new(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "unavailable",
-                                format!("the node owning this instance ({url}) did not take it ({why}); retry"),
-                            )),
-                        )
-                    })
-                    .collect(),
+            match crate::forward::complete_on(&state, &url, batch).await {
+                Ok(answers) if answers.len() == ids.len() => answers,
+                Ok(_) => unavailable_results(
+                    &ids,
+                    &format!("the node owning this instance ({url}) answered a different number of results; retry"),
+                ),
+                Err(why) => unavailable_results(
+                    &ids,
+                    &format!("the node owning this instance ({url}) did not take it ({why}); retry"),
+                ),
             }
         });
         forwarded_batches.push((indexes, task_ids, sent));
     }
-    let completions: Vec<weir_engine::TaskCompletion> = local
-        .iter()
-        .map(|&i| {
-            let item = items[i].take().expect("each completion goes to one node");
-            weir_engine::TaskCompletion {
-                task_id: item.task_id,
-                lease_token: item.lease_token,
-                output: item.output,
-            }
-        })
-        .collect();
+    let (local_indexes, completions): (Vec<usize>, Vec<weir_engine::TaskCompletion>) =
+        local.into_iter().unzip();
     let task_ids: Vec<Value> = completions
         .iter()
         .map(|c| Value::String(c.task_id.clone()))
         .collect();
     let outcomes = state.engine.complete_tasks(completions).await;
-    for ((index, task_id), outcome) in local.into_iter().zip(task_ids).zip(outcomes) {
+    let mut results: Vec<Value> = vec![Value::Null; count];
+    for ((index, task_id), outcome) in local_indexes.into_iter().zip(task_ids).zip(outcomes) {
         results[index] = completion_result(&task_id, outcome.map_err(ApiError::from));
     }
     for (indexes, task_ids, sent) in forwarded_batches {
         let answers = sent.await.unwrap_or_else(|err| {
-            let lost = |task_id: &Value| {
-                completion_result(
-                    task_id,
-                    Err(ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "unavailable",
-                        format!("forwarding the completion failed ({err}); retry"),
-                    )),
-                )
-            };
-            task_ids.iter().map(lost).collect()
+            unavailable_results(
+                &task_ids,
+                &format!("forwarding the completion failed ({err}); retry"),
+            )
         });
         for (index, answer) in indexes.into_iter().zip(answers) {
             results[index] = answer;
@@ -879,13 +855,20 @@ fn completion_result(task_id: &Value, outcome: Result<(), ApiError>) -> Value {
         Ok(()) => json!({ "task_id": task_id, "status": 200 }),
         Err(err) => {
             let status = err.status.as_u16();
-            let mut error = Map::new();
-            error.insert("code".into(), Value::String(err.code.into()));
-            error.insert("message".into(), Value::String(err.message));
-            error.extend(err.details);
-            json!({ "task_id": task_id, "status": status, "error": error })
+            json!({ "task_id": task_id, "status": status, "error": err.into_error_object() })
         }
     }
+}
+
+/// A 503 `unavailable` result for each of `task_ids`: the client sends them again.
+fn unavailable_results(task_ids: &[Value], message: &str) -> Vec<Value> {
+    task_ids
+        .iter()
+        .map(|task_id| {
+            let error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
+            completion_result(task_id, Err(error))
+        })
+        .collect()
 }
 
 #[derive(Deserialize)]

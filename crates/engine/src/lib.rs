@@ -1306,10 +1306,9 @@ impl Engine {
             let receiver = match self.check_lease(&task_id, &lease_token) {
                 Ok(instance_id) => {
                     let command = Command::CompleteTask { task_id, output };
-                    match self.send_apply(&instance_id, command).await {
-                        Ok(receiver) => Ok((instance_id, receiver)),
-                        Err(err) => Err(err),
-                    }
+                    self.send_apply(&instance_id, command)
+                        .await
+                        .map(|receiver| (instance_id, receiver))
                 }
                 Err(err) => Err(err),
             };
