@@ -1,6 +1,9 @@
 //! Parsed definitions, cached by (name, version).
 //!
-//! Versions never change once stored, so a cached entry is never stale.
+//! Versions never change once stored, so a cached entry is never stale. The latest
+//! version of a name is cached only when this process is the store's only writer:
+//! every deploy then goes through [`Definitions::insert`]. In a cluster another node
+//! may deploy at any time, so "the latest" is read from the store each time.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -13,13 +16,17 @@ use crate::Error;
 pub(crate) struct Definitions {
     store: Arc<dyn Store>,
     parsed: RwLock<HashMap<(String, u32), Arc<Definition>>>,
+    /// The latest version of each name, kept only for a single-writer store.
+    latest: Option<RwLock<HashMap<String, u32>>>,
 }
 
 impl Definitions {
     pub fn new(store: Arc<dyn Store>) -> Definitions {
+        let latest = store.single_writer().then(|| RwLock::new(HashMap::new()));
         Definitions {
             store,
             parsed: RwLock::new(HashMap::new()),
+            latest,
         }
     }
 
@@ -38,7 +45,8 @@ impl Definitions {
         name: &str,
         version: Option<u32>,
     ) -> Result<(u32, Arc<Definition>), Error> {
-        if let Some(version) = version {
+        let known = version.or_else(|| self.latest_known(name));
+        if let Some(version) = known {
             if let Some(found) = self.cached(name, version) {
                 return Ok((version, found));
             }
@@ -54,6 +62,9 @@ impl Definitions {
                 None => format!("definition {name} does not exist"),
             }));
         };
+        if version.is_none() {
+            self.note_latest(name, record.version);
+        }
         if let Some(found) = self.cached(name, record.version) {
             return Ok((record.version, found));
         }
@@ -77,10 +88,26 @@ impl Definitions {
 
     /// Remembers a definition just deployed.
     pub fn insert(&self, version: u32, definition: Arc<Definition>) {
+        self.note_latest(&definition.name, version);
         self.parsed
             .write()
             .expect("definitions lock")
             .insert((definition.name.clone(), version), definition);
+    }
+
+    fn latest_known(&self, name: &str) -> Option<u32> {
+        let latest = self.latest.as_ref()?;
+        latest.read().expect("definitions lock").get(name).copied()
+    }
+
+    /// Records `version` as the latest of `name` unless a later one is known (a read
+    /// that started before a deploy may finish after it).
+    fn note_latest(&self, name: &str, version: u32) {
+        if let Some(latest) = &self.latest {
+            let mut latest = latest.write().expect("definitions lock");
+            let entry = latest.entry(name.to_string()).or_insert(version);
+            *entry = (*entry).max(version);
+        }
     }
 
     fn cached(&self, name: &str, version: u32) -> Option<Arc<Definition>> {

@@ -839,25 +839,38 @@ impl Engine {
         &self,
         request: StartRequest,
     ) -> Result<(InstanceView, StartOutcome), Error> {
+        // Whether an instance with the id exists is asked of its partition, which
+        // knows its running, parked and recently ended instances and reads the store
+        // once for a whole batch of starts (see `PartitionActor::read_before`).
+        let check_existing = request.id.is_some();
         let id = match request.id {
             Some(id) => {
                 // Child ids carry the separator users may not use; they come from the machine.
                 if request.parent.is_none() {
                     check_id("instance id", &id)?;
                 }
-                if let Some(existing) = self.instance(&id).await? {
-                    return Ok((existing, StartOutcome::Existing));
-                }
                 id
             }
             None => self.generate_local_id(),
         };
-        let (version, definition) = self
+        let resolved = self
             .inner
             .shared
             .definitions
             .resolve(&request.definition, request.version)
-            .await?;
+            .await;
+        let (version, definition) = match resolved {
+            Ok(resolved) => resolved,
+            Err(err @ Error::NotFound(_)) if check_existing => {
+                // A repeated start answers with the instance it made, whatever the
+                // definitions have become since.
+                return match self.instance(&id).await? {
+                    Some(existing) => Ok((existing, StartOutcome::Existing)),
+                    None => Err(err),
+                };
+            }
+            Err(err) => return Err(err),
+        };
         let partition = partition_of(&id, self.inner.partition_count);
         let (reply, receiver) = oneshot::channel();
         let message = Message::Start {
@@ -867,6 +880,7 @@ impl Engine {
             input: request.input.clone(),
             restart: request.restart.clone(),
             parent: request.parent.clone(),
+            check_existing,
             reply,
         };
         self.send(partition, message).await?;

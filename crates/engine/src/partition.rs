@@ -39,6 +39,9 @@ pub(crate) enum Message {
         input: Value,
         restart: Option<machine::Restart>,
         parent: Option<String>,
+        /// The id came from the caller (or is a child's), so an instance with it may
+        /// already be stored; generated ids are new by construction.
+        check_existing: bool,
         reply: oneshot::Sender<Result<StartOutcome, Error>>,
     },
     Apply {
@@ -222,11 +225,14 @@ impl PartitionActor {
                 _ = tokio::time::sleep(sleep) => {}
             }
             let now = self.shared.clock.now_ms();
-            if let Err(err) = self.unpark(&messages, now).await {
-                tracing::error!(partition = self.partition, error = %err, "loading parked instances failed; stopping partition");
-                break;
-            }
-            let pending = self.process(std::mem::take(&mut messages), now);
+            let existing = match self.read_before(&messages, now).await {
+                Ok(existing) => existing,
+                Err(err) => {
+                    tracing::error!(partition = self.partition, error = %err, "reading parked or existing instances failed; stopping partition");
+                    break;
+                }
+            };
+            let pending = self.process(std::mem::take(&mut messages), &existing, now);
             if !self.commit(pending).await {
                 tracing::warn!(
                     partition = self.partition,
@@ -239,42 +245,71 @@ impl PartitionActor {
         self.shared.board.remove_partition(self.partition);
     }
 
-    /// Loads back the parked instances that `messages` or the timers due at `now` concern.
-    async fn unpark(&mut self, messages: &[Message], now: u64) -> Result<(), Error> {
-        if self.parked.is_empty() {
-            return Ok(());
-        }
+    /// Reads what this batch needs from the store, in one trip to a reader: the
+    /// parked instances that `messages` or the timers due at `now` concern (loaded
+    /// back into memory), and which of the ids that starts ask for are stored
+    /// already (returned). A start's id known to memory needs no read: an instance
+    /// of this partition is stored only if this actor (or the owner it took over
+    /// from, before the load) committed it, and those are running, parked or ended.
+    async fn read_before(
+        &mut self,
+        messages: &[Message],
+        now: u64,
+    ) -> Result<HashSet<String>, Error> {
         let mut wanted: Vec<String> = Vec::new();
-        let mut want = |id: &str| {
-            if self.parked.contains(id) && !wanted.iter().any(|w| w == id) {
-                wanted.push(id.to_string());
-            }
-        };
+        let mut starts: Vec<String> = Vec::new();
         for message in messages {
             match message {
-                Message::Apply { instance_id, .. } => want(instance_id),
-                Message::Revive { state, .. } => want(&state.id),
-                Message::Start { .. } | Message::IsRunning { .. } => {}
+                Message::Apply { instance_id, .. } if self.parked.contains(instance_id) => {
+                    wanted.push(instance_id.clone())
+                }
+                Message::Revive { state, .. } if self.parked.contains(&state.id) => {
+                    wanted.push(state.id.clone())
+                }
+                Message::Start {
+                    id,
+                    check_existing: true,
+                    ..
+                } if !self.instances.contains_key(id)
+                    && !self.ended.contains(id)
+                    && !self.parked.contains(id) =>
+                {
+                    starts.push(id.clone())
+                }
+                _ => {}
             }
         }
         for (due, instance_id, _) in &self.timers {
             if *due > now {
                 break;
             }
-            want(instance_id);
+            if self.parked.contains(instance_id) {
+                wanted.push(instance_id.clone());
+            }
         }
-        if wanted.is_empty() {
-            return Ok(());
+        wanted.sort_unstable();
+        wanted.dedup();
+        starts.sort_unstable();
+        starts.dedup();
+        if wanted.is_empty() && starts.is_empty() {
+            return Ok(HashSet::new());
         }
         let store = self.shared.store.clone();
         let ids = wanted.clone();
-        let records = tokio::task::spawn_blocking(move || {
-            ids.iter()
+        let (records, exist) = tokio::task::spawn_blocking(move || {
+            let records = ids
+                .iter()
                 .map(|id| store.instance(id))
-                .collect::<Result<Vec<_>, _>>()
+                .collect::<Result<Vec<_>, _>>()?;
+            let exist = if starts.is_empty() {
+                Vec::new()
+            } else {
+                store.instances_exist(&starts)?
+            };
+            Ok::<_, weir_store::Error>((records, starts.into_iter().zip(exist)))
         })
         .await
-        .map_err(|err| Error::Unavailable(format!("loading parked instances: {err}")))??;
+        .map_err(|err| Error::Unavailable(format!("reading instances: {err}")))??;
         for (id, record) in wanted.into_iter().zip(records) {
             self.parked.remove(&id);
             let record = record
@@ -288,10 +323,14 @@ impl PartitionActor {
                 .await?;
             self.instances.insert(id, Active { state, definition });
         }
-        Ok(())
+        Ok(exist
+            .filter_map(|(id, exists)| exists.then_some(id))
+            .collect())
     }
 
-    fn process(&mut self, messages: Vec<Message>, now: u64) -> Pending {
+    /// Runs the batch's commands through the state machine; `existing` holds the
+    /// start ids found stored by [`Self::read_before`].
+    fn process(&mut self, messages: Vec<Message>, existing: &HashSet<String>, now: u64) -> Pending {
         let mut pending = Pending::default();
         for message in messages {
             match message {
@@ -309,11 +348,13 @@ impl PartitionActor {
                     input,
                     restart,
                     parent,
+                    check_existing: _,
                     reply,
                 } => {
                     if self.instances.contains_key(&id)
                         || self.ended.contains(&id)
                         || self.parked.contains(&id)
+                        || existing.contains(&id)
                     {
                         let _ = reply.send(Ok(StartOutcome::Existing));
                         continue;

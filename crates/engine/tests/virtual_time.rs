@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use weir_engine::{Config, Engine, StartRequest, TokioClock};
+use weir_engine::{Config, Engine, StartOutcome, StartRequest, TokioClock};
 use weir_model::event::ErrorInfo;
 use weir_pgtest::PgServer;
 use weir_store::{PostgresStore, SqliteStore, Store};
@@ -47,7 +47,8 @@ macro_rules! on_both {
 
 on_both!(
     an_hours_long_workflow_runs_in_virtual_time,
-    sleeping_instances_are_parked_and_still_answer
+    sleeping_instances_are_parked_and_still_answer,
+    repeated_starts_answer_with_the_stored_instance
 );
 
 /// What holds a store's data for the length of a test.
@@ -303,6 +304,109 @@ async fn sleeping_instances_are_parked_and_still_answer(backend: Backend) {
             .unwrap();
         assert_eq!(done.status, "completed", "{id}");
     }
+    engine.shutdown().await;
+}
+
+const QUICK: &str = r#"
+name: quick
+steps:
+  - id: nap
+    sleep: 1s
+"#;
+
+/// A start of `definition` with the caller's `id`.
+fn start_request(definition: &str, id: &str) -> StartRequest {
+    StartRequest {
+        definition: definition.into(),
+        version: None,
+        input: json!({ "id": id }),
+        id: Some(id.into()),
+        restart: None,
+        parent: None,
+    }
+}
+
+/// Goal: a start with the id of a stored instance creates nothing and answers with that
+/// instance, also when the partition no longer knows it (ended before a restart), also
+/// among new starts in the same batch, and whatever the definitions have become.
+/// Method: instances end, the engine is restarted on the store, then the same ids are
+/// started again, together with new ones, and with a definition that does not exist;
+/// a new version is deployed and a new start gets it (the cached latest version).
+async fn repeated_starts_answer_with_the_stored_instance(backend: Backend) {
+    let (store, _place) = open_store(backend, 4).await;
+    let clock = Arc::new(TokioClock::starting_at(1_000_000));
+    let first = Engine::start(store.clone(), Config::default(), clock.clone())
+        .await
+        .unwrap();
+    first.deploy(QUICK).await.unwrap();
+    let ids: Vec<String> = (0..6).map(|n| format!("q-{n}")).collect();
+    for id in &ids {
+        let (view, outcome) = first
+            .start_instance(start_request("quick", id))
+            .await
+            .unwrap();
+        assert_eq!((view.version, outcome), (1, StartOutcome::Created));
+    }
+    for id in &ids {
+        let done = first
+            .wait_instance(id, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.status, "completed", "{id}");
+    }
+    first.shutdown().await;
+    drop(first);
+
+    let engine = Engine::start(store, Config::default(), clock)
+        .await
+        .unwrap();
+    // Old and new ids at once, so that they share the partitions' batches.
+    let mut starts = Vec::new();
+    for n in 0..12 {
+        let engine = engine.clone();
+        starts.push(tokio::spawn(async move {
+            engine
+                .start_instance(start_request("quick", &format!("q-{n}")))
+                .await
+        }));
+    }
+    for (n, start) in starts.into_iter().enumerate() {
+        let (view, outcome) = start.await.unwrap().unwrap();
+        if n < ids.len() {
+            assert_eq!(outcome, StartOutcome::Existing, "q-{n}");
+            assert_eq!(view.status, "completed", "q-{n}");
+            assert_eq!(view.input, json!({ "id": format!("q-{n}") }));
+        } else {
+            assert_eq!(outcome, StartOutcome::Created, "q-{n}");
+        }
+    }
+    let (view, outcome) = engine
+        .start_instance(start_request("no-such-definition", "q-0"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (view.status.as_str(), outcome),
+        ("completed", StartOutcome::Existing)
+    );
+    assert!(matches!(
+        engine
+            .start_instance(start_request("no-such-definition", "fresh"))
+            .await,
+        Err(weir_engine::Error::NotFound(_))
+    ));
+    let history = engine.history("q-0").await.unwrap();
+    let starts = history
+        .iter()
+        .filter(|event| event.event["type"] == "instance_started")
+        .count();
+    assert_eq!(starts, 1, "one start in q-0's history");
+    engine.deploy(QUICK).await.unwrap();
+    let (view, outcome) = engine
+        .start_instance(start_request("quick", "q-new"))
+        .await
+        .unwrap();
+    assert_eq!((view.version, outcome), (2, StartOutcome::Created));
     engine.shutdown().await;
 }
 

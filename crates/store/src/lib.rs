@@ -268,6 +268,9 @@ pub struct InstanceQuery {
     pub limit: u32,
 }
 
+/// Most ids one [`Store::instances_exist`] call checks.
+pub const EXISTENCE_CHECK_MAX: usize = 4096;
+
 /// The store: durable state of one weir deployment.
 ///
 /// Methods block; the engine calls them from threads meant for it.
@@ -347,6 +350,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// One instance's row.
     fn instance(&self, id: &str) -> Result<Option<InstanceRecord>, Error>;
+
+    /// Which of `ids` are stored instances (at most [`EXISTENCE_CHECK_MAX`]), as one
+    /// flag per id in order: the check a start with a caller's id makes before it
+    /// creates anything, done for a partition's whole batch of starts at once.
+    fn instances_exist(&self, ids: &[String]) -> Result<Vec<bool>, Error>;
+
+    /// Whether this process is the store's only writer (an embedded file that this
+    /// process holds locked): what the engine writes is then all there is, so that
+    /// "the latest version" of a definition can be cached without reading it again.
+    fn single_writer(&self) -> bool;
 
     /// Instance rows in id order.
     fn instances(&self, query: &InstanceQuery) -> Result<Vec<InstanceRecord>, Error>;

@@ -1212,6 +1212,30 @@ impl Store for PostgresStore {
         })
     }
 
+    fn instances_exist(&self, ids: &[String]) -> Result<Vec<bool>, Error> {
+        assert!(ids.len() <= crate::EXISTENCE_CHECK_MAX);
+        // Ids PostgreSQL cannot store cannot exist; they must not reach the query.
+        let checked: Vec<&str> = ids
+            .iter()
+            .map(String::as_str)
+            .filter(|id| storable(id))
+            .collect();
+        if checked.is_empty() {
+            return Ok(vec![false; ids.len()]);
+        }
+        let found: std::collections::HashSet<String> = self.with(|connection| {
+            let rows =
+                connection.query("SELECT id FROM instances WHERE id = ANY($1)", &[&checked])?;
+            Ok(rows.iter().map(|row| row.get::<_, String>(0)).collect())
+        })?;
+        Ok(ids.iter().map(|id| found.contains(id)).collect())
+    }
+
+    fn single_writer(&self) -> bool {
+        // Every node of a cluster writes to the same database.
+        false
+    }
+
     fn instances(&self, query: &InstanceQuery) -> Result<Vec<InstanceRecord>, Error> {
         let filters = [&query.status, &query.definition];
         if filters

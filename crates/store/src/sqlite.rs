@@ -747,6 +747,22 @@ impl Store for SqliteStore {
         })
     }
 
+    fn instances_exist(&self, ids: &[String]) -> Result<Vec<bool>, Error> {
+        assert!(ids.len() <= crate::EXISTENCE_CHECK_MAX);
+        self.read(|connection| {
+            let mut statement =
+                connection.prepare_cached("SELECT 1 FROM instances WHERE id = ?1")?;
+            ids.iter()
+                .map(|id| Ok(statement.exists(params![id])?))
+                .collect()
+        })
+    }
+
+    fn single_writer(&self) -> bool {
+        // The data directory is locked by this process (see `lock_data_dir`).
+        true
+    }
+
     fn instances(&self, query: &InstanceQuery) -> Result<Vec<InstanceRecord>, Error> {
         self.read(|connection| {
             let mut sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE 1 = 1");

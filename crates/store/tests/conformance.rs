@@ -386,6 +386,14 @@ fn committed_state_survives_reopen(place: Place) {
         store.instance("i2").unwrap(),
         Some(instance("i2", 1, "completed", false))
     );
+    let asked: Vec<String> = ["i2", "absent", "i1", "i1", "nul\0id", ""]
+        .map(String::from)
+        .to_vec();
+    assert_eq!(
+        store.instances_exist(&asked).unwrap(),
+        vec![true, false, true, true, false, false]
+    );
+    assert_eq!(store.instances_exist(&[]).unwrap(), Vec::<bool>::new());
     // The epoch continues from the stored one (the same owner may take it at once).
     let lease = store
         .acquire_lease(1, "a", wall_ms(), 60_000)
