@@ -217,6 +217,25 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     runtime.block_on(serve(settings))
 }
 
+/// Connections the kernel queues for the server before it accepts them. The standard
+/// library's 128 overflowed when a few hundred clients and workers connected at once
+/// (`ListenOverflows` in `nstat`): each dropped SYN cost its client a one-second
+/// retransmission timeout. The kernel caps it at `net.core.somaxconn`.
+const ACCEPT_BACKLOG: u32 = 4096;
+
+fn listen(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As the standard library's bind does: a restarted server can bind at once while
+    // connections of its previous run linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -253,9 +272,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             "the store keeps the partition count it was created with"
         );
     }
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("listening on {}", settings.listen))?;
+    let listener =
+        listen(settings.listen).with_context(|| format!("listening on {}", settings.listen))?;
     let config = Config {
         node_id: settings.node_id.clone(),
         task_lease: settings.task_lease,
