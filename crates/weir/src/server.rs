@@ -316,11 +316,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 /// committed as one. On one machine, enough actors to keep every core busy is all
 /// the parallelism there is; more only split the same work into smaller batches
 /// (on 2 cores, `seq` at 256 in flight ran about 10,000 steps/s with 64 partitions,
-/// 11,400 with 16, 12,200 with 8). A PostgreSQL store keeps 64: there, partitions
-/// are also what moves between nodes, and finer ones balance better.
-const EMBEDDED_PARTITIONS_PER_CORE: u32 = 4;
+/// 12,200 with 8, and, once the start path no longer blocked, 13,200 with 8, 13,700
+/// with 4, 14,600 with 2 and 14,100 with 1, where one actor is the limit; at 16 and
+/// 64 in flight 2 was ahead too). A PostgreSQL store keeps 64: there, partitions are
+/// also what moves between nodes, and finer ones balance better.
+const EMBEDDED_PARTITIONS_PER_CORE: u32 = 1;
 /// Fewest and most partitions of a new embedded store by default.
-const EMBEDDED_PARTITIONS_MIN: u32 = 4;
+const EMBEDDED_PARTITIONS_MIN: u32 = 2;
 const EMBEDDED_PARTITIONS_MAX: u32 = PARTITION_COUNT_DEFAULT;
 
 /// The partition count of a new store when none is configured.
