@@ -185,7 +185,7 @@ impl Harness {
                 ));
             }
             for partition in 0..store.partition_count() {
-                let snapshot = store.load_partition(partition).unwrap();
+                let snapshot = store.load_partition(partition, &mut |_| {}).unwrap();
                 out.push_str(&format!(
                     "p{partition} seq {} tasks {}\n",
                     snapshot.last_seq,

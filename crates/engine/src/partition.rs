@@ -133,45 +133,53 @@ impl PartitionActor {
         sender: mpsc::Sender<Message>,
     ) -> Result<PartitionActor, Error> {
         let store = shared.store.clone();
-        let snapshot = tokio::task::spawn_blocking(move || store.load_partition(partition))
-            .await
-            .map_err(|err| Error::Unavailable(format!("loading partition {partition}: {err}")))??;
+        let now = shared.clock.now_ms();
+        // Rows are parsed as they are read: the states of instances that wait only for
+        // a timer or a signal are dropped at once (parked), so the load's memory is that
+        // of the instances kept, not of every row.
+        let loaded = tokio::task::spawn_blocking(move || {
+            let mut kept: Vec<InstanceState> = Vec::new();
+            let mut parked: Vec<String> = Vec::new();
+            let mut corrupt: Option<String> = None;
+            let snapshot = store.load_partition(partition, &mut |record| {
+                match serde_json::from_str::<InstanceState>(&record.state) {
+                    // A short nap is parked too; its timer loads it back when due.
+                    Ok(state) if parkable(&state, None, now) => parked.push(state.id),
+                    Ok(state) => kept.push(state),
+                    Err(err) => {
+                        corrupt.get_or_insert_with(|| format!("instance {}: {err}", record.id));
+                    }
+                }
+            })?;
+            Ok::<_, weir_store::Error>((snapshot, kept, parked, corrupt))
+        })
+        .await
+        .map_err(|err| Error::Unavailable(format!("loading partition {partition}: {err}")))??;
+        let (snapshot, kept, parked, corrupt) = loaded;
+        if let Some(corrupt) = corrupt {
+            return Err(Error::Corrupt(corrupt));
+        }
         let mut actor = PartitionActor {
             partition,
             epoch,
             last_seq: snapshot.last_seq,
             shared: shared.clone(),
             committer,
-            instances: HashMap::with_capacity(snapshot.instances.len()),
+            instances: HashMap::with_capacity(kept.len()),
             timers: BTreeSet::new(),
             timer_due: HashMap::new(),
             ended: HashSet::new(),
             ended_order: VecDeque::new(),
-            parked: HashSet::new(),
+            parked: parked.into_iter().collect(),
             mailbox,
             sender,
         };
-        let now = shared.clock.now_ms();
-        let mut next_timer: HashMap<&str, u64> = HashMap::new();
-        for timer in &snapshot.timers {
-            let due = next_timer
-                .entry(timer.instance_id.as_str())
-                .or_insert(u64::MAX);
-            *due = (*due).min(timer.fire_at);
-        }
         let mut resume = Vec::new();
-        for record in snapshot.instances {
-            let state: InstanceState = serde_json::from_str(&record.state)
-                .map_err(|err| Error::Corrupt(format!("instance {}: {err}", record.id)))?;
+        for state in kept {
             let definition = shared
                 .definitions
                 .get(&state.definition, state.version)
                 .await?;
-            if parkable(&state, next_timer.get(state.id.as_str()).copied(), now) {
-                // Its timers come from the snapshot's timer rows below.
-                actor.parked.insert(state.id);
-                continue;
-            }
             for effect in machine::resume_effects(&state, &definition) {
                 resume.push((state.id.clone(), effect));
             }

@@ -193,8 +193,6 @@ pub enum Refusal {
 /// What a partition needs to resume: its unfinished instances, tasks, timers and log end.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PartitionSnapshot {
-    /// Active instance rows.
-    pub instances: Vec<InstanceRecord>,
     /// Pending tasks.
     pub tasks: Vec<TaskRecord>,
     /// Armed timers.
@@ -329,8 +327,16 @@ pub trait Store: Send + Sync + 'static {
     /// Every partition's lease.
     fn leases(&self) -> Result<Vec<Lease>, Error>;
 
-    /// Loads what a partition needs to resume.
-    fn load_partition(&self, partition: u32) -> Result<PartitionSnapshot, Error>;
+    /// Loads what a partition needs to resume, in one consistent read. Its active
+    /// instance rows are handed to `instance` one at a time as they are read, not
+    /// returned together: a partition may hold a million sleeping instances, of which
+    /// the caller keeps only a few in memory, and holding every row at once made the
+    /// load's peak memory twice the steady state's.
+    fn load_partition(
+        &self,
+        partition: u32,
+        instance: &mut dyn FnMut(InstanceRecord),
+    ) -> Result<PartitionSnapshot, Error>;
 
     /// Commits batches of several partitions; each is applied whole or refused.
     fn commit(&self, batches: &[PartitionBatch]) -> Result<Vec<Result<(), Refusal>>, Error>;

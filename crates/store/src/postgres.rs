@@ -21,6 +21,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::{Client, IsolationLevel, NoTls, Row, Statement};
 
@@ -1049,7 +1050,11 @@ impl Store for PostgresStore {
         })
     }
 
-    fn load_partition(&self, partition: u32) -> Result<PartitionSnapshot, Error> {
+    fn load_partition(
+        &self,
+        partition: u32,
+        instance: &mut dyn FnMut(InstanceRecord),
+    ) -> Result<PartitionSnapshot, Error> {
         assert!(partition < self.partition_count);
         let partition = i64::from(partition);
         self.with(|connection| {
@@ -1072,10 +1077,12 @@ impl Store for PostgresStore {
                 .isolation_level(IsolationLevel::RepeatableRead)
                 .read_only(true)
                 .start()?;
-            let instances = rows(
-                transaction.query(&instances, &[&partition])?,
-                instance_from_row,
-            )?;
+            // Rows are handed on as they arrive, not gathered first.
+            let mut stream = transaction.query_raw(&instances, [&partition])?;
+            while let Some(row) = stream.next()? {
+                instance(instance_from_row(&row)?);
+            }
+            drop(stream);
             let tasks = rows(transaction.query(&tasks, &[&partition])?, |row| {
                 Ok(TaskRecord {
                     task_id: row.try_get(0)?,
@@ -1096,7 +1103,6 @@ impl Store for PostgresStore {
             let last_seq = column_u64(&transaction.query_one(&last_seq, &[&partition])?, 0)?;
             transaction.commit()?;
             Ok(PartitionSnapshot {
-                instances,
                 tasks,
                 timers,
                 last_seq,

@@ -586,19 +586,25 @@ impl Store for SqliteStore {
         })
     }
 
-    fn load_partition(&self, partition: u32) -> Result<PartitionSnapshot, Error> {
+    fn load_partition(
+        &self,
+        partition: u32,
+        instance: &mut dyn FnMut(InstanceRecord),
+    ) -> Result<PartitionSnapshot, Error> {
         assert!(partition < self.partition_count);
         self.read(|connection| {
             // One read transaction, so the pieces are consistent with each other.
             connection.execute_batch("BEGIN")?;
             let result = (|| {
-                let instances = {
+                {
                     let mut statement = connection.prepare_cached(&format!(
                         "SELECT {INSTANCE_COLUMNS} FROM instances WHERE partition = ?1 AND active = 1"
                     ))?;
                     let rows = statement.query_map(params![partition], instance_from_row)?;
-                    rows.collect::<Result<Vec<_>, _>>()?
-                };
+                    for row in rows {
+                        instance(row?);
+                    }
+                }
                 let tasks = {
                     let mut statement = connection.prepare_cached(
                         "SELECT task_id, partition, queue, instance_id, payload FROM tasks WHERE partition = ?1",
@@ -634,7 +640,6 @@ impl Store for SqliteStore {
                     |row| row.get(0),
                 )?;
                 Ok::<_, Error>(PartitionSnapshot {
-                    instances,
                     tasks,
                     timers,
                     last_seq: to_u64(last_seq),

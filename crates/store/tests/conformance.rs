@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use weir_pgtest::PgServer;
 use weir_store::{
     Announcement, Error, EventRecord, InstanceQuery, InstanceRecord, PartitionBatch,
-    PostgresOptions, PostgresStore, Refusal, SqliteStore, Store, TaskRecord, TimerRecord,
-    PARTITION_COUNT_MAX,
+    PartitionSnapshot, PostgresOptions, PostgresStore, Refusal, SqliteStore, Store, TaskRecord,
+    TimerRecord, PARTITION_COUNT_MAX,
 };
 
 /// Where a store lives; opening it again reaches the same data.
@@ -80,6 +80,15 @@ on_both!(
     membership_follows_heartbeats,
     leases_are_taken_renewed_and_released,
 );
+
+/// A partition's snapshot with the active instance rows it hands on, gathered.
+fn load(store: &dyn Store, partition: u32) -> (PartitionSnapshot, Vec<InstanceRecord>) {
+    let mut instances = Vec::new();
+    let snapshot = store
+        .load_partition(partition, &mut |record| instances.push(record))
+        .unwrap();
+    (snapshot, instances)
+}
 
 fn wall_ms() -> u64 {
     SystemTime::now()
@@ -194,8 +203,8 @@ fn stale_epochs_commit_nothing_and_epochs_grow(place: Place) {
         history.iter().map(|e| (e.seq, e.epoch)).collect::<Vec<_>>(),
         vec![(1, 2), (2, 2)]
     );
-    let snapshot = store.load_partition(0).unwrap();
-    assert_eq!(snapshot.instances[0].status, "running");
+    let (snapshot, instances) = load(&*store, 0);
+    assert_eq!(instances[0].status, "running");
     assert!(snapshot.tasks.is_empty() && snapshot.timers.is_empty());
 
     // The stale writer retrying alone, even at the right log end, still commits nothing.
@@ -205,7 +214,7 @@ fn stale_epochs_commit_nothing_and_epochs_grow(place: Place) {
         ..stale
     };
     assert!(store.commit(&[retried]).unwrap()[0].is_err());
-    assert_eq!(store.load_partition(0).unwrap().last_seq, 2);
+    assert_eq!(load(&*store, 0).0.last_seq, 2);
     assert_eq!(store.history("i1", 0).unwrap().len(), 2);
 }
 
@@ -235,13 +244,13 @@ fn a_batch_must_continue_the_log(place: Place) {
     }
     // A partition that does not exist is refused like a fenced one.
     assert!(store.commit(&[batch(7, 1, 0, 1)]).unwrap()[0].is_err());
-    assert_eq!(store.load_partition(1).unwrap().last_seq, 3);
+    assert_eq!(load(&*store, 1).0.last_seq, 3);
     assert_eq!(
         store.commit(&[batch(1, lease.epoch, 3, 1)]).unwrap(),
         vec![Ok(())]
     );
-    assert_eq!(store.load_partition(1).unwrap().last_seq, 4);
-    assert_eq!(store.load_partition(0).unwrap().last_seq, 0);
+    assert_eq!(load(&*store, 1).0.last_seq, 4);
+    assert_eq!(load(&*store, 0).0.last_seq, 0);
     assert!(store.commit(&[]).unwrap().is_empty());
 }
 
@@ -318,9 +327,9 @@ fn batches_of_one_partition_apply_in_order(place: Place) {
         ("completed", false, 100, Some("{\"done\":1}")),
         "changing columns take the last write"
     );
-    let snapshot = store.load_partition(0).unwrap();
+    let (snapshot, instances) = load(&*store, 0);
     assert_eq!(snapshot.last_seq, 3);
-    assert!(snapshot.instances.is_empty(), "i1 is no longer active");
+    assert!(instances.is_empty(), "i1 is no longer active");
     let mut tasks: Vec<(String, String)> = snapshot
         .tasks
         .iter()
@@ -335,9 +344,9 @@ fn batches_of_one_partition_apply_in_order(place: Place) {
         ]
     );
     assert_eq!(snapshot.timers, vec![timer(0, "i1", "deadline", 61)]);
-    let p1_snapshot = store.load_partition(1).unwrap();
+    let (p1_snapshot, p1_instances) = load(&*store, 1);
     assert_eq!(p1_snapshot.last_seq, 1);
-    assert_eq!(p1_snapshot.instances.len(), 1);
+    assert_eq!(p1_instances.len(), 1);
     assert_eq!(p1_snapshot.tasks, vec![task("u1", 1, "j1")]);
     assert_eq!(
         store
@@ -355,7 +364,7 @@ fn batches_of_one_partition_apply_in_order(place: Place) {
     let follower = batch(0, p0.epoch, 4, 1);
     let outcomes = store.commit(&[refused, follower]).unwrap();
     assert!(outcomes.iter().all(|o| o.is_err()), "{outcomes:?}");
-    assert_eq!(store.load_partition(0).unwrap().last_seq, 3);
+    assert_eq!(load(&*store, 0).0.last_seq, 3);
 }
 
 fn committed_state_survives_reopen(place: Place) {
@@ -377,8 +386,8 @@ fn committed_state_survives_reopen(place: Place) {
         assert_eq!(store.commit(&[batch]).unwrap(), vec![Ok(())]);
     }
     let store = place.open(2);
-    let snapshot = store.load_partition(1).unwrap();
-    assert_eq!(snapshot.instances, vec![instance("i1", 1, "running", true)]);
+    let (snapshot, instances) = load(&*store, 1);
+    assert_eq!(instances, vec![instance("i1", 1, "running", true)]);
     assert_eq!(snapshot.tasks, vec![task("i1:a:1", 1, "i1")]);
     assert_eq!(snapshot.timers, vec![timer(1, "i1", "sleep:0", 99)]);
     assert_eq!(snapshot.last_seq, 1);
@@ -897,7 +906,7 @@ fn postgres_a_node_that_lost_its_lease_commits_nothing_more() {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        let from = b.load_partition(0).unwrap().last_seq;
+        let from = load(&b, 0).0.last_seq;
         for n in 0..B_BATCHES {
             let outcome = b.commit(&[batch(0, lease_b.epoch, from + n, 1)]).unwrap();
             assert_eq!(outcome, vec![Ok(())]);
@@ -1043,7 +1052,7 @@ fn postgres_store_survives_a_server_restart() {
     // Several connections are idle in the pool when the server goes.
     std::thread::scope(|scope| {
         for _ in 0..4 {
-            scope.spawn(|| store.load_partition(0).unwrap());
+            scope.spawn(|| load(&store, 0).0);
         }
     });
 
@@ -1061,7 +1070,7 @@ fn postgres_store_survives_a_server_restart() {
     );
 
     server.start_again();
-    let snapshot = store.load_partition(0).unwrap();
+    let snapshot = load(&store, 0).0;
     assert_eq!(
         snapshot.last_seq, 2,
         "the commit before the crash is durable"
@@ -1071,7 +1080,7 @@ fn postgres_store_survives_a_server_restart() {
         store.commit(&[batch(0, lease.epoch, 2, 1)]).unwrap(),
         vec![Ok(())]
     );
-    assert_eq!(store.load_partition(0).unwrap().last_seq, 3);
+    assert_eq!(load(&store, 0).0.last_seq, 3);
     assert_eq!(
         store
             .acquire_lease(1, "a", 0, 60_000)
