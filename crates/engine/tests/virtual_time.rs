@@ -48,7 +48,8 @@ macro_rules! on_both {
 on_both!(
     an_hours_long_workflow_runs_in_virtual_time,
     sleeping_instances_are_parked_and_still_answer,
-    repeated_starts_answer_with_the_stored_instance
+    repeated_starts_answer_with_the_stored_instance,
+    a_short_nap_wakes_after_a_restart
 );
 
 /// What holds a store's data for the length of a test.
@@ -407,6 +408,66 @@ async fn repeated_starts_answer_with_the_stored_instance(backend: Backend) {
         .await
         .unwrap();
     assert_eq!((view.version, outcome), (2, StartOutcome::Created));
+    engine.shutdown().await;
+}
+
+const NAPLET: &str = r#"
+name: naplet
+steps:
+  - id: nap
+    sleep: 2s
+  - id: after
+    task: after-naplet
+"#;
+
+/// Goal: an instance whose timer is due soon (a nap too short to park it while it
+/// runs) is parked when its partition is loaded, and its timer still wakes it.
+/// Method: instances start napping for 2 s; the engine stops half a second later and
+/// a new engine loads the store; the naps' tasks must come, and the instances end.
+async fn a_short_nap_wakes_after_a_restart(backend: Backend) {
+    let (store, _place) = open_store(backend, 2).await;
+    let clock = Arc::new(TokioClock::starting_at(1_000_000));
+    let first = Engine::start(store.clone(), Config::default(), clock.clone())
+        .await
+        .unwrap();
+    first.deploy(NAPLET).await.unwrap();
+    let ids: Vec<String> = (0..4).map(|n| format!("naplet-{n}")).collect();
+    for id in &ids {
+        first
+            .start_instance(start_request("naplet", id))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.shutdown().await;
+    drop(first);
+
+    let engine = Engine::start(store, Config::default(), clock)
+        .await
+        .unwrap();
+    let queues = ["after-naplet".to_string()];
+    let mut woke = Vec::new();
+    while woke.len() < ids.len() {
+        let offers = poll_until(&engine, &queues, Duration::from_secs(60)).await;
+        assert!(!offers.is_empty(), "the nappers woke up: {woke:?}");
+        for offer in offers {
+            engine
+                .complete_task(&offer.task_id, &offer.lease_token, json!({}))
+                .await
+                .unwrap();
+            woke.push(offer.instance_id);
+        }
+    }
+    woke.sort();
+    assert_eq!(woke, ids);
+    for id in &ids {
+        let done = engine
+            .wait_instance(id, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.status, "completed", "{id}");
+    }
     engine.shutdown().await;
 }
 
