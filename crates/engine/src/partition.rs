@@ -24,6 +24,8 @@ use crate::{http_call, Error, Shared};
 
 /// Most commands one batch takes from the mailbox.
 pub const BATCH_COMMANDS_MAX: usize = 2048;
+// A batch's starts are checked for existence in one store call.
+const _: () = assert!(BATCH_COMMANDS_MAX <= weir_store::EXISTENCE_CHECK_MAX);
 /// Most commands waiting in a partition's mailbox; senders wait beyond that.
 pub const MAILBOX_CAPACITY: usize = 4096;
 /// Ended instance ids remembered per partition, so that a start with a known id

@@ -190,7 +190,8 @@ pub enum Refusal {
     },
 }
 
-/// What a partition needs to resume: its unfinished instances, tasks, timers and log end.
+/// What a partition needs to resume besides its unfinished instances (which
+/// [`Store::load_partition`] hands on one by one): its tasks, timers and log end.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PartitionSnapshot {
     /// Pending tasks.
