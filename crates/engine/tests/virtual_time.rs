@@ -82,6 +82,42 @@ async fn open_store(backend: Backend, partition_count: u32) -> (Arc<dyn Store>, 
     .unwrap()
 }
 
+/// Completes the tasks that polls of `queues` hand out (each waiting up to `wait`)
+/// until `count` have come; the ids of their instances, sorted.
+async fn complete_offers(
+    engine: &Engine,
+    queues: &[String],
+    count: usize,
+    wait: Duration,
+) -> Vec<String> {
+    let mut done = Vec::new();
+    while done.len() < count {
+        let offers = poll_until(engine, queues, wait).await;
+        assert!(!offers.is_empty(), "the tasks came: {done:?}");
+        for offer in offers {
+            engine
+                .complete_task(&offer.task_id, &offer.lease_token, json!({}))
+                .await
+                .unwrap();
+            done.push(offer.instance_id);
+        }
+    }
+    done.sort();
+    done
+}
+
+/// Waits for each of `ids` to end and checks that it completed.
+async fn assert_completed(engine: &Engine, ids: &[String]) {
+    for id in ids {
+        let done = engine
+            .wait_instance(id, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.status, "completed", "{id}");
+    }
+}
+
 const DEFINITION: &str = r#"
 name: slow
 steps:
@@ -283,28 +319,9 @@ async fn sleeping_instances_are_parked_and_still_answer(backend: Backend) {
     let queues = ["after-nap".to_string()];
     assert!(engine.poll(&queues, 8, Duration::ZERO).await.is_empty());
     tokio::time::sleep(Duration::from_secs(3600)).await;
-    let mut woke = Vec::new();
-    while woke.len() < 2 {
-        let offers = poll_until(&engine, &queues, Duration::from_secs(600)).await;
-        assert!(!offers.is_empty(), "the sleepers woke up: {woke:?}");
-        for offer in offers {
-            engine
-                .complete_task(&offer.task_id, &offer.lease_token, json!({}))
-                .await
-                .unwrap();
-            woke.push(offer.instance_id);
-        }
-    }
-    woke.sort();
+    let woke = complete_offers(&engine, &queues, 2, Duration::from_secs(600)).await;
     assert_eq!(woke, ["nap-1", "nap-2"]);
-    for id in ["nap-1", "nap-2"] {
-        let done = engine
-            .wait_instance(id, Duration::from_secs(60))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(done.status, "completed", "{id}");
-    }
+    assert_completed(&engine, &woke).await;
     engine.shutdown().await;
 }
 
@@ -348,14 +365,7 @@ async fn repeated_starts_answer_with_the_stored_instance(backend: Backend) {
             .unwrap();
         assert_eq!((view.version, outcome), (1, StartOutcome::Created));
     }
-    for id in &ids {
-        let done = first
-            .wait_instance(id, Duration::from_secs(60))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(done.status, "completed", "{id}");
-    }
+    assert_completed(&first, &ids).await;
     first.shutdown().await;
     drop(first);
 
@@ -446,28 +456,9 @@ async fn a_short_nap_wakes_after_a_restart(backend: Backend) {
         .await
         .unwrap();
     let queues = ["after-naplet".to_string()];
-    let mut woke = Vec::new();
-    while woke.len() < ids.len() {
-        let offers = poll_until(&engine, &queues, Duration::from_secs(60)).await;
-        assert!(!offers.is_empty(), "the nappers woke up: {woke:?}");
-        for offer in offers {
-            engine
-                .complete_task(&offer.task_id, &offer.lease_token, json!({}))
-                .await
-                .unwrap();
-            woke.push(offer.instance_id);
-        }
-    }
-    woke.sort();
+    let woke = complete_offers(&engine, &queues, ids.len(), Duration::from_secs(60)).await;
     assert_eq!(woke, ids);
-    for id in &ids {
-        let done = engine
-            .wait_instance(id, Duration::from_secs(60))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(done.status, "completed", "{id}");
-    }
+    assert_completed(&engine, &ids).await;
     engine.shutdown().await;
 }
 
