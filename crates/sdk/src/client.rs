@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, Error};
@@ -205,7 +205,16 @@ impl Client {
         lease_token: &str,
         output: &Value,
     ) -> Result<(), Error> {
-        let body = json!({ "lease_token": lease_token, "output": output });
+        /// The body, borrowed: `json!` would copy the whole output first.
+        #[derive(Serialize)]
+        struct Completion<'a> {
+            lease_token: &'a str,
+            output: &'a Value,
+        }
+        let body = Completion {
+            lease_token,
+            output,
+        };
         self.task_call(task_id, "complete", &body).await
     }
 
@@ -218,45 +227,69 @@ impl Client {
         completions: &[(&str, &str, &Value)],
     ) -> Result<Vec<Result<(), Error>>, Error> {
         assert!(completions.len() <= COMPLETIONS_BATCH_MAX);
-        let items: Vec<Value> = completions
-            .iter()
-            .map(|(task_id, lease_token, output)| {
-                json!({ "task_id": task_id, "lease_token": lease_token, "output": output })
-            })
-            .collect();
+        // The body and the answer are typed and borrowed: building them as `Value`s would
+        // copy every output into a tree first, which was a fifth of a worker's CPU.
+        #[derive(Serialize)]
+        struct Item<'a> {
+            task_id: &'a str,
+            lease_token: &'a str,
+            output: &'a Value,
+        }
+        #[derive(Serialize)]
+        struct Batch<'a> {
+            completions: Vec<Item<'a>>,
+        }
+        #[derive(Deserialize)]
+        struct Answer {
+            results: Vec<ItemAnswer>,
+        }
+        #[derive(Deserialize)]
+        struct ItemAnswer {
+            #[serde(default)]
+            status: Option<u64>,
+            #[serde(default)]
+            error: Option<Value>,
+        }
+        let body = Batch {
+            completions: completions
+                .iter()
+                .map(|(task_id, lease_token, output)| Item {
+                    task_id,
+                    lease_token,
+                    output,
+                })
+                .collect(),
+        };
         let timeout = self.inner.request_timeout;
         // Repeating is safe for the same reason as for one completion: lease tokens.
-        let answer: Value = self
+        let answer: Answer = self
             .call(
                 Method::POST,
                 &["v1", "tasks", "completions"],
                 &[],
-                json_body(&json!({ "completions": items }))?,
+                json_body(&body)?,
                 Repeat::Safe,
                 timeout,
             )
             .await?;
-        let results = match answer.get("results") {
-            Some(Value::Array(results)) if results.len() == completions.len() => results,
-            _ => {
-                return Err(Error::Protocol {
-                    url: "/v1/tasks/completions".into(),
-                    reason: format!("expected {} results", completions.len()),
-                })
-            }
-        };
-        Ok(results
-            .iter()
+        if answer.results.len() != completions.len() {
+            return Err(Error::Protocol {
+                url: "/v1/tasks/completions".into(),
+                reason: format!("expected {} results", completions.len()),
+            });
+        }
+        Ok(answer
+            .results
+            .into_iter()
             .map(|result| {
                 let status = result
-                    .get("status")
-                    .and_then(Value::as_u64)
+                    .status
                     .and_then(|s| u16::try_from(s).ok())
                     .unwrap_or(502);
                 if status == 200 {
                     return Ok(());
                 }
-                let body = json!({ "error": result.get("error").cloned().unwrap_or(Value::Null) });
+                let body = json!({ "error": result.error.unwrap_or(Value::Null) });
                 let bytes = serde_json::to_vec(&body).unwrap_or_default();
                 Err(Error::Api(ApiError::from_response(status, &bytes)))
             })
@@ -599,7 +632,12 @@ impl Client {
         .map(drop)
     }
 
-    async fn task_call(&self, task_id: &str, action: &str, body: &Value) -> Result<(), Error> {
+    async fn task_call<B: Serialize + ?Sized>(
+        &self,
+        task_id: &str,
+        action: &str,
+        body: &B,
+    ) -> Result<(), Error> {
         let timeout = self.inner.request_timeout;
         // The lease token makes these calls safe to repeat: a second completion of the same
         // attempt is answered 409 at worst, never applied twice.
