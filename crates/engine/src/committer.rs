@@ -4,6 +4,8 @@
 //! SQLite has a single writer, so merging is what makes many small commits
 //! cheap: one fsync covers every partition's batch that was waiting.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -39,8 +41,11 @@ impl Committer {
         Committer { sender }
     }
 
-    /// Commits one partition's batch; returns once it is durable (or refused).
-    pub async fn commit(&self, batch: PartitionBatch) -> CommitResult {
+    /// Hands one partition's batch to the committer; the returned future resolves once
+    /// it is durable (or refused). Batches are committed in the order they were handed
+    /// over, so a partition may hand over its next batch before the previous one is
+    /// durable.
+    pub async fn submit(&self, batch: PartitionBatch) -> CommitOutcome {
         let (reply, receiver) = oneshot::channel();
         if self
             .sender
@@ -48,31 +53,34 @@ impl Committer {
             .await
             .is_err()
         {
-            return Err(Arc::new(weir_store::Error::Incompatible(
-                "committer stopped".into(),
-            )));
+            return Box::pin(std::future::ready(Err(stopped())));
         }
         // On a current-thread runtime (where tests pause tokio's clock) the wait runs on
         // the blocking pool: a running blocking task stops paused time from jumping ahead
         // while the commit takes real time, as it would otherwise fire timeouts that are
         // minutes away in virtual time before the commit returns.
-        let received = if tokio::runtime::Handle::current().runtime_flavor()
+        if tokio::runtime::Handle::current().runtime_flavor()
             == tokio::runtime::RuntimeFlavor::CurrentThread
         {
-            tokio::task::spawn_blocking(move || receiver.blocking_recv().ok())
-                .await
-                .ok()
-                .flatten()
+            let waiting = tokio::task::spawn_blocking(move || receiver.blocking_recv().ok());
+            Box::pin(async move {
+                waiting
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| Err(stopped()))
+            })
         } else {
-            receiver.await.ok()
-        };
-        match received {
-            Some(result) => result,
-            None => Err(Arc::new(weir_store::Error::Incompatible(
-                "committer stopped".into(),
-            ))),
+            Box::pin(async move { receiver.await.unwrap_or_else(|_| Err(stopped())) })
         }
     }
+}
+
+/// The outcome of a batch handed to the committer, once it is known.
+pub(crate) type CommitOutcome = Pin<Box<dyn Future<Output = CommitResult> + Send>>;
+
+fn stopped() -> Arc<weir_store::Error> {
+    Arc::new(weir_store::Error::Incompatible("committer stopped".into()))
 }
 
 fn run(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<CommitRequest>) {

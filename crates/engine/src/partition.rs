@@ -18,7 +18,7 @@ use weir_model::machine::{
 use weir_model::Definition;
 use weir_store::{EventRecord, InstanceRecord, PartitionBatch, Refusal, TaskRecord, TimerRecord};
 
-use crate::committer::Committer;
+use crate::committer::{CommitOutcome, CommitResult, Committer};
 use crate::taskboard::BoardTask;
 use crate::{http_call, Error, Shared};
 
@@ -28,6 +28,12 @@ pub const BATCH_COMMANDS_MAX: usize = 2048;
 const _: () = assert!(BATCH_COMMANDS_MAX <= weir_store::EXISTENCE_CHECK_MAX);
 /// Most commands waiting in a partition's mailbox; senders wait beyond that.
 pub const MAILBOX_CAPACITY: usize = 4096;
+/// Most batches of one partition committing at once. The actor builds its next batch
+/// while earlier ones commit, so that it and the committer work at the same time instead
+/// of in turn. Each batch's replies and effects still wait until that batch is durable,
+/// and batches become durable in order: the store refuses a batch whose predecessor it
+/// does not hold (the log's `last_seq` guard).
+pub const BATCHES_COMMITTING_MAX: usize = 4;
 /// Ended instance ids remembered per partition, so that a start with a known id
 /// that raced with the instance's end is still answered with that instance.
 const ENDED_REMEMBERED_MAX: usize = 4096;
@@ -81,6 +87,19 @@ pub enum StartOutcome {
 struct Active {
     state: InstanceState,
     definition: Arc<Definition>,
+    /// Batches touching this instance that are not yet durable. Only an instance with
+    /// none may leave memory (park or end): the store holds its current state then.
+    batches_committing: u32,
+}
+
+impl Active {
+    fn new(state: InstanceState, definition: Arc<Definition>) -> Active {
+        Active {
+            state,
+            definition,
+            batches_committing: 0,
+        }
+    }
 }
 
 type Reply = Box<dyn FnOnce(Result<(), Error>) + Send>;
@@ -100,6 +119,36 @@ struct Pending {
     /// Tasks finished by this batch (completed or failed): off the board after commit.
     finished_tasks: Vec<String>,
     replies: Vec<(Reply, Result<(), Error>)>,
+}
+
+/// A batch handed to the committer, and what waits for it to be durable.
+struct Committing {
+    outcome: CommitOutcome,
+    after: AfterCommit,
+}
+
+/// What a batch does once it is durable.
+#[derive(Default)]
+struct AfterCommit {
+    touched: Vec<String>,
+    effects: Vec<(String, Effect)>,
+    finished_tasks: Vec<String>,
+    replies: Vec<(Reply, Result<(), Error>)>,
+    /// The earliest timer each instance armed in this batch, to tell short naps (not
+    /// worth parking) from long sleeps.
+    next_timer: HashMap<String, u64>,
+    /// The instances this batch ended: their final view, for waiters, and for a child
+    /// the command that tells its parent. Taken when the batch is built, as a later batch
+    /// may change the state in memory before this one is durable (a rerun).
+    ended: Vec<Ended>,
+}
+
+/// An instance a batch ended, as it was when the batch was built.
+struct Ended {
+    id: String,
+    view: crate::InstanceView,
+    /// The parent's id and the command that tells it, for a child.
+    parent: Option<(String, Command)>,
 }
 
 pub(crate) struct PartitionActor {
@@ -190,7 +239,7 @@ impl PartitionActor {
             }
             actor
                 .instances
-                .insert(state.id.clone(), Active { state, definition });
+                .insert(state.id.clone(), Active::new(state, definition));
         }
         for task in snapshot.tasks {
             let offer: StoredTask = StoredTask::parse(&task.payload)
@@ -218,7 +267,9 @@ impl PartitionActor {
     /// Runs until shutdown or until the partition is fenced.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut messages = Vec::with_capacity(64);
-        loop {
+        let mut committing: VecDeque<Committing> = VecDeque::new();
+        let mut healthy = loop {
+            let room = committing.len() < BATCHES_COMMITTING_MAX;
             let next_timer = self.timers.first().map(|(due, _, _)| *due);
             let sleep = match next_timer {
                 Some(due) => Duration::from_millis(due.saturating_sub(self.shared.clock.now_ms())),
@@ -226,30 +277,46 @@ impl PartitionActor {
             };
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => break,
-                received = self.mailbox.recv_many(&mut messages, BATCH_COMMANDS_MAX) => {
+                _ = shutdown.changed() => break true,
+                outcome = oldest_outcome(&mut committing) => {
+                    let done = committing.pop_front().expect("an outcome came from it");
+                    if !self.finish(outcome, done.after) {
+                        break false;
+                    }
+                    continue;
+                }
+                received = self.mailbox.recv_many(&mut messages, BATCH_COMMANDS_MAX), if room => {
                     if received == 0 {
-                        break;
+                        break true;
                     }
                 }
-                _ = tokio::time::sleep(sleep) => {}
+                _ = tokio::time::sleep(sleep), if room => {}
             }
             let now = self.shared.clock.now_ms();
             let existing = match self.read_before(&messages, now).await {
                 Ok(existing) => existing,
                 Err(err) => {
                     tracing::error!(partition = self.partition, error = %err, "reading parked or existing instances failed; stopping partition");
-                    break;
+                    break false;
                 }
             };
             let pending = self.process(std::mem::take(&mut messages), &existing, now);
-            if !self.commit(pending).await {
-                tracing::warn!(
-                    partition = self.partition,
-                    epoch = self.epoch,
-                    "partition fenced; stopping its actor"
-                );
-                break;
+            if let Some(batch) = self.submit(pending, committing.is_empty()).await {
+                committing.push_back(batch);
+            }
+        };
+        // Every batch handed over gets its outcome, so that every caller gets an answer.
+        while let Some(done) = committing.pop_front() {
+            let outcome = done.outcome.await;
+            if healthy {
+                healthy = self.finish(outcome, done.after);
+            } else {
+                for (reply, _) in done.after.replies {
+                    reply(Err(Error::Unavailable(format!(
+                        "partition {} stopped; retry",
+                        self.partition
+                    ))));
+                }
             }
         }
         self.shared.board.remove_partition(self.partition);
@@ -331,7 +398,7 @@ impl PartitionActor {
                 .definitions
                 .get(&state.definition, state.version)
                 .await?;
-            self.instances.insert(id, Active { state, definition });
+            self.instances.insert(id, Active::new(state, definition));
         }
         Ok(exist
             .filter_map(|(id, exists)| exists.then_some(id))
@@ -366,14 +433,21 @@ impl PartitionActor {
                         || self.parked.contains(&id)
                         || existing.contains(&id)
                     {
-                        let _ = reply.send(Ok(StartOutcome::Existing));
+                        // Answered with the batch, not at once: the instance may be in a
+                        // batch still committing, and the caller reads it back.
+                        pending.replies.push((
+                            Box::new(move |result: Result<(), Error>| {
+                                let _ = reply.send(result.map(|()| StartOutcome::Existing));
+                            }),
+                            Ok(()),
+                        ));
                         continue;
                     }
                     let (mut state, transition) =
                         machine::start_restarted(&definition, version, &id, input, restart, now);
                     state.parent = parent;
                     self.instances
-                        .insert(id.clone(), Active { state, definition });
+                        .insert(id.clone(), Active::new(state, definition));
                     self.record(&mut pending, &id, transition, now);
                     pending.replies.push((
                         Box::new(move |result: Result<(), Error>| {
@@ -392,13 +466,8 @@ impl PartitionActor {
                     if !self.instances.contains_key(&id) {
                         // Not in memory means ended and committed: the store's state is current.
                         self.ended.remove(&id);
-                        self.instances.insert(
-                            id.clone(),
-                            Active {
-                                state: *state,
-                                definition,
-                            },
-                        );
+                        self.instances
+                            .insert(id.clone(), Active::new(*state, definition));
                     }
                     let active = self.instances.get_mut(&id).expect("inserted above");
                     let outcome =
@@ -410,12 +479,11 @@ impl PartitionActor {
                             Ok(())
                         }
                         Err(err) => {
-                            // Refused: put an ended instance back out of memory.
-                            if self
-                                .instances
-                                .get(&id)
-                                .is_some_and(|a| a.state.status.is_terminal())
-                            {
+                            // Refused: put an ended instance back out of memory, unless
+                            // its end is still committing (that batch's completion does).
+                            if self.instances.get(&id).is_some_and(|a| {
+                                a.state.status.is_terminal() && a.batches_committing == 0
+                            }) {
                                 self.instances.remove(&id);
                                 self.remember_ended(id);
                             }
@@ -562,13 +630,24 @@ impl PartitionActor {
         }
     }
 
-    /// Commits the batch, then releases effects and replies. Returns false if fenced.
-    async fn commit(&mut self, pending: Pending) -> bool {
+    /// Hands the batch to the committer. A batch that writes nothing is answered at once
+    /// when no batch is committing (`alone`), and otherwise waits its turn behind them:
+    /// its answers may depend on their changes (a start answered "exists").
+    async fn submit(&mut self, pending: Pending, alone: bool) -> Option<Committing> {
         if pending.touched.is_empty() && pending.tasks.is_empty() && pending.timers.is_empty() {
-            for (reply, result) in pending.replies {
-                reply(result);
+            if alone {
+                for (reply, result) in pending.replies {
+                    reply(result);
+                }
+                return None;
             }
-            return true;
+            return Some(Committing {
+                outcome: Box::pin(std::future::ready(Ok(Ok(())))),
+                after: AfterCommit {
+                    replies: pending.replies,
+                    ..AfterCommit::default()
+                },
+            });
         }
         let seq_before = self.last_seq - pending.events.len() as u64;
         let mut batch = PartitionBatch {
@@ -578,14 +657,28 @@ impl PartitionActor {
             events: pending.events,
             ..PartitionBatch::default()
         };
+        let mut ended = Vec::new();
         for id in &pending.touched {
             let active = self
                 .instances
-                .get(id)
+                .get_mut(id)
                 .expect("touched instances are in memory");
+            active.batches_committing += 1;
             batch
                 .instances
                 .push(instance_record(self.partition, &active.state));
+            if active.state.status.is_terminal() {
+                let parent = active
+                    .state
+                    .parent
+                    .clone()
+                    .map(|parent| (parent, crate::child_ended_command(&active.state)));
+                ended.push(Ended {
+                    id: id.clone(),
+                    view: crate::view_of_state(&active.state),
+                    parent,
+                });
+            }
         }
         for (task_id, row) in pending.tasks {
             match row {
@@ -604,8 +697,6 @@ impl PartitionActor {
                 None => batch.timers_delete.push((instance_id, key)),
             }
         }
-        // The earliest timer each instance armed in this batch, to tell short naps
-        // (not worth parking) from long sleeps.
         let mut next_timer: HashMap<String, u64> = HashMap::new();
         for timer in &batch.timers_put {
             let due = next_timer
@@ -613,11 +704,27 @@ impl PartitionActor {
                 .or_insert(u64::MAX);
             *due = (*due).min(timer.fire_at);
         }
-        let result = self.committer.commit(batch).await;
-        match result {
+        let outcome = self.committer.submit(batch).await;
+        Some(Committing {
+            outcome,
+            after: AfterCommit {
+                touched: pending.touched,
+                effects: pending.effects,
+                finished_tasks: pending.finished_tasks,
+                replies: pending.replies,
+                next_timer,
+                ended,
+            },
+        })
+    }
+
+    /// Completes a batch whose outcome is known: once durable, releases its effects and
+    /// replies. Returns false if it was refused (fenced) or failed.
+    fn finish(&mut self, outcome: CommitResult, after: AfterCommit) -> bool {
+        match outcome {
             Ok(Ok(())) => {}
             Ok(Err(Refusal::Fenced { .. })) => {
-                for (reply, _) in pending.replies {
+                for (reply, _) in after.replies {
                     reply(Err(Error::Unavailable(format!(
                         "partition {} moved to another node; retry",
                         self.partition
@@ -629,45 +736,45 @@ impl PartitionActor {
                 // The store failed: nothing of this batch is durable. The in-memory state
                 // is ahead of the store now, so the only safe course is to reload it.
                 tracing::error!(partition = self.partition, error = %err, "commit failed; stopping partition");
-                for (reply, _) in pending.replies {
+                for (reply, _) in after.replies {
                     reply(Err(Error::Unavailable(format!("store failed: {err}"))));
                 }
                 return false;
             }
         }
-        for task_id in pending.finished_tasks {
+        for task_id in after.finished_tasks {
             self.shared.board.remove(&task_id);
         }
-        for (instance_id, effect) in pending.effects {
+        for (instance_id, effect) in after.effects {
             self.release(instance_id, effect);
         }
-        for (reply, result) in pending.replies {
+        for (reply, result) in after.replies {
             reply(result);
         }
-        for id in pending.touched {
-            let ended = self
-                .instances
-                .get(&id)
-                .is_some_and(|active| active.state.status.is_terminal());
-            if ended {
-                let active = self.instances.get(&id).expect("checked above");
-                self.shared
-                    .waiters
-                    .ended(&id, || crate::view_of_state(&active.state));
-                if let (Some(parent), Some(engine)) =
-                    (active.state.parent.clone(), self.shared.engine())
-                {
-                    let command = crate::child_ended_command(&active.state);
-                    tokio::spawn(async move { engine.tell_parent(&parent, command).await });
-                }
+        for Ended { id, view, parent } in after.ended {
+            self.shared.waiters.ended(&id, move || view);
+            if let (Some((parent, command)), Some(engine)) = (parent, self.shared.engine()) {
+                tokio::spawn(async move { engine.tell_parent(&parent, command).await });
+            }
+        }
+        let now = self.shared.clock.now_ms();
+        for id in after.touched {
+            let Some(active) = self.instances.get_mut(&id) else {
+                debug_assert!(false, "a committing instance left memory");
+                continue;
+            };
+            assert!(active.batches_committing > 0);
+            active.batches_committing -= 1;
+            if active.batches_committing > 0 {
+                // A later batch changed it again; that batch's completion decides.
+                continue;
+            }
+            if active.state.status.is_terminal() {
                 self.instances.remove(&id);
                 self.remember_ended(id);
-            } else if let Some(active) = self.instances.get(&id) {
-                let now = self.shared.clock.now_ms();
-                if parkable(&active.state, next_timer.get(&id).copied(), now) {
-                    self.instances.remove(&id);
-                    self.parked.insert(id);
-                }
+            } else if parkable(&active.state, after.next_timer.get(&id).copied(), now) {
+                self.instances.remove(&id);
+                self.parked.insert(id);
             }
         }
         true
@@ -907,5 +1014,13 @@ impl StoredTask {
             queue_timeout: self.queue_timeout,
             heartbeat_timeout: self.heartbeat_timeout,
         }
+    }
+}
+
+/// The outcome of the oldest batch committing; never resolves when none is.
+async fn oldest_outcome(committing: &mut VecDeque<Committing>) -> CommitResult {
+    match committing.front_mut() {
+        Some(oldest) => (&mut oldest.outcome).await,
+        None => std::future::pending().await,
     }
 }
