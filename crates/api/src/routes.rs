@@ -326,29 +326,18 @@ async fn start(
     let wait = wait_param(&query)?;
     let bytes = read_body(body, state.limits.body_size_max).await?;
     let body: StartBody = parse_json(&bytes)?;
-    let (view, outcome) = state
-        .engine
-        .start_instance(StartRequest {
-            definition: body.definition,
-            version: body.version,
-            input: body.input.unwrap_or_else(|| json!({})),
-            id: body.id,
-            restart: None,
-            parent: None,
-        })
-        .await?;
+    let request = StartRequest {
+        definition: body.definition,
+        version: body.version,
+        input: body.input.unwrap_or_else(|| json!({})),
+        id: body.id,
+        restart: None,
+        parent: None,
+    };
+    let (view, outcome) = state.engine.start_instance_and_wait(request, wait).await?;
     let status = match outcome {
         StartOutcome::Created => StatusCode::CREATED,
         StartOutcome::Existing => StatusCode::OK,
-    };
-    let view = if wait.is_zero() {
-        view
-    } else {
-        // The start is durable: a failed wait still answers the started instance.
-        match state.engine.wait_instance(&view.id, wait).await {
-            Ok(Some(waited)) => waited,
-            Ok(None) | Err(_) => view,
-        }
     };
     let mut object = instance_json(&view);
     object["created"] = Value::Bool(outcome == StartOutcome::Created);

@@ -777,6 +777,38 @@ output: {{ status: "${{ .steps.ping.output.status }}", body: "${{ .steps.ping.ou
     assert_eq!(ran["status"], json!("completed"), "{ran}");
     assert_eq!(ran["created"], json!(true));
     assert_eq!(ran["output"], done["output"]);
+    // A repeated start with a wait answers the stored instance, ended.
+    let (status, again) = h
+        .post(
+            "/v1/instances?wait_ms=10000",
+            json!({"definition": "ping", "id": "p-2", "input": {"n": 8}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["created"], json!(false));
+    assert_eq!(again["status"], json!("completed"), "{again}");
+    assert_eq!(again["output"], done["output"]);
+    // So does a start whose id the server makes.
+    let (status, generated) = h
+        .post(
+            "/v1/instances?wait_ms=10000",
+            json!({"definition": "ping", "input": {"n": 9}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{generated}");
+    assert_eq!(generated["status"], json!("completed"), "{generated}");
+    // A wait over before the end answers the instance as stored, running.
+    let (status, early) = h
+        .post(
+            "/v1/instances?wait_ms=1",
+            json!({"definition": "ping", "id": "p-4", "input": {"n": 10}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{early}");
+    assert_eq!(early["status"], json!("running"), "{early}");
+    assert_eq!(early["id"], json!("p-4"));
+    let (_, finished) = h.get("/v1/instances/p-4?wait_ms=10000").await;
+    assert_eq!(finished["status"], json!("completed"), "{finished}");
     let refused = check_refused(
         &h,
         "POST",

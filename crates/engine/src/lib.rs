@@ -842,17 +842,65 @@ impl Engine {
         // Whether an instance with the id exists is asked of its partition, which
         // knows its running, parked and recently ended instances and reads the store
         // once for a whole batch of starts (see `PartitionActor::read_before`).
-        let check_existing = request.id.is_some();
-        let id = match request.id {
+        let (id, check_existing) = self.start_id(&request)?;
+        self.start_as(request, id, check_existing).await
+    }
+
+    /// Starts an instance and waits up to `wait` for it to end (`POST /v1/instances?wait_ms=`):
+    /// its view when the wait was over, and what the start did.
+    ///
+    /// The waiter registers before the start, so the end of an instance this call created
+    /// is announced to it: no question to the partition and no store read is needed,
+    /// unlike [`Engine::wait_instance`]. A start that found an existing instance waits as
+    /// any reader does.
+    pub async fn start_instance_and_wait(
+        &self,
+        request: StartRequest,
+        wait: Duration,
+    ) -> Result<(InstanceView, StartOutcome), Error> {
+        if wait.is_zero() {
+            return self.start_instance(request).await;
+        }
+        let (id, check_existing) = self.start_id(&request)?;
+        let mut waiter = self.inner.shared.waiters.register(&id);
+        let (view, outcome) = self.start_as(request, id, check_existing).await?;
+        if outcome == StartOutcome::Existing || waiter.receiver.is_none() {
+            drop(waiter);
+            // The start is durable: a failed wait still answers the started instance.
+            let waited = self.wait_instance(&view.id, wait).await;
+            return Ok((waited.ok().flatten().unwrap_or(view), outcome));
+        }
+        let ending = self.await_end(&mut waiter, wait).await;
+        drop(waiter);
+        let view = match ending {
+            Some(ended) => ended,
+            None => self.instance(&view.id).await.ok().flatten().unwrap_or(view),
+        };
+        Ok((view, outcome))
+    }
+
+    /// The id a start creates, and whether an instance with it may exist already (it
+    /// came from the caller, or is a child's); generated ids are new by construction.
+    fn start_id(&self, request: &StartRequest) -> Result<(String, bool), Error> {
+        match &request.id {
             Some(id) => {
                 // Child ids carry the separator users may not use; they come from the machine.
                 if request.parent.is_none() {
-                    check_id("instance id", &id)?;
+                    check_id("instance id", id)?;
                 }
-                id
+                Ok((id.clone(), true))
             }
-            None => self.generate_local_id(),
-        };
+            None => Ok((self.generate_local_id(), false)),
+        }
+    }
+
+    /// Starts instance `id` (see [`Engine::start_instance`]).
+    async fn start_as(
+        &self,
+        request: StartRequest,
+        id: String,
+        check_existing: bool,
+    ) -> Result<(InstanceView, StartOutcome), Error> {
         let resolved = self
             .inner
             .shared
@@ -945,7 +993,24 @@ impl Engine {
                 return Ok(view);
             }
         }
-        let receiver = waiter.receiver.as_mut().expect("checked above");
+        let ending = self.await_end(&mut waiter, wait).await;
+        drop(waiter);
+        match ending {
+            // The partition handed over the committed final view: no read needed.
+            Some(view) => Ok(Some(view)),
+            None => self.instance(id).await,
+        }
+    }
+
+    /// Waits up to `wait` (at most `POLL_WAIT_MAX`) for the end a registered waiter is
+    /// told of: the committed final view, or `None` when the wait was over first or the
+    /// node stops.
+    async fn await_end(
+        &self,
+        waiter: &mut waiters::Waiter<'_>,
+        wait: Duration,
+    ) -> Option<InstanceView> {
+        let receiver = waiter.receiver.as_mut()?;
         let mut draining = self.inner.draining.subscribe();
         // `wait_for` also returns at once when the node already stops.
         let ending = tokio::select! {
@@ -954,12 +1019,7 @@ impl Engine {
             }
             _ = draining.wait_for(|stopping| *stopping) => None,
         };
-        drop(waiter);
-        match ending {
-            // The partition handed over the committed final view: no read needed.
-            Some(view) => Ok(Some(InstanceView::clone(&view))),
-            None => self.instance(id).await,
-        }
+        ending.map(|view| InstanceView::clone(&view))
     }
 
     /// Whether the instance runs in the memory of a partition this node owns. The
