@@ -28,6 +28,11 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
         )
         .with("pointer", "".into()));
     }
+    // The common case, a valid body, is parsed plainly; only a refused one is parsed again
+    // to find where the problem is (tracking the path costs on every field).
+    if let Ok(value) = serde_json::from_slice::<T>(bytes) {
+        return Ok(value);
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let result: Result<T, _> = serde_path_to_error::deserialize(&mut deserializer);
     let value = result.map_err(|err| {

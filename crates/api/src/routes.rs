@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use weir_engine::{HistoryEvent, InstanceView, StartOutcome, StartRequest, TaskOffer};
 use weir_model::event::ErrorInfo;
@@ -225,17 +225,45 @@ fn event_json(event: HistoryEvent) -> Value {
     Value::Object(object)
 }
 
-fn offer_json(offer: TaskOffer) -> Value {
-    json!({
-        "task_id": offer.task_id,
-        "lease_token": offer.lease_token,
-        "queue": offer.queue,
-        "instance_id": offer.instance_id,
-        "step_id": offer.step_id,
-        "attempt": offer.attempt,
-        "input": offer.input,
-        "idempotency_key": offer.idempotency_key,
-    })
+/// A task as a poll answers it.
+#[derive(Serialize)]
+struct OfferWire<'a> {
+    task_id: &'a str,
+    lease_token: &'a str,
+    queue: &'a str,
+    instance_id: &'a str,
+    step_id: &'a str,
+    attempt: u32,
+    input: &'a Value,
+    idempotency_key: &'a str,
+}
+
+impl<'a> From<&'a TaskOffer> for OfferWire<'a> {
+    fn from(offer: &'a TaskOffer) -> OfferWire<'a> {
+        OfferWire {
+            task_id: &offer.task_id,
+            lease_token: &offer.lease_token,
+            queue: &offer.queue,
+            instance_id: &offer.instance_id,
+            step_id: &offer.step_id,
+            attempt: offer.attempt,
+            input: &offer.input,
+            idempotency_key: &offer.idempotency_key,
+        }
+    }
+}
+
+/// A poll's answer, serialized from the offers as they are (a `Value` tree of them would
+/// copy every input first).
+fn offers_response(offers: &[TaskOffer]) -> Response {
+    #[derive(Serialize)]
+    struct Tasks<'a> {
+        tasks: Vec<OfferWire<'a>>,
+    }
+    let tasks = Tasks {
+        tasks: offers.iter().map(OfferWire::from).collect(),
+    };
+    Json(tasks).into_response()
 }
 
 async fn deploy(
@@ -640,7 +668,7 @@ async fn poll(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let bytes = read_body(body, state.limits.body_size_max).await?;
     let body: PollBody = parse_json(&bytes)?;
     if body.queues.is_empty() || body.queues.len() > POLL_QUEUES_MAX {
@@ -668,8 +696,7 @@ async fn poll(
     let forwarded = headers.contains_key(crate::FORWARDED_HEADER);
     if forwarded || state.engine.peer_urls().is_empty() {
         let offers = state.engine.poll(&body.queues, max_tasks, wait).await;
-        let tasks: Vec<Value> = offers.into_iter().map(offer_json).collect();
-        return Ok(Json(json!({ "tasks": tasks })));
+        return Ok(offers_response(&offers));
     }
     // In a cluster: this node's board first, then the peers' (without waiting), then
     // wait a slice on this board, and again until the wait is over.
@@ -677,35 +704,33 @@ async fn poll(
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         if state.engine.polls_stopped() {
-            return Ok(Json(json!({ "tasks": [] })));
+            return Ok(Json(json!({ "tasks": [] })).into_response());
         }
         let offers = state
             .engine
             .poll(&body.queues, max_tasks, Duration::ZERO)
             .await;
         if !offers.is_empty() {
-            let tasks: Vec<Value> = offers.into_iter().map(offer_json).collect();
-            return Ok(Json(json!({ "tasks": tasks })));
+            return Ok(offers_response(&offers));
         }
         let tasks = crate::forward::poll_peers(&state, &peer_poll).await;
         if !tasks.is_empty() {
-            return Ok(Json(json!({ "tasks": tasks })));
+            return Ok(Json(json!({ "tasks": tasks })).into_response());
         }
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if remaining.is_zero() {
-            return Ok(Json(json!({ "tasks": [] })));
+            return Ok(Json(json!({ "tasks": [] })).into_response());
         }
         let slice = remaining.min(crate::forward::POLL_SLICE);
         let offers = state.engine.poll(&body.queues, max_tasks, slice).await;
         if state.engine.polls_stopped() {
-            return Ok(Json(json!({ "tasks": [] })));
+            return Ok(Json(json!({ "tasks": [] })).into_response());
         }
         if !offers.is_empty() {
-            let tasks: Vec<Value> = offers.into_iter().map(offer_json).collect();
-            return Ok(Json(json!({ "tasks": tasks })));
+            return Ok(offers_response(&offers));
         }
         if tokio::time::Instant::now() >= deadline {
-            return Ok(Json(json!({ "tasks": [] })));
+            return Ok(Json(json!({ "tasks": [] })).into_response());
         }
     }
 }

@@ -151,6 +151,23 @@ struct Ended {
     parent: Option<(String, Command)>,
 }
 
+impl Pending {
+    /// Sized for `commands` commands of one or two events, a task and an instance each, so
+    /// that a batch's collections are allocated once instead of growing step by step.
+    fn with_capacity(commands: usize) -> Pending {
+        Pending {
+            events: Vec::with_capacity(2 * commands),
+            touched: Vec::with_capacity(commands),
+            touched_set: HashSet::with_capacity(commands),
+            tasks: HashMap::with_capacity(2 * commands),
+            timers: HashMap::new(),
+            effects: Vec::with_capacity(commands),
+            finished_tasks: Vec::with_capacity(commands),
+            replies: Vec::with_capacity(commands),
+        }
+    }
+}
+
 pub(crate) struct PartitionActor {
     partition: u32,
     epoch: u64,
@@ -408,7 +425,7 @@ impl PartitionActor {
     /// Runs the batch's commands through the state machine; `existing` holds the
     /// start ids found stored by [`Self::read_before`].
     fn process(&mut self, messages: Vec<Message>, existing: &HashSet<String>, now: u64) -> Pending {
-        let mut pending = Pending::default();
+        let mut pending = Pending::with_capacity(messages.len());
         for message in messages {
             match message {
                 Message::IsRunning { instance_id, reply } => {

@@ -40,8 +40,9 @@ pub struct TaskOffer {
     pub step_id: String,
     /// 1-based attempt.
     pub attempt: u32,
-    /// Input.
-    pub input: Value,
+    /// Input, shared with the board's copy (a poll hands out many; copying each would
+    /// cost more than the rest of the offer).
+    pub input: Arc<Value>,
     /// Stable across attempts of the step.
     pub idempotency_key: String,
 }
@@ -301,7 +302,7 @@ impl TaskBoard {
                     instance_id: task.instance_id.clone(),
                     step_id: task.step_id.clone(),
                     attempt: task.attempt,
-                    input: (*task.input).clone(),
+                    input: task.input.clone(),
                     idempotency_key: task.idempotency_key.clone(),
                 });
             }
@@ -418,7 +419,7 @@ impl TaskBoard {
                 instance_id: entry.task.instance_id.clone(),
                 step_id: entry.task.step_id.clone(),
                 attempt: entry.task.attempt,
-                input: (*entry.task.input).clone(),
+                input: entry.task.input.clone(),
                 idempotency_key: entry.task.idempotency_key.clone(),
             })
             .collect();
