@@ -343,6 +343,7 @@ pub struct InstanceState {
     /// The next main step to run once the current one (or its handler) is done.
     pub cursor: usize,
     /// The step running now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<StepRef>,
     /// Current attempt number of the current step; grows across retries and reruns so
     /// that every attempt's task id is unique.
@@ -358,31 +359,40 @@ pub struct InstanceState {
     /// Main steps completed, in completion order.
     pub completed: Vec<usize>,
     /// Compensations still to run; the last runs next.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub compensating: Vec<usize>,
     /// Why the instance compensates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation_reason: Option<CompensationReason>,
     /// The error a catch handler is handling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caught: Option<ErrorInfo>,
     /// The status to return to on resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_from: Option<InstanceStatus>,
     /// The step that failed the instance (what a retry resumes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_at: Option<StepRef>,
     /// Signals received and not yet taken by a `wait` step, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub signals: BTreeMap<String, VecDeque<Value>>,
     /// The instance this one restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarted_from: Option<String>,
     /// The running fan-out step's lanes.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fanout: Option<FanOut>,
     /// The instance this one is a child of (told when this one ends).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
     /// How the lane being applied ended, if it did; only set inside one command.
     #[serde(skip)]
     pub lane_result: Option<Result<Value, ErrorInfo>>,
     /// The instance's output once completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
     /// Why the instance failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
     /// When the instance started (ms since the epoch).
     pub created_at: u64,
