@@ -1404,5 +1404,8 @@ fn stored_states_omit_empty_fields_and_older_ones_still_load() {
     assert_eq!(read.completed, vec![0, 1, 2]);
     let written = serde_json::to_string(&read).unwrap();
     assert!(written.len() < earlier.len() - 150, "{written}");
-    assert_eq!(serde_json::from_str::<InstanceState>(&written).unwrap(), read);
+    assert_eq!(
+        serde_json::from_str::<InstanceState>(&written).unwrap(),
+        read
+    );
 }
