@@ -2,8 +2,8 @@
 //! weakens "acknowledged means durable": every answer waits for the batch it depends on,
 //! and a batch whose predecessor failed is never written.
 //!
-//! Method: a real engine on a real SQLite store behind a gate that holds every commit
-//! until the test opens it, and can fail the next one. Commands sent while a commit is
+//! Method: a real engine on a real store (SQLite, and PostgreSQL started by the test)
+//! behind a gate that holds every commit until the test opens it, and can fail the next one. Commands sent while a commit is
 //! held are built into later batches; what each caller is answered, and what the store
 //! holds, is checked once the gate opens.
 
@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use serde_json::json;
 use weir_engine::{Config, Engine, StartOutcome, StartRequest, TokioClock};
+use weir_pgtest::PgServer;
 use weir_store::{
     Announcement, DefinitionRecord, Error, EventRecord, InstanceQuery, InstanceRecord, Lease,
-    Membership, PartitionBatch, PartitionSnapshot, Refusal, SqliteStore, Store,
+    Membership, PartitionBatch, PartitionSnapshot, PostgresStore, Refusal, SqliteStore, Store,
 };
 
 /// How long a caller is given to (wrongly) get an answer while its batch cannot commit.
@@ -30,9 +31,9 @@ struct GateState {
     fail_next: bool,
 }
 
-/// A SQLite store whose commits wait while the gate is closed.
+/// A store whose commits wait while the gate is closed.
 struct GatedStore {
-    inner: SqliteStore,
+    inner: Box<dyn Store>,
     gate: Mutex<GateState>,
     changed: Condvar,
 }
@@ -183,11 +184,52 @@ fn start_request(id: &str) -> StartRequest {
     }
 }
 
+/// The stored row of instance `id`, read off the runtime (PostgreSQL's client blocks).
+async fn stored(store: &Arc<GatedStore>, id: &str) -> Option<InstanceRecord> {
+    let store = store.clone();
+    let id = id.to_owned();
+    tokio::task::spawn_blocking(move || store.instance(&id).unwrap())
+        .await
+        .unwrap()
+}
+
+/// Which store a test runs on.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// What holds a store's data for the length of a test.
+enum Place {
+    /// The SQLite data directory.
+    Sqlite { _dir: tempfile::TempDir },
+    /// The PostgreSQL server, stopped (and its directory deleted) when dropped.
+    Postgres { _server: PgServer },
+}
+
 /// An engine on one partition (so that every command goes through one actor) behind a gate.
-async fn gated_engine() -> (Engine, Arc<GatedStore>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
+async fn gated_engine(backend: Backend) -> (Engine, Arc<GatedStore>, Place) {
+    // Blocking work (initdb, the synchronous PostgreSQL client) runs off the runtime.
+    let (inner, place) = tokio::task::spawn_blocking(move || -> (Box<dyn Store>, Place) {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let store = SqliteStore::open(dir.path(), 1).unwrap();
+                (Box::new(store), Place::Sqlite { _dir: dir })
+            }
+            Backend::Postgres => {
+                let server = PgServer::start();
+                let url = server.create_database("weir");
+                let store = PostgresStore::connect(&url, 1).unwrap();
+                (Box::new(store), Place::Postgres { _server: server })
+            }
+        }
+    })
+    .await
+    .unwrap();
     let store = Arc::new(GatedStore {
-        inner: SqliteStore::open(dir.path(), 1).unwrap(),
+        inner,
         gate: Mutex::new(GateState::default()),
         changed: Condvar::new(),
     });
@@ -199,8 +241,35 @@ async fn gated_engine() -> (Engine, Arc<GatedStore>, tempfile::TempDir) {
     .await
     .unwrap();
     engine.deploy(DEFINITION).await.unwrap();
-    (engine, store, dir)
+    (engine, store, place)
 }
+
+/// Makes `sqlite_<test>` and `postgres_<test>` of each `async fn <test>(Backend)`.
+macro_rules! on_both {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both!(
+    answers_wait_for_the_batches_they_depend_on,
+    batches_behind_a_failed_one_are_not_written
+);
 
 /// Goal: answers wait for their own batch even while later batches are built, and an
 /// answer that depends on an earlier batch (a repeated start answered "exists") waits
@@ -208,9 +277,8 @@ async fn gated_engine() -> (Engine, Arc<GatedStore>, tempfile::TempDir) {
 /// Method: the gate holds the first start's commit; a second instance and a repeat of the
 /// first are started meanwhile; nothing may be answered until the gate opens, then both
 /// instances are stored and the repeat is answered with the stored first instance.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answers_wait_for_the_batches_they_depend_on() {
-    let (engine, store, _dir) = gated_engine().await;
+async fn answers_wait_for_the_batches_they_depend_on(backend: Backend) {
+    let (engine, store, _place) = gated_engine(backend).await;
     store.close();
     let first = tokio::spawn({
         let engine = engine.clone();
@@ -240,7 +308,7 @@ async fn answers_wait_for_the_batches_they_depend_on() {
             repeat.await.unwrap()
         );
     }
-    assert!(store.instance("a").unwrap().is_none());
+    assert!(stored(&store, "a").await.is_none());
 
     store.open(false);
     let (view, outcome) = first.await.unwrap().unwrap();
@@ -250,7 +318,7 @@ async fn answers_wait_for_the_batches_they_depend_on() {
     let (view, outcome) = repeat.await.unwrap().unwrap();
     assert_eq!((view.id.as_str(), outcome), ("a", StartOutcome::Existing));
     for id in ["a", "b"] {
-        let stored = store.instance(id).unwrap().expect("stored");
+        let stored = stored(&store, id).await.expect("stored");
         assert_eq!(stored.status, "running", "{id}");
     }
     engine.shutdown().await;
@@ -260,9 +328,8 @@ async fn answers_wait_for_the_batches_they_depend_on() {
 /// states that follow one the store does not hold), and every caller gets an error.
 /// Method: the gate holds the first start's commit while two more starts are sent; the
 /// gate then fails that commit. No start may succeed and the store must hold none of them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_behind_a_failed_one_are_not_written() {
-    let (engine, store, _dir) = gated_engine().await;
+async fn batches_behind_a_failed_one_are_not_written(backend: Backend) {
+    let (engine, store, _place) = gated_engine(backend).await;
     store.close();
     let mut starts = Vec::new();
     for (index, id) in ["a", "b", "c"].into_iter().enumerate() {
@@ -280,7 +347,7 @@ async fn batches_behind_a_failed_one_are_not_written() {
     for (start, id) in starts.into_iter().zip(["a", "b", "c"]) {
         let answer = start.await.unwrap();
         assert!(answer.is_err(), "start of {id} succeeded: {answer:?}");
-        assert!(store.instance(id).unwrap().is_none(), "{id} was written");
+        assert!(stored(&store, id).await.is_none(), "{id} was written");
     }
     engine.shutdown().await;
 }
