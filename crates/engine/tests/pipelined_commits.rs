@@ -3,20 +3,23 @@
 //! and a batch whose predecessor failed is never written.
 //!
 //! Method: a real engine on a real store (SQLite, and PostgreSQL started by the test)
-//! behind a gate that holds every commit until the test opens it, and can fail the next one. Commands sent while a commit is
-//! held are built into later batches; what each caller is answered, and what the store
-//! holds, is checked once the gate opens.
+//! behind a gate that holds every commit until the test opens it, and can fail the next
+//! one. Commands sent while a commit is held are built into later batches; what each
+//! caller is answered, and what the store holds, is checked once the gate opens.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
 use weir_engine::{Config, Engine, StartOutcome, StartRequest, TokioClock};
-use weir_pgtest::PgServer;
 use weir_store::{
     Announcement, DefinitionRecord, Error, EventRecord, InstanceQuery, InstanceRecord, Lease,
-    Membership, PartitionBatch, PartitionSnapshot, PostgresStore, Refusal, SqliteStore, Store,
+    Membership, PartitionBatch, PartitionSnapshot, Refusal, Store,
 };
+
+#[macro_use]
+mod common;
+use common::{open_store, Backend, Place};
 
 /// How long a caller is given to (wrongly) get an answer while its batch cannot commit.
 const HELD_FOR: Duration = Duration::from_millis(300);
@@ -33,7 +36,7 @@ struct GateState {
 
 /// A store whose commits wait while the gate is closed.
 struct GatedStore {
-    inner: Box<dyn Store>,
+    inner: Arc<dyn Store>,
     gate: Mutex<GateState>,
     changed: Condvar,
 }
@@ -193,41 +196,9 @@ async fn stored(store: &Arc<GatedStore>, id: &str) -> Option<InstanceRecord> {
         .unwrap()
 }
 
-/// Which store a test runs on.
-#[derive(Debug, Clone, Copy)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// What holds a store's data for the length of a test.
-enum Place {
-    /// The SQLite data directory.
-    Sqlite { _dir: tempfile::TempDir },
-    /// The PostgreSQL server, stopped (and its directory deleted) when dropped.
-    Postgres { _server: PgServer },
-}
-
 /// An engine on one partition (so that every command goes through one actor) behind a gate.
 async fn gated_engine(backend: Backend) -> (Engine, Arc<GatedStore>, Place) {
-    // Blocking work (initdb, the synchronous PostgreSQL client) runs off the runtime.
-    let (inner, place) = tokio::task::spawn_blocking(move || -> (Box<dyn Store>, Place) {
-        match backend {
-            Backend::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                let store = SqliteStore::open(dir.path(), 1).unwrap();
-                (Box::new(store), Place::Sqlite { _dir: dir })
-            }
-            Backend::Postgres => {
-                let server = PgServer::start();
-                let url = server.create_database("weir");
-                let store = PostgresStore::connect(&url, 1).unwrap();
-                (Box::new(store), Place::Postgres { _server: server })
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let (inner, place) = open_store(backend, 1).await;
     let store = Arc::new(GatedStore {
         inner,
         gate: Mutex::new(GateState::default()),
@@ -244,29 +215,8 @@ async fn gated_engine(backend: Backend) -> (Engine, Arc<GatedStore>, Place) {
     (engine, store, place)
 }
 
-/// Makes `sqlite_<test>` and `postgres_<test>` of each `async fn <test>(Backend)`.
-macro_rules! on_both {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     answers_wait_for_the_batches_they_depend_on,
     batches_behind_a_failed_one_are_not_written
 );

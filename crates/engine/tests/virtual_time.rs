@@ -13,74 +13,18 @@ use std::time::Duration;
 use serde_json::json;
 use weir_engine::{Config, Engine, StartOutcome, StartRequest, TokioClock};
 use weir_model::event::ErrorInfo;
-use weir_pgtest::PgServer;
-use weir_store::{PostgresStore, SqliteStore, Store};
 
-/// Which store a test runs on.
-#[derive(Debug, Clone, Copy)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// Makes `sqlite::<test>` and `postgres::<test>` of each `async fn <test>(Backend)`.
-macro_rules! on_both {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(start_paused = true)]
-                async fn $test() {
-                    super::$test(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(start_paused = true)]
-                async fn $test() {
-                    super::$test(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
+#[macro_use]
+mod common;
+use common::{open_store, Backend};
 
 on_both!(
+    #[tokio::test(start_paused = true)]
     an_hours_long_workflow_runs_in_virtual_time,
     sleeping_instances_are_parked_and_still_answer,
     repeated_starts_answer_with_the_stored_instance,
     a_short_nap_wakes_after_a_restart
 );
-
-/// What holds a store's data for the length of a test.
-enum Place {
-    /// The SQLite data directory.
-    Sqlite { _dir: tempfile::TempDir },
-    /// The PostgreSQL server, stopped (and its directory deleted) when dropped.
-    Postgres { _server: PgServer },
-}
-
-/// Opens a store with `partition_count` partitions on `backend`, in a new place.
-async fn open_store(backend: Backend, partition_count: u32) -> (Arc<dyn Store>, Place) {
-    // Blocking work (initdb, the synchronous PostgreSQL client) runs off the runtime.
-    tokio::task::spawn_blocking(move || -> (Arc<dyn Store>, Place) {
-        match backend {
-            Backend::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                let store = SqliteStore::open(dir.path(), partition_count).unwrap();
-                (Arc::new(store), Place::Sqlite { _dir: dir })
-            }
-            Backend::Postgres => {
-                let server = PgServer::start();
-                let url = server.create_database("weir");
-                let store = PostgresStore::connect(&url, partition_count).unwrap();
-                (Arc::new(store), Place::Postgres { _server: server })
-            }
-        }
-    })
-    .await
-    .unwrap()
-}
 
 /// Completes the tasks that polls of `queues` hand out (each waiting up to `wait`)
 /// until `count` have come; the ids of their instances, sorted.

@@ -1,0 +1,66 @@
+//! What the engine's integration tests share: the two stores they run on.
+
+use std::sync::Arc;
+
+use weir_pgtest::PgServer;
+use weir_store::{PostgresStore, SqliteStore, Store};
+
+/// Which store a test runs on.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// What holds a store's data for the length of a test.
+pub enum Place {
+    /// The SQLite data directory.
+    Sqlite { _dir: tempfile::TempDir },
+    /// The PostgreSQL server, stopped (and its directory deleted) when dropped.
+    Postgres { _server: PgServer },
+}
+
+/// Opens a store with `partition_count` partitions on `backend`, in a new place.
+pub async fn open_store(backend: Backend, partition_count: u32) -> (Arc<dyn Store>, Place) {
+    // Blocking work (initdb, the synchronous PostgreSQL client) runs off the runtime.
+    tokio::task::spawn_blocking(move || -> (Arc<dyn Store>, Place) {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let store = SqliteStore::open(dir.path(), partition_count).unwrap();
+                (Arc::new(store), Place::Sqlite { _dir: dir })
+            }
+            Backend::Postgres => {
+                let server = PgServer::start();
+                let url = server.create_database("weir");
+                let store = PostgresStore::connect(&url, partition_count).unwrap();
+                (Arc::new(store), Place::Postgres { _server: server })
+            }
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// Makes `sqlite::<test>` and `postgres::<test>` of each `async fn <test>(Backend)`, each
+/// with the test attribute given first.
+macro_rules! on_both {
+    (#[$attribute:meta] $($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[$attribute]
+                async fn $test() {
+                    super::$test(super::common::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[$attribute]
+                async fn $test() {
+                    super::$test(super::common::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
