@@ -862,7 +862,7 @@ impl Engine {
             return self.start_instance(request).await;
         }
         let (id, check_existing) = self.start_id(&request)?;
-        let mut waiter = self.inner.shared.waiters.register(&id);
+        let waiter = self.inner.shared.waiters.register(&id);
         let (view, outcome) = self.start_as(request, id, check_existing).await?;
         if outcome == StartOutcome::Existing || waiter.receiver.is_none() {
             drop(waiter);
@@ -870,13 +870,9 @@ impl Engine {
             let waited = self.wait_instance(&view.id, wait).await;
             return Ok((waited.ok().flatten().unwrap_or(view), outcome));
         }
-        let ending = self.await_end(&mut waiter, wait).await;
-        drop(waiter);
-        let view = match ending {
-            Some(ended) => ended,
-            None => self.instance(&view.id).await.ok().flatten().unwrap_or(view),
-        };
-        Ok((view, outcome))
+        // The start is durable: a failed wait still answers the started instance.
+        let waited = self.ended_or_stored(waiter, &view.id, wait).await;
+        Ok((waited.ok().flatten().unwrap_or(view), outcome))
     }
 
     /// The id a start creates, and whether an instance with it may exist already (it
@@ -984,7 +980,7 @@ impl Engine {
         id: &str,
         wait: Duration,
     ) -> Result<Option<InstanceView>, Error> {
-        let mut waiter = self.inner.shared.waiters.register(id);
+        let waiter = self.inner.shared.waiters.register(id);
         if wait.is_zero() || waiter.receiver.is_none() || !self.running_in_memory(id).await {
             // Not known to run here: the store says what it is.
             let view = self.instance(id).await?;
@@ -993,33 +989,35 @@ impl Engine {
                 return Ok(view);
             }
         }
-        let ending = self.await_end(&mut waiter, wait).await;
-        drop(waiter);
-        match ending {
-            // The partition handed over the committed final view: no read needed.
-            Some(view) => Ok(Some(view)),
-            None => self.instance(id).await,
-        }
+        self.ended_or_stored(waiter, id, wait).await
     }
 
     /// Waits up to `wait` (at most `POLL_WAIT_MAX`) for the end a registered waiter is
-    /// told of: the committed final view, or `None` when the wait was over first or the
-    /// node stops.
-    async fn await_end(
+    /// told of, and answers the committed final view; when the wait was over first or the
+    /// node stops, the instance as stored.
+    async fn ended_or_stored(
         &self,
-        waiter: &mut waiters::Waiter<'_>,
+        mut waiter: waiters::Waiter<'_>,
+        id: &str,
         wait: Duration,
-    ) -> Option<InstanceView> {
-        let receiver = waiter.receiver.as_mut()?;
+    ) -> Result<Option<InstanceView>, Error> {
         let mut draining = self.inner.draining.subscribe();
-        // `wait_for` also returns at once when the node already stops.
-        let ending = tokio::select! {
-            ended = tokio::time::timeout(wait.min(POLL_WAIT_MAX), receiver.wait_for(Option::is_some)) => {
-                ended.ok().and_then(|ended| ended.ok().and_then(|view| view.clone()))
-            }
-            _ = draining.wait_for(|stopping| *stopping) => None,
+        let ending = match waiter.receiver.as_mut() {
+            // `wait_for` also returns at once when the node already stops.
+            Some(receiver) => tokio::select! {
+                ended = tokio::time::timeout(wait.min(POLL_WAIT_MAX), receiver.wait_for(Option::is_some)) => {
+                    ended.ok().and_then(|ended| ended.ok().and_then(|view| view.clone()))
+                }
+                _ = draining.wait_for(|stopping| *stopping) => None,
+            },
+            None => None,
         };
-        ending.map(|view| InstanceView::clone(&view))
+        drop(waiter);
+        match ending {
+            // The partition handed over the committed final view: no read needed.
+            Some(view) => Ok(Some(InstanceView::clone(&view))),
+            None => self.instance(id).await,
+        }
     }
 
     /// Whether the instance runs in the memory of a partition this node owns. The
