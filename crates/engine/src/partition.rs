@@ -152,14 +152,15 @@ struct Ended {
 }
 
 impl Pending {
-    /// Sized for `commands` commands of one or two events, a task and an instance each, so
+    /// Sized for `commands` commands of one or two events and an instance each, so
     /// that a batch's collections are allocated once instead of growing step by step.
     fn with_capacity(commands: usize) -> Pending {
         Pending {
             events: Vec::with_capacity(2 * commands),
             touched: Vec::with_capacity(commands),
             touched_set: HashSet::with_capacity(commands),
-            tasks: HashMap::with_capacity(2 * commands),
+            // Only tasks that are not restorable have rows: few.
+            tasks: HashMap::new(),
             timers: HashMap::new(),
             effects: Vec::with_capacity(commands),
             finished_tasks: Vec::with_capacity(commands),
@@ -185,6 +186,11 @@ pub(crate) struct PartitionActor {
     /// a timer fires or a command arrives. This keeps a partition's memory bounded by
     /// what is busy, not by what is asleep.
     parked: HashSet<String>,
+    /// The tasks that have a stored row: those not [restorable](machine::TaskSpec::restorable)
+    /// (a lane's, a human's), and any a version that stored every task left behind. Only
+    /// these have a row to delete when they finish; a restorable task's offer is derived
+    /// again from its instance's state when the partition loads.
+    stored_tasks: HashSet<String>,
     mailbox: mpsc::Receiver<Message>,
     /// Where HTTP results come back to.
     sender: mpsc::Sender<Message>,
@@ -239,6 +245,7 @@ impl PartitionActor {
             ended: HashSet::new(),
             ended_order: VecDeque::new(),
             parked: parked.into_iter().collect(),
+            stored_tasks: HashSet::with_capacity(snapshot.tasks.len()),
             mailbox,
             sender,
         };
@@ -261,6 +268,9 @@ impl PartitionActor {
         for task in snapshot.tasks {
             let offer: StoredTask = StoredTask::parse(&task.payload)
                 .ok_or_else(|| Error::Corrupt(format!("task {}", task.task_id)))?;
+            actor.stored_tasks.insert(task.task_id.clone());
+            // The board keeps the first offer of an id: a restorable task a row was left
+            // for is offered once, here, and its resumed offer below is ignored.
             shared.board.offer(
                 task.task_id,
                 offer.into_board_task(partition, epoch, task.instance_id),
@@ -543,7 +553,9 @@ impl PartitionActor {
                     let result = match outcome {
                         Ok(transition) => {
                             if let Some(task_id) = finished_task {
-                                pending.tasks.insert(task_id.clone(), None);
+                                if self.stored_tasks.remove(&task_id) {
+                                    pending.tasks.insert(task_id.clone(), None);
+                                }
                                 pending.finished_tasks.push(task_id);
                             }
                             self.record(&mut pending, &instance_id, transition, now);
@@ -613,7 +625,9 @@ impl PartitionActor {
         for effect in transition.effects {
             match &effect {
                 Effect::StartChild { .. } | Effect::CancelChild { .. } => {}
+                Effect::OfferTask(spec) if spec.restorable => {}
                 Effect::OfferTask(spec) => {
+                    self.stored_tasks.insert(spec.task_id.clone());
                     pending.tasks.insert(
                         spec.task_id.clone(),
                         Some(TaskRecord {
@@ -626,7 +640,9 @@ impl PartitionActor {
                     );
                 }
                 Effect::WithdrawTask { task_id } => {
-                    pending.tasks.insert(task_id.clone(), None);
+                    if self.stored_tasks.remove(task_id) {
+                        pending.tasks.insert(task_id.clone(), None);
+                    }
                 }
                 Effect::StartTimer { timer, fire_at } => {
                     pending

@@ -658,6 +658,12 @@ pub struct TaskSpec {
     pub queue_timeout: Option<Duration>,
     /// Bound between heartbeats once taken.
     pub heartbeat_timeout: Option<Duration>,
+    /// Whether [`resume_effects`] offers this task again from the instance's state
+    /// alone, so that it needs no stored row of its own. True for a main-lane `task`
+    /// step: nothing changes the context it was evaluated on while it waits. False for
+    /// a lane's task (a `set` step in another lane may change `.vars` meanwhile) and for
+    /// a human task (an escalation rewrites its assignee).
+    pub restorable: bool,
 }
 
 /// An HTTP call to make for a step.
@@ -1619,29 +1625,21 @@ fn schedule_attempt(
         fire_at: now.saturating_add(millis(timeout)),
     });
     match &step.kind {
-        StepKind::Task { queue, input } => {
-            let input = match input.eval(&state.context) {
-                Ok(value) => value,
+        StepKind::Task { .. } => {
+            let spec = match queue_task(state, definition, current, attempt) {
+                Ok(spec) => spec,
                 Err(err) => return expression_failed(state, definition, &err.message, now, t),
             };
-            let task_id = task_id(&state.id, &step_id, attempt);
             t.events.push(EventKind::StepScheduled {
-                step_id: step_id.clone(),
-                attempt,
-                input: Some(input.clone()),
-            });
-            t.effects.push(Effect::OfferTask(TaskSpec {
-                task_id: task_id.clone(),
-                queue: queue.clone(),
-                idempotency_key: format!("{}:{step_id}", state.id),
                 step_id,
                 attempt,
-                input,
-                queue_timeout: step.queue_timeout,
-                heartbeat_timeout: step.heartbeat_timeout,
-            }));
+                input: Some(spec.input.clone()),
+            });
+            state.wait = Wait::Task {
+                task_id: spec.task_id.clone(),
+            };
+            t.effects.push(Effect::OfferTask(spec));
             t.effects.extend(timeout_timer);
-            state.wait = Wait::Task { task_id };
         }
         StepKind::Http { .. } => {
             let request = match http_request(step, &step_id, attempt, &state.context) {
@@ -1902,6 +1900,33 @@ fn human_task(
         attempt,
         queue_timeout: None,
         heartbeat_timeout: None,
+        restorable: false,
+    })
+}
+
+/// The task of a `task` step's `attempt`, its input evaluated against the context.
+fn queue_task(
+    state: &InstanceState,
+    definition: &Definition,
+    step: StepRef,
+    attempt: u32,
+) -> Result<TaskSpec, EvalError> {
+    let resolved = step.resolve(definition);
+    let StepKind::Task { queue, input } = &resolved.kind else {
+        unreachable!("only task steps have queue tasks")
+    };
+    let input = input.eval(&state.context)?;
+    let step_id = step.step_id(definition);
+    Ok(TaskSpec {
+        task_id: task_id(&state.id, &step_id, attempt),
+        queue: queue.clone(),
+        idempotency_key: format!("{}:{step_id}", state.id),
+        step_id,
+        attempt,
+        input,
+        queue_timeout: resolved.queue_timeout,
+        heartbeat_timeout: resolved.heartbeat_timeout,
+        restorable: !matches!(step, StepRef::Lane { .. }),
     })
 }
 
@@ -1941,7 +1966,8 @@ fn http_request(
 }
 
 /// Effects a running instance needs again after its partition is loaded from the
-/// store: those not kept in the store's task and timer tables (HTTP calls in flight).
+/// store: those not kept in the store's task and timer tables (HTTP calls in flight,
+/// and the offers of [restorable](TaskSpec::restorable) tasks, which have no rows).
 pub fn resume_effects(state: &InstanceState, definition: &Definition) -> Vec<Effect> {
     if state.status.is_terminal() {
         return Vec::new();
@@ -1983,6 +2009,25 @@ pub fn resume_effects(state: &InstanceState, definition: &Definition) -> Vec<Eff
             }
         }
         return Vec::new();
+    }
+    if let Wait::Task { task_id } = &state.wait {
+        let current = state.current.expect("a task wait has a current step");
+        if !matches!(current.resolve(definition).kind, StepKind::Task { .. }) {
+            return Vec::new();
+        }
+        return match queue_task(state, definition, current, state.attempt) {
+            Ok(spec) if spec.restorable => {
+                assert_eq!(
+                    &spec.task_id, task_id,
+                    "a restored task is the one waited on"
+                );
+                vec![Effect::OfferTask(spec)]
+            }
+            // A lane's task has its stored row.
+            Ok(_) => Vec::new(),
+            // It evaluated when the attempt was scheduled and the context has not changed since.
+            Err(err) => unreachable!("a task's input that evaluated once fails now: {err}"),
+        };
     }
     if state.wait != Wait::Http {
         return Vec::new();

@@ -126,7 +126,8 @@ pub struct InstanceRecord {
     pub state: String,
 }
 
-/// A task waiting for a worker (offered or leased).
+/// The row of a task waiting for a worker (offered or leased), for a task the engine
+/// cannot offer again from its instance's state alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskRecord {
     /// Task id.
