@@ -2071,10 +2071,8 @@ fn complete_step(
                 !state.completed.contains(&index),
                 "a step completes once per run"
             );
-            steps_mut(&mut state.context).insert(
-                definition.steps[index].id.clone(),
-                json!({ "output": output }),
-            );
+            steps_mut(&mut state.context)
+                .insert(definition.steps[index].id.clone(), output_entry(output));
             state.completed.push(index);
             state.cursor = index + 1;
             advance(state, definition, now, t);
@@ -2107,10 +2105,8 @@ fn complete_step(
                 CatchThen::Continue => {
                     // The handler's last output stands in for the step's; the step itself
                     // did not complete, so it has nothing to compensate.
-                    steps_mut(&mut state.context).insert(
-                        definition.steps[index].id.clone(),
-                        json!({ "output": output }),
-                    );
+                    steps_mut(&mut state.context)
+                        .insert(definition.steps[index].id.clone(), output_entry(output));
                     state.cursor = index + 1;
                     advance(state, definition, now, t);
                 }
@@ -2166,6 +2162,14 @@ fn complete_step(
             next_compensation(state, definition, now, t);
         }
     }
+}
+
+/// A step's entry in the context's `steps`: `{"output": output}`, built around the value
+/// (`json!` would copy it through a serializer).
+fn output_entry(output: Value) -> Value {
+    let mut entry = Map::with_capacity(1);
+    entry.insert("output".to_string(), output);
+    Value::Object(entry)
 }
 
 /// Makes the switch step at `index` current again, as it was when its branch began.
