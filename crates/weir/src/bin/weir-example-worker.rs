@@ -54,6 +54,10 @@ struct Options {
     /// Most tasks handled at once.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Threads of the async runtime. One is enough for handlers that await rather than
+    /// compute, and hands each task between fewer threads than several would.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: u16,
     /// Name given to the server (default: weir-example-worker-<process id>).
     #[arg(long)]
     worker_id: Option<String>,
@@ -148,6 +152,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(options.threads))
         .enable_all()
         .build()
     {
