@@ -346,9 +346,9 @@ const RUNTIME_THREADS_MAX: usize = 1024;
 /// One runtime thread per core but one, and at least one: the store's committer thread,
 /// which spends a step's commit in SQLite's b-trees and the fsync, gets a core of its
 /// own. Fewer runtime threads also hand a request, its partition and its answer
-/// between fewer threads: on 2 cores, one runtime thread took a step at one instance
-/// in flight from about 0.63 to 0.48 ms and left throughput at 256 in flight where it
-/// was (BENCHMARKS.md, "Fifth optimisation pass").
+/// between fewer threads: on 2 cores, one runtime thread (and one in the example worker)
+/// made steps at one instance in flight 10–13% faster and left throughput at 16 to 256
+/// in flight where it was (BENCHMARKS.md, "Fifth optimisation pass").
 fn default_runtime_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     cores.saturating_sub(1).max(1)
