@@ -17,7 +17,7 @@ use weir_store::{PartitionBatch, Store, TaskRecord};
 
 #[macro_use]
 mod common;
-use common::{open_store, Backend};
+use common::{assert_completed, open_store, Backend};
 
 on_both!(
     #[tokio::test(start_paused = true)]
@@ -49,6 +49,21 @@ async fn start_engine(store: &Arc<dyn Store>, clock: &Arc<TokioClock>) -> Engine
     Engine::start(store.clone(), Config::default(), clock.clone())
         .await
         .unwrap()
+}
+
+/// Starts an instance of `rows` with id `id` and input `{"n": n}`.
+async fn start_rows(engine: &Engine, id: &str, n: u64) {
+    engine
+        .start_instance(StartRequest {
+            definition: "rows".into(),
+            version: None,
+            input: json!({ "n": n }),
+            id: Some(id.into()),
+            restart: None,
+            parent: None,
+        })
+        .await
+        .unwrap();
 }
 
 /// The ids of the stored task rows of every partition, sorted.
@@ -119,17 +134,7 @@ async fn every_kind_of_task_is_offered_again_after_a_restart(backend: Backend) {
     let engine = start_engine(&store, &clock).await;
     engine.deploy(ROWS).await.unwrap();
     for (n, id) in ids.iter().enumerate() {
-        engine
-            .start_instance(StartRequest {
-                definition: "rows".into(),
-                version: None,
-                input: json!({ "n": n }),
-                id: Some(id.clone()),
-                restart: None,
-                parent: None,
-            })
-            .await
-            .unwrap();
+        start_rows(&engine, id, n as u64).await;
     }
     let before = described(&offers(&engine, "fetch", ids.len()).await);
     assert_eq!(before[0].3, json!({ "n": 0 }));
@@ -187,14 +192,7 @@ async fn every_kind_of_task_is_offered_again_after_a_restart(backend: Backend) {
             .await
             .unwrap();
     }
-    for id in &ids {
-        let done = engine
-            .wait_instance(id, Duration::from_secs(60))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(done.status, "completed", "{id}");
-    }
+    assert_completed(&engine, &ids).await;
     assert_eq!(stored_task_ids(&store).await, Vec::<String>::new());
     engine.shutdown().await;
 }
@@ -206,17 +204,7 @@ async fn a_row_left_for_a_derivable_task_is_offered_once_and_deleted(backend: Ba
     let clock = Arc::new(TokioClock::starting_at(1_000_000));
     let engine = start_engine(&store, &clock).await;
     engine.deploy(ROWS).await.unwrap();
-    engine
-        .start_instance(StartRequest {
-            definition: "rows".into(),
-            version: None,
-            input: json!({ "n": 7 }),
-            id: Some("legacy".into()),
-            restart: None,
-            parent: None,
-        })
-        .await
-        .unwrap();
+    start_rows(&engine, "legacy", 7).await;
     let offered = described(&offers(&engine, "fetch", 1).await);
     engine.shutdown().await;
     drop(engine);

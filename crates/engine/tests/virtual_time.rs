@@ -16,7 +16,7 @@ use weir_model::event::ErrorInfo;
 
 #[macro_use]
 mod common;
-use common::{open_store, Backend};
+use common::{assert_completed, open_store, Backend};
 
 on_both!(
     #[tokio::test(start_paused = true)]
@@ -48,18 +48,6 @@ async fn complete_offers(
     }
     done.sort();
     done
-}
-
-/// Waits for each of `ids` to end and checks that it completed.
-async fn assert_completed(engine: &Engine, ids: &[String]) {
-    for id in ids {
-        let done = engine
-            .wait_instance(id, Duration::from_secs(60))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(done.status, "completed", "{id}");
-    }
 }
 
 const DEFINITION: &str = r#"

@@ -1,7 +1,9 @@
 //! What the engine's integration tests share: the two stores they run on.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use weir_engine::Engine;
 use weir_pgtest::PgServer;
 use weir_store::{PostgresStore, SqliteStore, Store};
 
@@ -40,6 +42,19 @@ pub async fn open_store(backend: Backend, partition_count: u32) -> (Arc<dyn Stor
     })
     .await
     .unwrap()
+}
+
+/// Waits for each of `ids` to end and checks that it completed.
+#[allow(dead_code)] // not every test binary uses it
+pub async fn assert_completed(engine: &Engine, ids: &[String]) {
+    for id in ids {
+        let done = engine
+            .wait_instance(id, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.status, "completed", "{id}");
+    }
 }
 
 /// Makes `sqlite::<test>` and `postgres::<test>` of each `async fn <test>(Backend)`, each
