@@ -58,7 +58,7 @@ pub struct ServerArgs {
     /// This node's name (default node-1).
     #[arg(long, env = "WEIR_NODE_ID")]
     node_id: Option<String>,
-    /// Partitions of a new store, fixed once created (default: 4 per core, from 4 to 64,
+    /// Partitions of a new store, fixed once created (default: 1 per core, from 2 to 64,
     /// for the embedded store; 64 for PostgreSQL).
     #[arg(long, env = "WEIR_PARTITIONS")]
     partitions: Option<u32>,
