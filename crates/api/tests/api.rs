@@ -12,39 +12,16 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use weir_engine::{Config, Engine, TokioClock};
-use weir_pgtest::PgServer;
-use weir_store::{InstanceQuery, PostgresStore, SqliteStore, Store};
+use weir_store::{InstanceQuery, Store};
 
-/// Which store a test runs on.
-#[derive(Debug, Clone, Copy)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// Makes `sqlite::<test>` and `postgres::<test>` of each `async fn <test>(Backend)`.
-macro_rules! on_both {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
+// The stores and the both-stores macro are the engine tests' own: one copy.
+#[path = "../../engine/tests/common/mod.rs"]
+#[macro_use]
+mod common;
+use common::{open_store, Backend, Place};
 
 on_both!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     every_endpoint_and_its_errors,
     http_and_sleep_steps_run_for_real,
     recovery_operations_signals_and_compensation,
@@ -52,36 +29,6 @@ on_both!(
     child_workflows_report_to_their_parent_and_are_cancelled_with_it,
     completions_are_taken_in_batches,
 );
-
-/// What holds a store's data for the length of a test.
-enum Place {
-    /// The SQLite data directory.
-    Sqlite { _dir: tempfile::TempDir },
-    /// The PostgreSQL server, stopped (and its directory deleted) when dropped.
-    Postgres { _server: PgServer },
-}
-
-/// Opens a store with `partition_count` partitions on `backend`, in a new place.
-async fn open_store(backend: Backend, partition_count: u32) -> (Arc<dyn Store>, Place) {
-    // Blocking work (initdb, the synchronous PostgreSQL client) runs off the runtime.
-    tokio::task::spawn_blocking(move || -> (Arc<dyn Store>, Place) {
-        match backend {
-            Backend::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                let store = SqliteStore::open(dir.path(), partition_count).unwrap();
-                (Arc::new(store), Place::Sqlite { _dir: dir })
-            }
-            Backend::Postgres => {
-                let server = PgServer::start();
-                let url = server.create_database("weir");
-                let store = PostgresStore::connect(&url, partition_count).unwrap();
-                (Arc::new(store), Place::Postgres { _server: server })
-            }
-        }
-    })
-    .await
-    .unwrap()
-}
 
 struct Harness {
     base: String,

@@ -1,4 +1,5 @@
-//! What the engine's integration tests share: the two stores they run on.
+//! What the engine's integration tests share (the API's tests include it too): the two
+//! stores they run on.
 
 use std::sync::Arc;
 use std::time::Duration;
