@@ -11,7 +11,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use weir_engine::{HistoryEvent, InstanceView, StartOutcome, StartRequest, TaskOffer};
+use weir_engine::{
+    HistoryEvent, InstanceView, StartOutcome, StartRequest, TaskOffer, TaskReservation,
+};
 use weir_model::event::ErrorInfo;
 use weir_model::machine::InstanceStatus;
 use weir_store::InstanceQuery;
@@ -671,26 +673,7 @@ async fn poll(
 ) -> Result<Response, ApiError> {
     let bytes = read_body(body, state.limits.body_size_max).await?;
     let body: PollBody = parse_json(&bytes)?;
-    if body.queues.is_empty() || body.queues.len() > POLL_QUEUES_MAX {
-        return Err(
-            ApiError::invalid(format!("queues must name 1 to {POLL_QUEUES_MAX} queues"))
-                .with("pointer", "/queues".into()),
-        );
-    }
-    for (index, queue) in body.queues.iter().enumerate() {
-        if weir_engine::check_id("queue name", queue).is_err() {
-            return Err(ApiError::invalid(format!("bad queue name `{queue}`"))
-                .with("pointer", format!("/queues/{index}").into()));
-        }
-    }
-    let max_tasks = body.max_tasks.unwrap_or(1) as usize;
-    if max_tasks == 0 || max_tasks > weir_engine::POLL_TASKS_MAX {
-        return Err(ApiError::invalid(format!(
-            "max_tasks must be from 1 to {}",
-            weir_engine::POLL_TASKS_MAX
-        ))
-        .with("pointer", "/max_tasks".into()));
-    }
+    let max_tasks = check_poll(&body.queues, body.max_tasks.unwrap_or(1), "")?;
     let wait = Duration::from_millis(body.wait_ms.unwrap_or(0)).min(crate::POLL_WAIT_MAX);
     let _ = body.worker_id;
     let forwarded = headers.contains_key(crate::FORWARDED_HEADER);
@@ -735,32 +718,99 @@ async fn poll(
     }
 }
 
+/// Checks a poll's queues and task count (`pointer` prefixes the JSON pointers of
+/// errors); returns the count.
+fn check_poll(queues: &[String], max_tasks: u32, pointer: &str) -> Result<usize, ApiError> {
+    if queues.is_empty() || queues.len() > POLL_QUEUES_MAX {
+        return Err(
+            ApiError::invalid(format!("queues must name 1 to {POLL_QUEUES_MAX} queues"))
+                .with("pointer", format!("{pointer}/queues").into()),
+        );
+    }
+    for (index, queue) in queues.iter().enumerate() {
+        if weir_engine::check_id("queue name", queue).is_err() {
+            return Err(ApiError::invalid(format!("bad queue name `{queue}`"))
+                .with("pointer", format!("{pointer}/queues/{index}").into()));
+        }
+    }
+    let max_tasks = max_tasks as usize;
+    if max_tasks == 0 || max_tasks > weir_engine::POLL_TASKS_MAX {
+        return Err(ApiError::invalid(format!(
+            "max_tasks must be from 1 to {}",
+            weir_engine::POLL_TASKS_MAX
+        ))
+        .with("pointer", format!("{pointer}/max_tasks").into()));
+    }
+    Ok(max_tasks)
+}
+
+/// What a completing worker asks for besides the completion: up to `max_tasks` more
+/// tasks of `queues`, answered in `tasks` with leases as a poll's would be.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NextTasks {
+    queues: Vec<String>,
+    max_tasks: u32,
+}
+
+impl NextTasks {
+    /// Opens the reservation that catches the tasks the completions make. `None` when
+    /// the engine keeps none now (stopping, or too many open): the answer then has no
+    /// tasks and the worker polls.
+    fn reserve(
+        next: Option<&NextTasks>,
+        state: &AppState,
+    ) -> Result<Option<TaskReservation>, ApiError> {
+        let Some(next) = next else {
+            return Ok(None);
+        };
+        let max_tasks = check_poll(&next.queues, next.max_tasks, "/next")?;
+        Ok(state.engine.reserve_tasks(&next.queues, max_tasks))
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CompleteBody {
     lease_token: String,
     #[serde(default)]
     output: Value,
+    /// Next tasks to hand back in the answer.
+    #[serde(default)]
+    next: Option<NextTasks>,
 }
 
+/// `POST /v1/tasks/{task_id}/complete`. With `next`, the answer's `tasks` holds up to
+/// `next.max_tasks` tasks leased to the caller, the instance's next step's first among
+/// them when it is a task of one of `next.queues`: the worker needs no poll for it.
 async fn complete(
     State(state): State<AppState>,
     Path(task_id): Path<String>,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let bytes = read_body(body, state.limits.body_size_max).await?;
     let body: CompleteBody = parse_json(&bytes)?;
+    // Opened before the completion commits, so that the task its commit offers comes
+    // here; dropped (offering its tasks again) if the completion is refused.
+    let reservation = NextTasks::reserve(body.next.as_ref(), &state)?;
     state
         .engine
         .complete_task(&task_id, &body.lease_token, body.output)
         .await?;
-    Ok(Json(json!({})))
+    if body.next.is_none() {
+        return Ok(Json(json!({})).into_response());
+    }
+    let offers = reservation.map(TaskReservation::take).unwrap_or_default();
+    Ok(offers_response(&offers))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CompletionsBody {
     completions: Vec<CompletionItem>,
+    /// Next tasks to hand back in the answer.
+    #[serde(default)]
+    next: Option<NextTasks>,
 }
 
 #[derive(Deserialize)]
@@ -776,12 +826,14 @@ struct CompletionItem {
 /// is 200 with one result per completion, in order: `{"task_id", "status"}` and,
 /// unless `status` is 200, the `error` a single completion would have answered.
 /// In a cluster, completions of instances another node owns are sent on to it in
-/// one request per node.
+/// one request per node. With `next`, the answer's `tasks` holds tasks leased to the
+/// caller as for one completion; only tasks offered on this node are caught, so the
+/// next steps of instances another node owns reach the worker through its polls.
 async fn complete_batch(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let bytes = read_body(body, state.limits.body_size_max).await?;
     let body: CompletionsBody = parse_json(&bytes)?;
     let count = body.completions.len();
@@ -792,6 +844,8 @@ async fn complete_batch(
         ))
         .with("pointer", "/completions".into()));
     }
+    let reservation = NextTasks::reserve(body.next.as_ref(), &state)?;
+    let asked = body.next.is_some();
     let forwarded = headers.contains_key(crate::FORWARDED_HEADER);
     // Which node answers each completion, keeping each one's place in the batch.
     let mut local = Vec::new();
@@ -860,7 +914,20 @@ async fn complete_batch(
             results[index] = answer;
         }
     }
-    Ok(Json(json!({ "results": results })))
+    if !asked {
+        return Ok(Json(json!({ "results": results })).into_response());
+    }
+    #[derive(Serialize)]
+    struct Answer<'a> {
+        results: Vec<Value>,
+        tasks: Vec<OfferWire<'a>>,
+    }
+    let offers = reservation.map(TaskReservation::take).unwrap_or_default();
+    let answer = Answer {
+        results,
+        tasks: offers.iter().map(OfferWire::from).collect(),
+    };
+    Ok(Json(answer).into_response())
 }
 
 /// One result of a batch of completions.

@@ -28,6 +28,7 @@ on_both!(
     human_tasks_are_listed_validated_and_completed,
     child_workflows_report_to_their_parent_and_are_cancelled_with_it,
     completions_are_taken_in_batches,
+    completions_hand_back_the_next_task,
 );
 
 struct Harness {
@@ -1438,5 +1439,125 @@ async fn completions_are_taken_in_batches(backend: Backend) {
             .count();
         assert_eq!(completed, 1, "{history}");
     }
+    h.stop().await;
+}
+
+async fn completions_hand_back_the_next_task(backend: Backend) {
+    // Goal: a completion that asks for `next` gets its instance's next task in its answer,
+    // leased to it, ahead of a poll that is waiting; bad `next` input is refused before
+    // anything is applied.
+    let h = Harness::start(backend).await;
+    assert_eq!(h.deploy(ORDER).await.0, 201);
+    let start = |id: &str| json!({"definition": "order", "id": id, "input": {"sku": id}});
+    for id in ["n-0", "n-1", "n-2"] {
+        assert_eq!(h.post("/v1/instances", start(id)).await.0, 201);
+    }
+    let (_, polled) = h
+        .post(
+            "/v1/tasks/poll",
+            json!({"queues": ["inventory"], "max_tasks": 3, "wait_ms": 2000}),
+        )
+        .await;
+    let mut tasks = polled["tasks"].as_array().unwrap().clone();
+    assert_eq!(tasks.len(), 3, "{polled}");
+    tasks.sort_by_key(|t| t["instance_id"].as_str().unwrap().to_string());
+    let path = |task: &Value| format!("/v1/tasks/{}/complete", task["task_id"].as_str().unwrap());
+
+    // Refused before the completion is applied: nothing changes.
+    for (next, pointer) in [
+        (
+            json!({"queues": ["bad queue"], "max_tasks": 1}),
+            "/next/queues/0",
+        ),
+        (json!({"queues": [], "max_tasks": 1}), "/next/queues"),
+        (
+            json!({"queues": ["payments"], "max_tasks": 0}),
+            "/next/max_tasks",
+        ),
+        (
+            json!({"queues": ["payments"], "max_tasks": 2000}),
+            "/next/max_tasks",
+        ),
+    ] {
+        let body =
+            json!({"lease_token": tasks[0]["lease_token"], "output": {"id": "x"}, "next": next});
+        let refused = check_refused(
+            &h,
+            "POST",
+            &path(&tasks[0]),
+            json_body(&body.to_string()),
+            400,
+            "invalid_request",
+        )
+        .await;
+        assert_eq!(refused["error"]["pointer"], json!(pointer), "{refused}");
+    }
+    let body = json!({"completions": [{"task_id": tasks[0]["task_id"], "lease_token": tasks[0]["lease_token"]}], "next": {"queues": ["payments"]}});
+    check_refused(
+        &h,
+        "POST",
+        "/v1/tasks/completions",
+        json_body(&body.to_string()),
+        400,
+        "invalid_request",
+    )
+    .await;
+
+    // One completion, with a poll of the next step's queue waiting: the completion's
+    // answer has the next task, the poll ends empty.
+    let waiting_poll = {
+        let client = h.client.clone();
+        let url = format!("{}/v1/tasks/poll", h.base);
+        tokio::spawn(async move {
+            let answer = client
+                .post(url)
+                .json(&json!({"queues": ["payments"], "max_tasks": 10, "wait_ms": 1500}))
+                .send()
+                .await
+                .unwrap();
+            answer.json::<Value>().await.unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let body = json!({"lease_token": tasks[0]["lease_token"], "output": {"id": "r-0"},
+        "next": {"queues": ["inventory", "payments"], "max_tasks": 1}});
+    let (status, answer) = h.post(&path(&tasks[0]), body).await;
+    assert_eq!(status, 200, "{answer}");
+    let next = answer["tasks"].as_array().unwrap();
+    assert_eq!(next.len(), 1, "{answer}");
+    assert_eq!(next[0]["instance_id"], json!("n-0"));
+    assert_eq!(next[0]["step_id"], json!("charge"));
+    assert_eq!(next[0]["input"], json!({"reservation": "r-0"}));
+    assert_eq!(waiting_poll.await.unwrap(), json!({"tasks": []}));
+    // Leased to this caller: its token completes it.
+    let body = json!({"lease_token": next[0]["lease_token"], "output": {"charged": true}});
+    assert_eq!(h.post(&path(&next[0]), body).await.0, 200);
+    let (_, instance) = h.get("/v1/instances/n-0?wait_ms=2000").await;
+    assert_eq!(instance["status"], json!("completed"), "{instance}");
+
+    // Without `next` the answer is as before, and the next task waits for a poll.
+    let body = json!({"lease_token": tasks[1]["lease_token"], "output": {"id": "r-1"}});
+    assert_eq!(h.post(&path(&tasks[1]), body).await, (200, json!({})));
+    // A `next` of other queues takes nothing of this one: the answer's tasks are empty,
+    // then topped up from what waits on the queues asked for.
+    let body = json!({"completions": [{"task_id": tasks[2]["task_id"], "lease_token": tasks[2]["lease_token"], "output": {"id": "r-2"}}],
+        "next": {"queues": ["inventory"], "max_tasks": 4}});
+    let (status, answer) = h.post("/v1/tasks/completions", body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["results"][0]["status"], json!(200), "{answer}");
+    assert_eq!(answer["tasks"], json!([]), "{answer}");
+    let body = json!({"completions": [{"task_id": "nope", "lease_token": "0000"}],
+        "next": {"queues": ["payments"], "max_tasks": 4}});
+    let (status, answer) = h.post("/v1/tasks/completions", body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["results"][0]["status"], json!(409), "{answer}");
+    let mut waited: Vec<&str> = answer["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["instance_id"].as_str().unwrap())
+        .collect();
+    waited.sort();
+    assert_eq!(waited, ["n-1", "n-2"], "{answer}");
     h.stop().await;
 }

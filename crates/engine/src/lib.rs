@@ -31,7 +31,7 @@ use weir_store::{EventRecord, InstanceQuery, InstanceRecord, Store};
 pub use clock::{Clock, TokioClock};
 pub use cluster::{ClusterConfig, ClusterStatus, NodeStatus, PartitionStatus};
 pub use partition::StartOutcome;
-pub use taskboard::{TaskOffer, POLL_TASKS_MAX};
+pub use taskboard::{TaskOffer, POLL_TASKS_MAX, RESERVATIONS_MAX};
 
 use committer::Committer;
 use definitions::Definitions;
@@ -169,6 +169,30 @@ pub struct StartRequest {
     pub restart: Option<machine::Restart>,
     /// The instance this one is a child of.
     pub parent: Option<String>,
+}
+
+/// Room kept on the task board for a completing worker (see [`Engine::reserve_tasks`]).
+pub struct TaskReservation {
+    shared: Arc<Shared>,
+    id: u64,
+    taken: bool,
+}
+
+impl TaskReservation {
+    /// Closes the reservation and returns its tasks, leased to the caller: those offered
+    /// while it was open, then tasks already waiting on its queues while it has room.
+    pub fn take(mut self) -> Vec<TaskOffer> {
+        self.taken = true;
+        self.shared.board.collect(self.id)
+    }
+}
+
+impl Drop for TaskReservation {
+    fn drop(&mut self) {
+        if !self.taken {
+            self.shared.board.cancel(self.id);
+        }
+    }
 }
 
 /// State shared by the engine's parts.
@@ -1341,6 +1365,24 @@ impl Engine {
             offers = self.inner.shared.board.poll(queues, max_tasks, wait) => offers,
             _ = draining.changed() => Vec::new(),
         }
+    }
+
+    /// Keeps room for up to `max_tasks` tasks of `queues` for a worker that is about
+    /// to complete others: a task offered while the reservation is open (such as the
+    /// next step of an instance whose completion is committing) goes to it, leased,
+    /// instead of to a poll. [`TaskReservation::take`] hands them over; dropping the
+    /// reservation offers them again. `None` while polls are stopped or when
+    /// [`RESERVATIONS_MAX`] reservations are open: the worker then polls as usual.
+    pub fn reserve_tasks(&self, queues: &[String], max_tasks: usize) -> Option<TaskReservation> {
+        if self.polls_stopped() {
+            return None;
+        }
+        let id = self.inner.shared.board.reserve(queues, max_tasks)?;
+        Some(TaskReservation {
+            shared: self.inner.shared.clone(),
+            id,
+            taken: false,
+        })
     }
 
     /// A worker completed a task.

@@ -25,6 +25,11 @@ use crate::clock::Clock;
 /// Most tasks one poll may return.
 pub const POLL_TASKS_MAX: usize = 1024;
 
+/// Most reservations open at once (completions waiting for their commit that asked
+/// for next tasks). A completion that finds them all taken is answered without next
+/// tasks: its worker polls for them as it would have anyway.
+pub const RESERVATIONS_MAX: usize = 4096;
+
 /// A task as handed to a worker.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskOffer {
@@ -103,6 +108,19 @@ struct Inner {
     paused: std::collections::HashSet<String>,
     /// Tasks of paused instances taken off their queues, to go back on resume.
     held: HashMap<String, Vec<String>>,
+    /// Open reservations, oldest first; at most [`RESERVATIONS_MAX`].
+    reservations: Vec<Reservation>,
+    reservation_next: u64,
+}
+
+/// Room a completing worker keeps for the tasks its completions make: a task offered
+/// while the reservation is open goes to it, leased, instead of to a poll.
+struct Reservation {
+    id: u64,
+    queues: Vec<String>,
+    /// How many more tasks it takes.
+    room: usize,
+    taken: Vec<TaskOffer>,
 }
 
 /// The board; cheap to share.
@@ -134,10 +152,46 @@ impl TaskBoard {
     }
 
     /// Puts a task on the board (or leaves it as it is if it is already there).
+    ///
+    /// An open reservation for the task's queue takes it at once, leased; otherwise it
+    /// waits on its queue and polls are woken.
     pub fn offer(&self, task_id: String, task: BoardTask) {
         {
             let mut inner = self.inner.lock().expect("board lock");
+            let inner = &mut *inner;
             if inner.entries.contains_key(&task_id) {
+                return;
+            }
+            let reservation = if inner.paused.contains(&task.instance_id) {
+                None
+            } else {
+                inner
+                    .reservations
+                    .iter_mut()
+                    .find(|r| r.room > 0 && r.queues.contains(&task.queue))
+            };
+            if let Some(reservation) = reservation {
+                let now = self.clock.now_ms();
+                let mut entry = Entry {
+                    task,
+                    lease: None,
+                    pickup_due: None,
+                    timed_out: false,
+                };
+                let offer = lease(
+                    &mut entry,
+                    task_id.clone(),
+                    now,
+                    self.lease_duration,
+                    &mut inner.token_next,
+                );
+                reservation.room -= 1;
+                reservation.taken.push(offer);
+                inner.leased.insert(
+                    task_id.clone(),
+                    entry.lease.as_ref().expect("just leased").expires_at,
+                );
+                inner.entries.insert(task_id, entry);
                 return;
             }
             inner
@@ -157,6 +211,76 @@ impl TaskBoard {
                     timed_out: false,
                 },
             );
+        }
+        self.offered.notify_waiters();
+    }
+
+    /// Opens a reservation of up to `max_tasks` tasks of `queues`: what is offered
+    /// from now until [`collect`](TaskBoard::collect) goes to it first. `None` when
+    /// [`RESERVATIONS_MAX`] are open.
+    pub fn reserve(&self, queues: &[String], max_tasks: usize) -> Option<u64> {
+        let mut inner = self.inner.lock().expect("board lock");
+        if inner.reservations.len() >= RESERVATIONS_MAX {
+            return None;
+        }
+        inner.reservation_next += 1;
+        let id = inner.reservation_next;
+        inner.reservations.push(Reservation {
+            id,
+            queues: queues.to_vec(),
+            room: max_tasks.clamp(1, POLL_TASKS_MAX),
+            taken: Vec::new(),
+        });
+        Some(id)
+    }
+
+    /// Closes reservation `id` and returns what it took, topped up with tasks already
+    /// waiting on its queues while it has room (as a poll that does not wait).
+    pub fn collect(&self, id: u64) -> Vec<TaskOffer> {
+        let reservation = {
+            let mut inner = self.inner.lock().expect("board lock");
+            let Some(position) = inner.reservations.iter().position(|r| r.id == id) else {
+                return Vec::new();
+            };
+            inner.reservations.remove(position)
+        };
+        let mut taken = reservation.taken;
+        if reservation.room > 0 {
+            taken.extend(self.take(&reservation.queues, reservation.room));
+        }
+        taken
+    }
+
+    /// Closes reservation `id` without handing its tasks out (the request that opened
+    /// it failed or went away): they are offered again, first on their queues.
+    pub fn cancel(&self, id: u64) {
+        {
+            let mut inner = self.inner.lock().expect("board lock");
+            let inner = &mut *inner;
+            let Some(position) = inner.reservations.iter().position(|r| r.id == id) else {
+                return;
+            };
+            let reservation = inner.reservations.remove(position);
+            if reservation.taken.is_empty() {
+                return;
+            }
+            let now = self.clock.now_ms();
+            for offer in reservation.taken.into_iter().rev() {
+                let Some(entry) = inner.entries.get_mut(&offer.task_id) else {
+                    continue; // Finished or withdrawn meanwhile.
+                };
+                if entry.lease.as_ref().map(|l| &l.token) != Some(&offer.lease_token) {
+                    continue;
+                }
+                entry.lease = None;
+                entry.pickup_due = entry.task.queue_timeout.map(|t| now + t.as_millis() as u64);
+                inner.leased.remove(&offer.task_id);
+                inner
+                    .queues
+                    .entry(offer.queue)
+                    .or_default()
+                    .push_front(offer.task_id);
+            }
         }
         self.offered.notify_waiters();
     }
@@ -255,7 +379,6 @@ impl TaskBoard {
 
     fn take(&self, queues: &[String], max_tasks: usize) -> Vec<TaskOffer> {
         let now = self.clock.now_ms();
-        let expires_at = now + self.lease_duration.as_millis() as u64;
         let mut inner = self.inner.lock().expect("board lock");
         let inner = &mut *inner;
         let mut taken = Vec::new();
@@ -281,30 +404,18 @@ impl TaskBoard {
                         .push(task_id);
                     continue;
                 }
-                inner.token_next = inner.token_next.wrapping_add(1);
-                let token = format_token(entry.task.epoch, inner.token_next);
-                let heartbeat_due = entry
-                    .task
-                    .heartbeat_timeout
-                    .map(|t| now + t.as_millis() as u64);
-                entry.pickup_due = None;
-                entry.lease = Some(Lease {
-                    token: token.clone(),
-                    expires_at,
-                    heartbeat_due,
-                });
-                inner.leased.insert(task_id.clone(), expires_at);
-                let task = &entry.task;
-                taken.push(TaskOffer {
+                let offer = lease(
+                    entry,
+                    task_id.clone(),
+                    now,
+                    self.lease_duration,
+                    &mut inner.token_next,
+                );
+                inner.leased.insert(
                     task_id,
-                    lease_token: token,
-                    queue: task.queue.clone(),
-                    instance_id: task.instance_id.clone(),
-                    step_id: task.step_id.clone(),
-                    attempt: task.attempt,
-                    input: task.input.clone(),
-                    idempotency_key: task.idempotency_key.clone(),
-                });
+                    entry.lease.as_ref().expect("just leased").expires_at,
+                );
+                taken.push(offer);
             }
         }
         taken
@@ -430,6 +541,39 @@ impl TaskBoard {
     /// Number of tasks on the board, leased or not.
     pub fn len(&self) -> usize {
         self.inner.lock().expect("board lock").entries.len()
+    }
+}
+
+/// Leases `entry` (which has no lease) under a new token and returns its offer.
+fn lease(
+    entry: &mut Entry,
+    task_id: String,
+    now: u64,
+    lease_duration: Duration,
+    token_next: &mut u64,
+) -> TaskOffer {
+    assert!(entry.lease.is_none() && !entry.timed_out);
+    *token_next = token_next.wrapping_add(1);
+    let token = format_token(entry.task.epoch, *token_next);
+    entry.pickup_due = None;
+    entry.lease = Some(Lease {
+        token: token.clone(),
+        expires_at: now + lease_duration.as_millis() as u64,
+        heartbeat_due: entry
+            .task
+            .heartbeat_timeout
+            .map(|t| now + t.as_millis() as u64),
+    });
+    let task = &entry.task;
+    TaskOffer {
+        task_id,
+        lease_token: token,
+        queue: task.queue.clone(),
+        instance_id: task.instance_id.clone(),
+        step_id: task.step_id.clone(),
+        attempt: task.attempt,
+        input: task.input.clone(),
+        idempotency_key: task.idempotency_key.clone(),
     }
 }
 
@@ -569,6 +713,132 @@ mod tests {
                 .is_empty(),
             "a timed-out task is not handed out"
         );
+    }
+
+    fn board() -> Arc<TaskBoard> {
+        Arc::new(TaskBoard::new(
+            Arc::new(TokioClock::starting_at(0)),
+            Duration::from_secs(30),
+        ))
+    }
+
+    fn task_of(queue: &str, instance: &str) -> BoardTask {
+        BoardTask {
+            instance_id: instance.into(),
+            ..task(queue)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reservation_takes_offers_before_polls_and_tops_up_from_the_queue() {
+        // Goal: while a worker's completion commits, the task it makes goes to that
+        // worker, not to a long poll; its room is then filled from what waits.
+        let board = board();
+        board.offer("waiting".into(), task_of("q", "w"));
+        let poller = {
+            let board = board.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                board.poll(&["q".into()], 10, Duration::from_secs(5)).await
+            })
+        };
+        let reservation = board.reserve(&["other".into(), "q".into()], 2).unwrap();
+        // The poll took what was waiting before any offer.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(poller.is_finished());
+        assert_eq!(poller.await.unwrap()[0].task_id, "waiting");
+        let poller = {
+            let board = board.clone();
+            tokio::spawn(async move { board.poll(&["q".into()], 10, Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        board.offer("next-1".into(), task_of("q", "a"));
+        board.offer("elsewhere".into(), task_of("z", "b"));
+        board.offer("next-2".into(), task_of("other", "c"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            !poller.is_finished(),
+            "the poll got nothing the reservation had room for"
+        );
+        // Full: the next offer goes to the poll.
+        board.offer("next-3".into(), task_of("q", "d"));
+        let polled = poller.await.unwrap();
+        let ids: Vec<&str> = polled.iter().map(|t| t.task_id.as_str()).collect();
+        assert_eq!(ids, ["next-3"]);
+        board.offer("queued".into(), task_of("q", "e"));
+        let reservation_2 = board.reserve(&["q".into()], 3).unwrap();
+        board.offer("next-4".into(), task_of("q", "f"));
+        let taken = board.collect(reservation);
+        let ids: Vec<&str> = taken.iter().map(|t| t.task_id.as_str()).collect();
+        assert_eq!(ids, ["next-1", "next-2"]);
+        let taken_2 = board.collect(reservation_2);
+        let ids: Vec<&str> = taken_2.iter().map(|t| t.task_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["next-4", "queued"],
+            "what it caught, then what waited"
+        );
+        // Reserved tasks are leased like polled ones.
+        for offer in taken.iter().chain(&taken_2) {
+            assert_eq!(board.check(&offer.task_id, &offer.lease_token), Ok(0));
+        }
+        assert_eq!(board.collect(reservation), Vec::new(), "collected once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_reservation_offers_its_tasks_again_first() {
+        // Goal: a completion that failed, or whose request went away, loses no task: what
+        // its reservation caught is unleased and goes back to the front of its queue.
+        let board = board();
+        let reservation = board.reserve(&["q".into()], 2).unwrap();
+        board.offer("r1".into(), task_of("q", "a"));
+        board.offer("r2".into(), task_of("q", "b"));
+        board.offer("later".into(), task_of("q", "c"));
+        let poller = {
+            let board = board.clone();
+            tokio::spawn(async move { board.poll(&["q".into()], 10, Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let first = poller.await.unwrap();
+        assert_eq!(
+            first.len(),
+            1,
+            "only the task the reservation had no room for waited"
+        );
+        board.cancel(reservation);
+        let again = board.poll(&["q".into()], 10, Duration::ZERO).await;
+        let ids: Vec<&str> = again.iter().map(|t| t.task_id.as_str()).collect();
+        assert_eq!(ids, ["r1", "r2"]);
+        assert!(
+            board.collect(reservation).is_empty(),
+            "closed by the cancel"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_instance_s_task_is_not_reserved() {
+        let board = board();
+        board.pause_instance("p");
+        let reservation = board.reserve(&["q".into()], 1).unwrap();
+        board.offer("paused".into(), task_of("q", "p"));
+        assert!(board.collect(reservation).is_empty());
+        board.resume_instance("p");
+        let polled = board.poll(&["q".into()], 1, Duration::ZERO).await;
+        assert_eq!(polled[0].task_id, "paused");
+    }
+
+    #[test]
+    fn reservations_are_bounded() {
+        let board = TaskBoard::new(
+            Arc::new(TokioClock::starting_at(0)),
+            Duration::from_secs(30),
+        );
+        let ids: Vec<u64> = (0..RESERVATIONS_MAX)
+            .map(|_| board.reserve(&["q".into()], 1).unwrap())
+            .collect();
+        assert!(board.reserve(&["q".into()], 1).is_none());
+        board.cancel(ids[0]);
+        assert!(board.reserve(&["q".into()], 1).is_some());
     }
 
     #[tokio::test(start_paused = true)]

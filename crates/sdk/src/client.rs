@@ -40,6 +40,16 @@ pub const SERVER_URLS_MAX: usize = 64;
 /// Most completions in one [`Client::complete_many`] request (the server's limit).
 pub const COMPLETIONS_BATCH_MAX: usize = 256;
 
+/// What a completion asks for besides ([`Client::complete_then_take`]): up to `max_tasks`
+/// more tasks of `queues` in its answer.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct NextTasks<'a> {
+    /// Queues to take tasks of.
+    pub queues: &'a [String],
+    /// Most tasks to take (1 to [`POLL_TASKS_MAX`](crate::POLL_TASKS_MAX)).
+    pub max_tasks: usize,
+}
+
 /// A client of one weir cluster, reached through one or more node URLs.
 ///
 /// Cheap to clone: clones share the connection pool and the choice of node. A request goes
@@ -205,17 +215,62 @@ impl Client {
         lease_token: &str,
         output: &Value,
     ) -> Result<(), Error> {
+        self.complete_inner(task_id, lease_token, output, None)
+            .await
+            .map(drop)
+    }
+
+    /// Reports a task done, as [`Client::complete`], and takes up to `next.max_tasks` more
+    /// tasks in the same round trip: the server keeps the tasks offered while the
+    /// completion commits (the instance's next step, when it is a task of one of
+    /// `next.queues`) for this caller, topped up with tasks already waiting. They are
+    /// leased to the caller as polled tasks are. Empty when there were none.
+    pub async fn complete_then_take(
+        &self,
+        task_id: &str,
+        lease_token: &str,
+        output: &Value,
+        next: NextTasks<'_>,
+    ) -> Result<Vec<PolledTask>, Error> {
+        self.complete_inner(task_id, lease_token, output, Some(next))
+            .await
+    }
+
+    async fn complete_inner(
+        &self,
+        task_id: &str,
+        lease_token: &str,
+        output: &Value,
+        next: Option<NextTasks<'_>>,
+    ) -> Result<Vec<PolledTask>, Error> {
         /// The body, borrowed: `json!` would copy the whole output first.
         #[derive(Serialize)]
         struct Completion<'a> {
             lease_token: &'a str,
             output: &'a Value,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            next: Option<NextTasks<'a>>,
         }
         let body = Completion {
             lease_token,
             output,
+            next,
         };
-        self.task_call(task_id, "complete", &body).await
+        let timeout = self.inner.request_timeout;
+        // The lease token makes this safe to repeat: a second completion of the same
+        // attempt is answered 409 at worst, never applied twice.
+        let path = ["v1", "tasks", task_id, "complete"];
+        let body = json_body(&body)?;
+        if next.is_none() {
+            return self
+                .send(Method::POST, &path, &[], body, Repeat::Safe, timeout)
+                .await
+                .map(|_| Vec::new());
+        }
+        let answer: PollResponse = self
+            .call(Method::POST, &path, &[], body, Repeat::Safe, timeout)
+            .await?;
+        Ok(answer.tasks)
     }
 
     /// Reports several tasks completed in one request (`POST /v1/tasks/completions`),
@@ -226,6 +281,27 @@ impl Client {
         &self,
         completions: &[(&str, &str, &Value)],
     ) -> Result<Vec<Result<(), Error>>, Error> {
+        self.complete_many_inner(completions, None)
+            .await
+            .map(|(outcomes, _)| outcomes)
+    }
+
+    /// Reports several tasks completed, as [`Client::complete_many`], and takes up to
+    /// `next.max_tasks` more tasks in the same round trip, as
+    /// [`Client::complete_then_take`] does.
+    pub async fn complete_many_then_take(
+        &self,
+        completions: &[(&str, &str, &Value)],
+        next: NextTasks<'_>,
+    ) -> Result<(Vec<Result<(), Error>>, Vec<PolledTask>), Error> {
+        self.complete_many_inner(completions, Some(next)).await
+    }
+
+    async fn complete_many_inner(
+        &self,
+        completions: &[(&str, &str, &Value)],
+        next: Option<NextTasks<'_>>,
+    ) -> Result<(Vec<Result<(), Error>>, Vec<PolledTask>), Error> {
         assert!(completions.len() <= COMPLETIONS_BATCH_MAX);
         // The body and the answer are typed and borrowed: building them as `Value`s would
         // copy every output into a tree first, which was a fifth of a worker's CPU.
@@ -238,10 +314,14 @@ impl Client {
         #[derive(Serialize)]
         struct Batch<'a> {
             completions: Vec<Item<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            next: Option<NextTasks<'a>>,
         }
         #[derive(Deserialize)]
         struct Answer {
             results: Vec<ItemAnswer>,
+            #[serde(default)]
+            tasks: Vec<PolledTask>,
         }
         #[derive(Deserialize)]
         struct ItemAnswer {
@@ -259,6 +339,7 @@ impl Client {
                     output,
                 })
                 .collect(),
+            next,
         };
         let timeout = self.inner.request_timeout;
         // Repeating is safe for the same reason as for one completion: lease tokens.
@@ -278,7 +359,7 @@ impl Client {
                 reason: format!("expected {} results", completions.len()),
             });
         }
-        Ok(answer
+        let outcomes = answer
             .results
             .into_iter()
             .map(|result| {
@@ -293,7 +374,8 @@ impl Client {
                 let bytes = serde_json::to_vec(&body).unwrap_or_default();
                 Err(Error::Api(ApiError::from_response(status, &bytes)))
             })
-            .collect())
+            .collect();
+        Ok((outcomes, answer.tasks))
     }
 
     /// Reports a task failed (`POST /v1/tasks/{task_id}/fail`); the engine retries it

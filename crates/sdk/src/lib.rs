@@ -46,7 +46,8 @@ mod wire;
 mod worker;
 
 pub use client::{
-    Client, SourceFormat, COMPLETIONS_BATCH_MAX, REQUEST_TIMEOUT_DEFAULT, SERVER_URLS_MAX,
+    Client, NextTasks, SourceFormat, COMPLETIONS_BATCH_MAX, REQUEST_TIMEOUT_DEFAULT,
+    SERVER_URLS_MAX,
 };
 pub use error::{ApiError, Error, Problem};
 pub use wire::{

@@ -12,7 +12,7 @@ use futures_util::FutureExt;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::client::{Client, COMPLETIONS_BATCH_MAX};
+use crate::client::{Client, NextTasks, COMPLETIONS_BATCH_MAX};
 use crate::error::Error;
 use crate::wire::PolledTask;
 
@@ -291,6 +291,7 @@ pub struct WorkerBuilder {
     concurrency: usize,
     poll_wait: Duration,
     heartbeat_interval: Duration,
+    next_on_completion: bool,
 }
 
 impl std::fmt::Debug for WorkerBuilder {
@@ -303,6 +304,7 @@ impl std::fmt::Debug for WorkerBuilder {
             .field("concurrency", &self.concurrency)
             .field("poll_wait", &self.poll_wait)
             .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("next_on_completion", &self.next_on_completion)
             .finish()
     }
 }
@@ -354,6 +356,17 @@ impl WorkerBuilder {
         self
     }
 
+    /// Whether a completion asks for the next task in its answer (default on): the slot it
+    /// frees is filled in the same round trip, with the instance's next step first when
+    /// that is a task of this worker's queues, and the worker needs no poll for it. Off,
+    /// every task comes from a poll, so that a worker never keeps an instance's next step
+    /// from an idle worker (a busy worker then takes no more than its free slots either
+    /// way: a completion asks for one task per slot it frees).
+    pub fn next_on_completion(mut self, enabled: bool) -> WorkerBuilder {
+        self.next_on_completion = enabled;
+        self
+    }
+
     /// Uses `client` instead of making one from the URLs given to [`Worker::builder`], to
     /// share its connection pool.
     pub fn client(mut self, client: Client) -> WorkerBuilder {
@@ -398,6 +411,7 @@ impl WorkerBuilder {
             concurrency: self.concurrency,
             poll_wait: self.poll_wait,
             heartbeat_interval: self.heartbeat_interval,
+            next_on_completion: self.next_on_completion,
             stats: WorkerStats::default(),
         })
     }
@@ -440,6 +454,7 @@ pub struct Worker {
     concurrency: usize,
     poll_wait: Duration,
     heartbeat_interval: Duration,
+    next_on_completion: bool,
     stats: WorkerStats,
 }
 
@@ -463,31 +478,44 @@ struct Shared {
     stats: WorkerStats,
     /// Completions on their way to the server, batched by [`send_completions`].
     completions: mpsc::Sender<PendingCompletion>,
+    /// Whether completions ask for next tasks ([`WorkerBuilder::next_on_completion`]); set
+    /// off when the worker stops, so that it takes no new work.
+    next_on_completion: AtomicBool,
 }
 
 impl Shared {
     /// Completes a task through the batcher: completions that finish while a request
-    /// is on its way go together in the next one.
+    /// is on its way go together in the next one. With `wants_next` (and the worker's
+    /// option on), the answer may bring a task for the slot the completion frees, whatever
+    /// the completion's own outcome: it is leased to this worker either way.
     async fn complete_batched(
         &self,
         task_id: &str,
         lease_token: &str,
         output: &Arc<Value>,
-    ) -> Result<(), Error> {
+        wants_next: bool,
+    ) -> (Result<(), Error>, Option<PolledTask>) {
         let (reply, outcome) = oneshot::channel();
         let pending = PendingCompletion {
             task_id: task_id.to_owned(),
             lease_token: lease_token.to_owned(),
             output: output.clone(),
+            wants_next: wants_next && self.next_on_completion.load(Ordering::Relaxed),
             reply,
         };
         if self.completions.send(pending).await.is_err() {
             // The batcher is gone (only while the worker stops): report it alone.
-            return self.client.complete(task_id, lease_token, output).await;
+            return (
+                self.client.complete(task_id, lease_token, output).await,
+                None,
+            );
         }
         match outcome.await {
-            Ok(outcome) => outcome,
-            Err(_) => self.client.complete(task_id, lease_token, output).await,
+            Ok(answer) => answer,
+            Err(_) => (
+                self.client.complete(task_id, lease_token, output).await,
+                None,
+            ),
         }
     }
 }
@@ -498,7 +526,9 @@ struct PendingCompletion {
     lease_token: String,
     /// Shared with the reporting task, which may need it again for a retry.
     output: Arc<Value>,
-    reply: oneshot::Sender<Result<(), Error>>,
+    /// Whether its answer may bring a task for the slot it frees.
+    wants_next: bool,
+    reply: oneshot::Sender<(Result<(), Error>, Option<PolledTask>)>,
 }
 
 /// Most completions waiting for the batcher; handlers wait beyond that.
@@ -510,11 +540,16 @@ const COMPLETIONS_QUEUE_MAX: usize = 4 * COMPLETIONS_BATCH_MAX;
 const COMPLETION_REQUESTS_CONCURRENT_MAX: usize = 4;
 
 /// Sends completions: one alone with `POST /v1/tasks/{id}/complete`, several that
-/// waited together in one `POST /v1/tasks/completions`. When a batch as a whole
-/// fails (a node unreachable, a server without the batch endpoint), each of its
-/// completions is sent alone, so every completion gets the answer it would have
-/// had without batching. Runs until every sender is gone.
-async fn send_completions(client: Client, mut receiver: mpsc::Receiver<PendingCompletion>) {
+/// waited together in one `POST /v1/tasks/completions`, each asking for as many next
+/// tasks as its completions free slots for. When a batch as a whole fails (a node
+/// unreachable, a server without the batch endpoint), each of its completions is sent
+/// alone, so every completion gets the answer it would have had without batching.
+/// Runs until every sender is gone.
+async fn send_completions(
+    client: Client,
+    queues: Arc<[String]>,
+    mut receiver: mpsc::Receiver<PendingCompletion>,
+) {
     let requests = Arc::new(Semaphore::new(COMPLETION_REQUESTS_CONCURRENT_MAX));
     loop {
         let Ok(permit) = requests.clone().acquire_owned().await else {
@@ -525,42 +560,104 @@ async fn send_completions(client: Client, mut receiver: mpsc::Receiver<PendingCo
             return;
         }
         let client = client.clone();
+        let queues = queues.clone();
         tokio::spawn(async move {
-            send_batch(&client, batch).await;
+            send_batch(&client, &queues, batch).await;
             drop(permit);
         });
     }
 }
 
-async fn send_batch(client: &Client, mut batch: Vec<PendingCompletion>) {
-    if batch.len() == 1 {
-        let pending = batch.pop().expect("one completion");
+/// Sends one completion alone, with its request for a next task.
+async fn send_alone(client: &Client, queues: &[String], pending: PendingCompletion) {
+    let answer = if pending.wants_next {
+        let next = NextTasks {
+            queues,
+            max_tasks: 1,
+        };
+        match client
+            .complete_then_take(
+                &pending.task_id,
+                &pending.lease_token,
+                &pending.output,
+                next,
+            )
+            .await
+        {
+            Ok(tasks) => (Ok(()), one_task(tasks, 1)),
+            Err(error) => (Err(error), None),
+        }
+    } else {
         let outcome = client
             .complete(&pending.task_id, &pending.lease_token, &pending.output)
             .await;
-        let _ = pending.reply.send(outcome);
+        (outcome, None)
+    };
+    let _ = pending.reply.send(answer);
+}
+
+/// The one task asked for, if any; a server that answers more than asked for breaks the
+/// protocol, and the extra tasks are left to lease expiry (this worker has no slot).
+fn one_task(tasks: Vec<PolledTask>, asked: usize) -> Option<PolledTask> {
+    if tasks.len() > asked {
+        tracing::error!(
+            asked,
+            given = tasks.len(),
+            "server answered more next tasks than asked for; the rest go back after their leases expire"
+        );
+    }
+    tasks.into_iter().next()
+}
+
+async fn send_batch(client: &Client, queues: &[String], mut batch: Vec<PendingCompletion>) {
+    if batch.len() == 1 {
+        let pending = batch.pop().expect("one completion");
+        send_alone(client, queues, pending).await;
         return;
     }
     let items: Vec<(&str, &str, &Value)> = batch
         .iter()
         .map(|p| (p.task_id.as_str(), p.lease_token.as_str(), &*p.output))
         .collect();
-    match client.complete_many(&items).await {
-        Ok(outcomes) => {
+    let wanted = batch.iter().filter(|p| p.wants_next).count();
+    let answered = if wanted > 0 {
+        let next = NextTasks {
+            queues,
+            max_tasks: wanted,
+        };
+        client.complete_many_then_take(&items, next).await
+    } else {
+        client
+            .complete_many(&items)
+            .await
+            .map(|outcomes| (outcomes, Vec::new()))
+    };
+    match answered {
+        Ok((outcomes, tasks)) => {
+            if tasks.len() > wanted {
+                tracing::error!(
+                    asked = wanted,
+                    given = tasks.len(),
+                    "server answered more next tasks than asked for; the rest go back after their leases expire"
+                );
+            }
+            let mut tasks = tasks.into_iter();
             for (pending, outcome) in batch.into_iter().zip(outcomes) {
-                let _ = pending.reply.send(outcome);
+                // A slot freed by a refused completion is as free as any other's.
+                let next = if pending.wants_next {
+                    tasks.next()
+                } else {
+                    None
+                };
+                let _ = pending.reply.send((outcome, next));
             }
         }
         Err(error) => {
             tracing::debug!(error = %ErrorChain(&error), count = batch.len(), "batch of completions failed, sending each alone");
             for pending in batch {
                 let client = client.clone();
-                tokio::spawn(async move {
-                    let outcome = client
-                        .complete(&pending.task_id, &pending.lease_token, &pending.output)
-                        .await;
-                    let _ = pending.reply.send(outcome);
-                });
+                let queues: Arc<[String]> = queues.into();
+                tokio::spawn(async move { send_alone(&client, &queues, pending).await });
             }
         }
     }
@@ -578,6 +675,7 @@ impl Worker {
             concurrency: 64,
             poll_wait: Duration::from_secs(20),
             heartbeat_interval: Duration::from_secs(10),
+            next_on_completion: true,
         }
     }
 
@@ -600,13 +698,19 @@ impl Worker {
     pub async fn run(self, shutdown: impl Future) -> Result<(), Error> {
         let semaphore = Arc::new(Semaphore::new(self.concurrency));
         let (completions, pending_completions) = mpsc::channel(COMPLETIONS_QUEUE_MAX);
-        tokio::spawn(send_completions(self.client.clone(), pending_completions));
+        let queues: Arc<[String]> = self.queues.clone().into();
+        tokio::spawn(send_completions(
+            self.client.clone(),
+            queues,
+            pending_completions,
+        ));
         let shared = Arc::new(Shared {
             client: self.client.clone(),
             handlers: self.handlers.clone(),
             heartbeat_interval: self.heartbeat_interval,
             stats: self.stats.clone(),
             completions,
+            next_on_completion: AtomicBool::new(self.next_on_completion),
         });
         tokio::pin!(shutdown);
         let mut poll_backoff = POLL_BACKOFF_INITIAL;
@@ -664,6 +768,8 @@ impl Worker {
                 }
             }
         };
+        // Take no new work: completions from now on ask for no next task.
+        shared.next_on_completion.store(false, Ordering::Relaxed);
         // Every task in flight holds a permit until its result is reported: holding all of
         // them means none is left.
         let all = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
@@ -701,10 +807,21 @@ impl Worker {
     }
 }
 
-/// Runs one task's handler with heartbeats and reports its result; the permit is released
-/// (freeing the slot) only after the report.
+/// Runs a task's handler with heartbeats and reports its result, then the tasks the
+/// reports bring back, in the same slot; the permit is released (freeing the slot) only
+/// after the last report.
 async fn handle(shared: Arc<Shared>, task: PolledTask, permit: OwnedSemaphorePermit) {
     let _permit = permit;
+    let mut next = handle_one(&shared, task).await;
+    while let Some(task) = next {
+        shared.stats.inner.in_flight.fetch_add(1, Ordering::Relaxed);
+        next = handle_one(&shared, task).await;
+    }
+}
+
+/// Runs one task's handler with heartbeats and reports its result; returns the task the
+/// report brought back, if any.
+async fn handle_one(shared: &Arc<Shared>, task: PolledTask) -> Option<PolledTask> {
     let _in_flight = InFlight(&shared.stats);
     let PolledTask {
         task_id,
@@ -721,8 +838,8 @@ async fn handle(shared: Arc<Shared>, task: PolledTask, permit: OwnedSemaphorePer
             "unknown_queue",
             format!("this worker has no handler for queue {queue:?}"),
         );
-        fail(&shared, &task_id, &lease_token, &error).await;
-        return;
+        fail(shared, &task_id, &lease_token, &error).await;
+        return None;
     };
     let heartbeat = Heartbeat::with_lease(Some(Lease {
         client: shared.client.clone(),
@@ -755,7 +872,7 @@ async fn handle(shared: Arc<Shared>, task: PolledTask, permit: OwnedSemaphorePer
     };
     if heartbeat.is_reported() {
         // The handler completed the task itself (and was counted then).
-        return;
+        return None;
     }
     if heartbeat.is_lease_lost() {
         tracing::debug!(
@@ -767,11 +884,14 @@ async fn handle(shared: Arc<Shared>, task: PolledTask, permit: OwnedSemaphorePer
             .inner
             .lease_lost
             .fetch_add(1, Ordering::Relaxed);
-        return;
+        return None;
     }
     match result {
-        Ok(output) => complete(&shared, &task_id, &lease_token, Arc::new(output)).await,
-        Err(error) => fail(&shared, &task_id, &lease_token, &error).await,
+        Ok(output) => complete(shared, &task_id, &lease_token, Arc::new(output)).await,
+        Err(error) => {
+            fail(shared, &task_id, &lease_token, &error).await;
+            None
+        }
     }
 }
 
@@ -798,8 +918,27 @@ async fn heartbeat_loop(heartbeat: &Heartbeat, interval: Duration) -> Infallible
     }
 }
 
-async fn complete(shared: &Shared, task_id: &str, lease_token: &str, output: Arc<Value>) {
-    let outcome = report(|| shared.complete_batched(task_id, lease_token, &output)).await;
+/// Reports a completion; returns the task its answer brought for the freed slot, if any.
+async fn complete(
+    shared: &Shared,
+    task_id: &str,
+    lease_token: &str,
+    output: Arc<Value>,
+) -> Option<PolledTask> {
+    // At most one next task per completion: once a try brought one, later tries (after a
+    // failure the completion itself met) ask for none.
+    let next: std::sync::Mutex<Option<PolledTask>> = std::sync::Mutex::new(None);
+    let outcome = report(|| async {
+        let wants_next = next.lock().expect("next task lock").is_none();
+        let (outcome, task) = shared
+            .complete_batched(task_id, lease_token, &output, wants_next)
+            .await;
+        if task.is_some() {
+            *next.lock().expect("next task lock") = task;
+        }
+        outcome
+    })
+    .await;
     match outcome {
         Report::Done => {
             shared.stats.inner.completed.fetch_add(1, Ordering::Relaxed);
@@ -813,6 +952,7 @@ async fn complete(shared: &Shared, task_id: &str, lease_token: &str, output: Arc
         }
         outcome => count_undelivered(shared, task_id, "completion", outcome),
     }
+    next.into_inner().expect("next task lock")
 }
 
 async fn fail(shared: &Shared, task_id: &str, lease_token: &str, error: &TaskError) {

@@ -33,6 +33,8 @@ struct FakeState {
     /// Tasks handed out and not yet completed or failed.
     leased: HashSet<String>,
     polls: Vec<Value>,
+    /// How many tasks polls handed out.
+    polled_tasks: usize,
     completes: HashMap<String, Value>,
     fails: HashMap<String, Value>,
     complete_calls: HashMap<String, usize>,
@@ -49,6 +51,8 @@ struct FakeState {
     batches: Vec<usize>,
     /// How long a single completion takes to be answered (a slow node).
     single_complete_delay: Duration,
+    /// The `next` of every completion that had one.
+    next_asked: Vec<Value>,
     /// Everything the fake saw that breaks the contract.
     violations: Vec<String>,
 }
@@ -117,6 +121,7 @@ async fn poll(State(fake): State<Arc<Fake>>, Json(body): Json<Value>) -> Respons
             if !state.pending.is_empty() {
                 let count = max_tasks.min(state.pending.len());
                 let tasks: Vec<Value> = state.pending.drain(..count).collect();
+                state.polled_tasks += tasks.len();
                 for task in &tasks {
                     let id = task["task_id"].as_str().unwrap_or_default().to_owned();
                     state.leased.insert(id);
@@ -140,9 +145,38 @@ async fn task_call(
     if action == "complete" && !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let (status, answer) = apply_call(&mut fake.state(), task_id, &action, body);
+    let mut state = fake.state();
+    let next = body.get("next").cloned();
+    let (status, mut answer) = apply_call(&mut state, task_id, &action, body);
+    if let Some(next) = next {
+        if status == StatusCode::OK {
+            answer["tasks"] = Value::Array(hand_next(&mut state, &next));
+        }
+    }
+    drop(state);
     fake.changed.notify_waiters();
     (status, Json(answer)).into_response()
+}
+
+/// The tasks a completion's `next` asks for, as a node answers it: pending tasks, leased,
+/// at most the slots the worker has free (checked).
+fn hand_next(state: &mut FakeState, next: &Value) -> Vec<Value> {
+    state.next_asked.push(next.clone());
+    let max_tasks = next["max_tasks"].as_u64().unwrap_or(0) as usize;
+    if max_tasks == 0 || max_tasks + state.leased.len() > state.concurrency {
+        let violation = format!(
+            "completion asked for {max_tasks} next tasks with {} leased",
+            state.leased.len()
+        );
+        state.violations.push(violation);
+    }
+    let count = max_tasks.min(state.pending.len());
+    let tasks: Vec<Value> = state.pending.drain(..count).collect();
+    for task in &tasks {
+        let id = task["task_id"].as_str().unwrap_or_default().to_owned();
+        state.leased.insert(id);
+    }
+    tasks
 }
 
 /// `POST /v1/tasks/completions`, as a node answers it: each completion as a single one.
@@ -165,9 +199,13 @@ async fn completions(State(fake): State<Arc<Fake>>, Json(body): Json<Value>) -> 
             result
         })
         .collect();
+    let mut answer = json!({ "results": results });
+    if let Some(next) = body.get("next") {
+        answer["tasks"] = Value::Array(hand_next(&mut state, next));
+    }
     drop(state);
     fake.changed.notify_waiters();
-    Json(json!({ "results": results })).into_response()
+    Json(answer).into_response()
 }
 
 /// One task call on the fake's state: the status and body a node answers.
@@ -297,8 +335,13 @@ async fn concurrency_limit_and_complete_bodies() {
     assert_eq!(state.polls[0]["worker_id"], "test-worker");
     assert_eq!(state.polls[0]["wait_ms"], 200);
     for id in &ids {
+        let mut body = state.completes[id].clone();
+        // Sent alone, a completion asks for one task to fill the slot it frees.
+        if let Some(next) = body.as_object_mut().and_then(|b| b.remove("next")) {
+            assert_eq!(next, json!({"queues": ["q"], "max_tasks": 1}));
+        }
         assert_eq!(
-            state.completes[id],
+            body,
             json!({"lease_token": format!("lease-{id}"),
                    "output": {"echo": {"id": id}, "key": format!("key-{id}"), "attempt": 1}})
         );
@@ -600,4 +643,59 @@ async fn completions_that_finish_together_go_in_batches() {
     assert_eq!(state.completes["t0"]["output"], json!({ "done": "t0" }));
     assert_eq!(stats.completed(), (TASKS - 3) as u64);
     assert_eq!(stats.lease_lost(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_bring_the_next_tasks_unless_turned_off() {
+    // Goal: a worker asks each completion's answer for a task to fill the slot it frees,
+    // runs the tasks it gets without polling, never asks for more than its free slots;
+    // turned off, its completions ask for nothing and every task comes from a poll.
+    // Method: a worker of one slot and 6 tasks queued on the fake node, which hands a
+    // pending task to every completion that asks and records the polls.
+    for enabled in [true, false] {
+        const TASKS: usize = 6;
+        let (fake, url) = start_fake(1).await;
+        let worker = builder(vec![url])
+            .concurrency(1)
+            .next_on_completion(enabled)
+            .queue("q", |task: Task, _heartbeat| async move {
+                Ok(json!({ "done": task.task_id }))
+            })
+            .build()
+            .expect("valid worker");
+        let running = run(worker);
+        let ids: Vec<String> = (0..TASKS).map(|n| format!("t{n}")).collect();
+        let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        fake.add_tasks(&id_refs);
+        fake.wait_until("every task completed", |state| {
+            state.completes.len() == TASKS
+        })
+        .await;
+        let stats = running.stats.clone();
+        running.stop().await;
+        let state = fake.state();
+        assert!(state.violations.is_empty(), "{:?}", state.violations);
+        assert_eq!(stats.completed(), TASKS as u64);
+        assert_eq!(state.completes["t3"]["output"], json!({ "done": "t3" }));
+        if enabled {
+            // The first task came from a poll; every completion brought the next.
+            assert_eq!(state.polled_tasks, 1);
+            assert!(
+                state.next_asked.len() >= TASKS - 1,
+                "{:?}",
+                state.next_asked
+            );
+            assert_eq!(
+                state.next_asked[0],
+                json!({ "queues": ["q"], "max_tasks": 1 })
+            );
+        } else {
+            assert_eq!(state.polled_tasks, TASKS);
+            assert!(state.next_asked.is_empty(), "{:?}", state.next_asked);
+            assert!(state
+                .completes
+                .values()
+                .all(|body| body.get("next").is_none()));
+        }
+    }
 }

@@ -58,6 +58,9 @@ struct Options {
     /// compute, and hands each task between fewer threads than several would.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: u16,
+    /// Takes every task from a poll: completions ask for no next task in their answers.
+    #[arg(long)]
+    no_next_on_completion: bool,
     /// Name given to the server (default: weir-example-worker-<process id>).
     #[arg(long)]
     worker_id: Option<String>,
@@ -199,7 +202,8 @@ async fn run(options: Options) -> anyhow::Result<()> {
     });
     let mut builder = Worker::builder(options.servers)
         .worker_id(worker_id.clone())
-        .concurrency(options.concurrency);
+        .concurrency(options.concurrency)
+        .next_on_completion(!options.no_next_on_completion);
     for queue in &queues {
         let chaos = chaos.clone();
         builder = builder.queue(queue.clone(), move |task, heartbeat| {
@@ -425,6 +429,7 @@ mod tests {
         assert_eq!(options.servers, vec!["http://a:1", "http://b:2"]);
         assert_eq!(options.queues, vec!["x", "y"]);
         assert_eq!(options.concurrency, 64);
+        assert!(!options.no_next_on_completion);
         assert_eq!(options.stall_ms, 3000);
         assert_eq!(options.seed, None);
         assert!(options.never_fail_queues.is_empty());
