@@ -1274,11 +1274,21 @@ impl Engine {
     /// Applies a command to an instance whether or not its partition holds it in memory.
     async fn revive(&self, id: &str, command: Command) -> Result<InstanceView, Error> {
         let owned = id.to_string();
-        let record = self.read(move |store| store.instance(&owned)).await?;
+        let (record, outputs) = self
+            .read(move |store| {
+                let record = store.instance(&owned)?;
+                let outputs = store.step_outputs(std::slice::from_ref(&owned))?;
+                Ok((record, outputs))
+            })
+            .await?;
         let record =
             record.ok_or_else(|| Error::NotFound(format!("instance {id} does not exist")))?;
-        let state: machine::InstanceState = serde_json::from_str(&record.state)
+        let mut state = machine::InstanceState::from_stored(&record.state)
             .map_err(|err| Error::Corrupt(format!("instance {id}: {err}")))?;
+        let outputs = outputs.into_iter().next().unwrap_or_default();
+        state
+            .add_stored_entries(outputs)
+            .map_err(|err| Error::Corrupt(format!("instance {id}'s step outputs: {err}")))?;
         let definition = self
             .inner
             .shared

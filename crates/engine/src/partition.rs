@@ -16,7 +16,9 @@ use weir_model::machine::{
     self, Command, Effect, InstanceState, InstanceStatus, Rejection, TaskSpec, TimerId,
 };
 use weir_model::Definition;
-use weir_store::{EventRecord, InstanceRecord, PartitionBatch, Refusal, TaskRecord, TimerRecord};
+use weir_store::{
+    EventRecord, InstanceRecord, PartitionBatch, Refusal, StepOutputRecord, TaskRecord, TimerRecord,
+};
 
 use crate::committer::{CommitOutcome, CommitResult, Committer};
 use crate::taskboard::BoardTask;
@@ -216,7 +218,7 @@ impl PartitionActor {
             let mut parked: Vec<String> = Vec::new();
             let mut corrupt: Option<String> = None;
             let snapshot = store.load_partition(partition, &mut |record| {
-                match serde_json::from_str::<InstanceState>(&record.state) {
+                match InstanceState::from_stored(&record.state) {
                     // A short nap is parked too; its timer loads it back when due.
                     Ok(state) if parkable(&state, None, now) => parked.push(state.id),
                     Ok(state) => kept.push(state),
@@ -225,6 +227,12 @@ impl PartitionActor {
                     }
                 }
             })?;
+            // Only the instances kept in memory need their step outputs back; a parked
+            // one gets them when it is read again. Nothing writes this partition until
+            // its actor runs, so this second read sees what the first did.
+            if let Err(err) = add_step_outputs(store.as_ref(), &mut kept)? {
+                corrupt.get_or_insert(err);
+            }
             Ok::<_, weir_store::Error>((snapshot, kept, parked, corrupt))
         })
         .await
@@ -400,26 +408,33 @@ impl PartitionActor {
         }
         let store = self.shared.store.clone();
         let ids = wanted.clone();
-        let (records, exist) = tokio::task::spawn_blocking(move || {
-            let records = ids
-                .iter()
-                .map(|id| store.instance(id))
-                .collect::<Result<Vec<_>, _>>()?;
+        let (states, exist) = tokio::task::spawn_blocking(move || {
+            let mut states = Vec::with_capacity(ids.len());
+            for id in &ids {
+                let Some(record) = store.instance(id)? else {
+                    return Ok(Err(format!("parked instance {id} is not stored")));
+                };
+                match InstanceState::from_stored(&record.state) {
+                    Ok(state) => states.push(state),
+                    Err(err) => return Ok(Err(format!("instance {id}: {err}"))),
+                }
+            }
+            if let Err(corrupt) = add_step_outputs(store.as_ref(), &mut states)? {
+                return Ok(Err(corrupt));
+            }
             let exist = if starts.is_empty() {
                 Vec::new()
             } else {
                 store.instances_exist(&starts)?
             };
-            Ok::<_, weir_store::Error>((records, starts.into_iter().zip(exist)))
+            Ok::<_, weir_store::Error>(Ok((states, starts.into_iter().zip(exist))))
         })
         .await
-        .map_err(|err| Error::Unavailable(format!("reading instances: {err}")))??;
-        for (id, record) in wanted.into_iter().zip(records) {
+        .map_err(|err| Error::Unavailable(format!("reading instances: {err}")))??
+        .map_err(Error::Corrupt)?;
+        for (id, state) in wanted.into_iter().zip(states) {
             self.parked.remove(&id);
-            let record = record
-                .ok_or_else(|| Error::Corrupt(format!("parked instance {id} is not stored")))?;
-            let state: InstanceState = serde_json::from_str(&record.state)
-                .map_err(|err| Error::Corrupt(format!("instance {id}: {err}")))?;
+            assert_eq!(state.id, id);
             let definition = self
                 .shared
                 .definitions
@@ -699,7 +714,19 @@ impl PartitionActor {
             active.batches_committing += 1;
             batch
                 .instances
-                .push(instance_record(self.partition, &active.state));
+                .push(instance_record(self.partition, &mut active.state));
+            let changed = active.state.take_steps_changed();
+            let steps = &active.state.context["steps"];
+            for step_id in changed {
+                match steps.get(&step_id) {
+                    Some(entry) => batch.outputs_put.push(StepOutputRecord {
+                        instance_id: id.clone(),
+                        step_id,
+                        entry: entry.to_string(),
+                    }),
+                    None => batch.outputs_delete.push((id.clone(), step_id)),
+                }
+            }
             if active.state.status.is_terminal() {
                 let parent = active
                     .state
@@ -966,8 +993,10 @@ pub(crate) fn instance_record_fields(state: &InstanceState) -> RecordFields<'_> 
     }
 }
 
-/// The instance row for a state.
-pub(crate) fn instance_record(partition: u32, state: &InstanceState) -> InstanceRecord {
+/// The instance row for a state; its step outputs are stored apart (see
+/// [`InstanceState::to_stored`]).
+pub(crate) fn instance_record(partition: u32, state: &mut InstanceState) -> InstanceRecord {
+    let stored = state.to_stored();
     let fields = instance_record_fields(state);
     InstanceRecord {
         id: state.id.clone(),
@@ -981,8 +1010,40 @@ pub(crate) fn instance_record(partition: u32, state: &InstanceState) -> Instance
         error: fields.error.as_ref().map(Value::to_string),
         created_at: state.created_at,
         updated_at: state.updated_at,
-        state: serde_json::to_string(state).expect("states serialize"),
+        state: stored,
     }
+}
+
+/// The step outputs stored apart of each of `ids`, in order, read in chunks of at most
+/// [`weir_store::EXISTENCE_CHECK_MAX`].
+pub(crate) fn step_outputs(
+    store: &dyn weir_store::Store,
+    ids: &[String],
+) -> Result<Vec<Vec<(String, String)>>, weir_store::Error> {
+    let mut outputs = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(weir_store::EXISTENCE_CHECK_MAX) {
+        outputs.extend(store.step_outputs(chunk)?);
+    }
+    Ok(outputs)
+}
+
+/// Puts the step outputs stored apart back into `states`. The inner error names a
+/// corrupt entry.
+fn add_step_outputs(
+    store: &dyn weir_store::Store,
+    states: &mut [InstanceState],
+) -> Result<Result<(), String>, weir_store::Error> {
+    let mut apart: Vec<&mut InstanceState> = states
+        .iter_mut()
+        .filter(|state| state.steps_apart)
+        .collect();
+    let ids: Vec<String> = apart.iter().map(|state| state.id.clone()).collect();
+    for (state, outputs) in apart.iter_mut().zip(step_outputs(store, &ids)?) {
+        if let Err(err) = state.add_stored_entries(outputs) {
+            return Ok(Err(format!("instance {}'s step outputs: {err}", state.id)));
+        }
+    }
+    Ok(Ok(()))
 }
 
 /// The stored form of a task row's payload.

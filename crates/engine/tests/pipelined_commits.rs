@@ -155,6 +155,9 @@ impl Store for GatedStore {
     fn instances_exist(&self, ids: &[String]) -> Result<Vec<bool>, Error> {
         self.inner.instances_exist(ids)
     }
+    fn step_outputs(&self, ids: &[String]) -> Result<Vec<Vec<(String, String)>>, Error> {
+        self.inner.step_outputs(ids)
+    }
     fn single_writer(&self) -> bool {
         self.inner.single_writer()
     }

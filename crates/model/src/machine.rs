@@ -398,6 +398,125 @@ pub struct InstanceState {
     pub created_at: u64,
     /// When the state last changed (ms since the epoch).
     pub updated_at: u64,
+    /// Whether the step entries of the context are stored apart from the state (see
+    /// [`InstanceState::to_stored`]); once they are, they stay apart.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub steps_apart: bool,
+    /// Steps whose entry in `context.steps` was set or removed since the engine last
+    /// stored the state (see [`InstanceState::to_stored`]).
+    #[serde(skip)]
+    pub steps_changed: StepsChanged,
+}
+
+/// Largest stored state that keeps its step entries inside it. A state that would be
+/// larger is stored without them from then on, and each entry is stored apart, once:
+/// rewriting every output at every step made a step's write grow with the steps before
+/// it, while storing an entry apart costs a row of its own, more than a small state
+/// saves (BENCHMARKS.md, "Sixth optimisation pass").
+pub const STORED_STATE_INLINE_MAX: usize = 1024;
+
+/// The ids of the steps whose entry in the context changed and is still to be stored.
+///
+/// Not part of a state's value: two states that differ only in what is still to be
+/// stored compare equal.
+#[derive(Debug, Clone, Default)]
+pub struct StepsChanged(Vec<String>);
+
+impl PartialEq for StepsChanged {
+    fn eq(&self, _: &StepsChanged) -> bool {
+        true
+    }
+}
+
+impl InstanceState {
+    /// The state as the engine stores it. Up to [`STORED_STATE_INLINE_MAX`] bytes it is
+    /// the whole state; beyond, and from then on, it leaves out the step entries of its
+    /// context (`context.steps`), which the engine stores apart, each when it changes
+    /// ([`InstanceState::take_steps_changed`]), so that a step's write does not grow with
+    /// the steps before it.
+    pub fn to_stored(&mut self) -> String {
+        if !self.steps_apart {
+            let text = serde_json::to_string(self).expect("states serialize");
+            if text.len() <= STORED_STATE_INLINE_MAX {
+                self.steps_changed.0.clear();
+                return text;
+            }
+            // Every entry moves out now.
+            self.steps_apart = true;
+            self.steps_changed.0 = steps_mut(&mut self.context).keys().cloned().collect();
+        }
+        let context = self
+            .context
+            .as_object_mut()
+            .expect("the context is an object");
+        let steps = context.remove("steps");
+        let text = serde_json::to_string(self).expect("states serialize");
+        if let Some(steps) = steps {
+            self.context
+                .as_object_mut()
+                .expect("the context is an object")
+                .insert("steps".to_string(), steps);
+        }
+        text
+    }
+
+    /// Reads a state stored by [`InstanceState::to_stored`]; when its step entries are
+    /// stored apart ([`InstanceState::steps_apart`]), they are added with
+    /// [`InstanceState::add_stored_entries`]. States stored by versions that kept every
+    /// entry inside read as they are.
+    pub fn from_stored(text: &str) -> Result<InstanceState, serde_json::Error> {
+        let mut state: InstanceState = serde_json::from_str(text)?;
+        let context = state
+            .context
+            .as_object_mut()
+            .ok_or_else(|| serde::de::Error::custom("the context is not an object"))?;
+        let steps = context
+            .entry("steps")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !steps.is_object() {
+            return Err(serde::de::Error::custom(
+                "the context's steps are not an object",
+            ));
+        }
+        Ok(state)
+    }
+
+    /// Puts the step entries stored apart (`(step id, entry)`, the entry as JSON text)
+    /// back into the context.
+    pub fn add_stored_entries(
+        &mut self,
+        entries: Vec<(String, String)>,
+    ) -> Result<(), serde_json::Error> {
+        let steps = steps_mut(&mut self.context);
+        for (step_id, entry) in entries {
+            steps.insert(step_id, serde_json::from_str(&entry)?);
+        }
+        Ok(())
+    }
+
+    /// The ids of the steps whose entry was set or removed since the last call, each
+    /// once, when the entries are stored apart (empty otherwise): the engine stores the
+    /// entries of those still in `context.steps` and deletes the others. Call it after
+    /// [`InstanceState::to_stored`].
+    pub fn take_steps_changed(&mut self) -> Vec<String> {
+        let mut changed = std::mem::take(&mut self.steps_changed.0);
+        changed.sort_unstable();
+        changed.dedup();
+        changed
+    }
+
+    /// Sets a step's entry in the context.
+    fn set_step_entry(&mut self, step_id: &str, entry: Value) {
+        steps_mut(&mut self.context).insert(step_id.to_string(), entry);
+        self.steps_changed.0.push(step_id.to_string());
+    }
+
+    /// Removes a step's entry from the context.
+    fn remove_step_entry(&mut self, step_id: &str) {
+        if steps_mut(&mut self.context).remove(step_id).is_some() {
+            self.steps_changed.0.push(step_id.to_string());
+        }
+    }
 }
 
 /// An input to the state machine.
@@ -847,6 +966,8 @@ pub fn start_restarted(
         error: None,
         created_at: now,
         updated_at: now,
+        steps_apart: false,
+        steps_changed: StepsChanged::default(),
     };
     let mut t = Transition::default();
     t.events.push(EventKind::InstanceStarted {
@@ -1144,9 +1265,8 @@ fn dispatch(
                 )));
             };
             // Forget what the re-run steps produced; keep what came before.
-            let steps = steps_mut(&mut state.context);
             for step in &definition.steps[index..] {
-                steps.remove(&step.id);
+                state.remove_step_entry(&step.id);
             }
             state.completed.retain(|&done| done < index);
             state.compensating.clear();
@@ -2071,8 +2191,7 @@ fn complete_step(
                 !state.completed.contains(&index),
                 "a step completes once per run"
             );
-            steps_mut(&mut state.context)
-                .insert(definition.steps[index].id.clone(), output_entry(output));
+            state.set_step_entry(&definition.steps[index].id, output_entry(output));
             state.completed.push(index);
             state.cursor = index + 1;
             advance(state, definition, now, t);
@@ -2105,8 +2224,7 @@ fn complete_step(
                 CatchThen::Continue => {
                     // The handler's last output stands in for the step's; the step itself
                     // did not complete, so it has nothing to compensate.
-                    steps_mut(&mut state.context)
-                        .insert(definition.steps[index].id.clone(), output_entry(output));
+                    state.set_step_entry(&definition.steps[index].id, output_entry(output));
                     state.cursor = index + 1;
                     advance(state, definition, now, t);
                 }
@@ -2314,8 +2432,8 @@ fn step_failed(
                     state.caught = None;
                     match catch.then {
                         CatchThen::Continue => {
-                            steps_mut(&mut state.context).insert(
-                                definition.steps[index].id.clone(),
+                            state.set_step_entry(
+                                &definition.steps[index].id,
                                 json!({ "output": null, "error": { "type": error.error_type, "message": error.message } }),
                             );
                             state.cursor = index + 1;

@@ -142,6 +142,20 @@ pub struct TaskRecord {
     pub payload: String,
 }
 
+/// A step's entry in its instance's context (`{"output": …}`), kept apart from the
+/// instance's state: written once when the step completes, instead of again with every
+/// later change of the state, so that a step's write does not grow with the steps
+/// before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepOutputRecord {
+    /// Instance it belongs to.
+    pub instance_id: String,
+    /// The step.
+    pub step_id: String,
+    /// The entry (JSON text), opaque to the store.
+    pub entry: String,
+}
+
 /// A durable timer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TimerRecord {
@@ -176,6 +190,11 @@ pub struct PartitionBatch {
     pub timers_put: Vec<TimerRecord>,
     /// Timers to delete, by (instance id, key).
     pub timers_delete: Vec<(String, String)>,
+    /// Step outputs to insert or replace.
+    pub outputs_put: Vec<StepOutputRecord>,
+    /// Step outputs to delete, by (instance id, step id). Within a batch, deletes are
+    /// applied before puts.
+    pub outputs_delete: Vec<(String, String)>,
 }
 
 /// Why a partition batch was refused.
@@ -268,7 +287,8 @@ pub struct InstanceQuery {
     pub limit: u32,
 }
 
-/// Most ids one [`Store::instances_exist`] call checks.
+/// Most ids one [`Store::instances_exist`] or [`Store::step_outputs`] call reads for.
+/// (The two share the bound: both read for a partition's batch of instances.)
 pub const EXISTENCE_CHECK_MAX: usize = 4096;
 
 /// The store: durable state of one weir deployment.
@@ -363,6 +383,11 @@ pub trait Store: Send + Sync + 'static {
     /// flag per id in order: the check a start with a caller's id makes before it
     /// creates anything, done for a partition's whole batch of starts at once.
     fn instances_exist(&self, ids: &[String]) -> Result<Vec<bool>, Error>;
+
+    /// The step outputs of each of `ids` (at most [`EXISTENCE_CHECK_MAX`]), in order:
+    /// `(step id, entry)` pairs, by step id. What an instance's state leaves out and
+    /// needs back before it runs again.
+    fn step_outputs(&self, ids: &[String]) -> Result<Vec<Vec<(String, String)>>, Error>;
 
     /// Whether this process is the store's only writer (an embedded file that this
     /// process holds locked): what the engine writes is then all there is, so that

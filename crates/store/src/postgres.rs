@@ -78,7 +78,8 @@ macro_rules! db_now_ms {
 ///
 /// Text keys are `COLLATE "C"` so that ordering and cursors compare bytes, as
 /// SQLite does, whatever the database's locale.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE partitions (
     partition BIGINT PRIMARY KEY,
     owner TEXT COLLATE "C" NOT NULL DEFAULT '',
@@ -145,7 +146,16 @@ CREATE TABLE members (
     joined_at BIGINT NOT NULL,
     last_heartbeat BIGINT NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE step_outputs (
+    instance_id TEXT COLLATE "C" NOT NULL,
+    step_id TEXT COLLATE "C" NOT NULL,
+    entry TEXT NOT NULL,
+    PRIMARY KEY (instance_id, step_id)
+);
+"#,
+];
 
 const INSTANCE_COLUMNS: &str =
     "id, partition, definition, version, status, active, input, output, error, created_at, updated_at, state";
@@ -163,7 +173,8 @@ const LOCK_PARTITIONS: &str = "SELECT partition, epoch, last_seq FROM partitions
 /// `unnest`, merged beforehand so that no two parts touch the same row.
 ///
 /// Parameters: per partition `$1` partition, `$2` log end after the batches, `$34`
-/// epoch and `$35` log end before them; then the rows (see [`Writes`]).
+/// epoch and `$35` log end before them; then the rows (see [`Writes`]), the step
+/// outputs last (`$36`–`$40`).
 const COMMIT_IF_CURRENT: &str = r#"
 WITH expected AS (
     SELECT * FROM unnest($1::bigint[], $34::bigint[], $35::bigint[])
@@ -211,6 +222,14 @@ WITH expected AS (
     WHERE (SELECT ok FROM fence)
     ON CONFLICT (instance_id, key) DO UPDATE SET partition = excluded.partition,
         fire_at = excluded.fire_at
+), outputs_deleted AS (
+    DELETE FROM step_outputs o USING unnest($36::text[], $37::text[]) AS d(instance_id, step_id)
+    WHERE o.instance_id = d.instance_id AND o.step_id = d.step_id AND (SELECT ok FROM fence)
+), outputs_put AS (
+    INSERT INTO step_outputs (instance_id, step_id, entry)
+    SELECT * FROM unnest($38::text[], $39::text[], $40::text[])
+    WHERE (SELECT ok FROM fence)
+    ON CONFLICT (instance_id, step_id) DO UPDATE SET entry = excluded.entry
 )
 SELECT ok FROM fence"#;
 
@@ -774,6 +793,11 @@ struct Writes<'a> {
     timer_keys: Vec<&'a str>,
     timer_partitions: Vec<i64>,
     timer_fire_ats: Vec<i64>,
+    outputs_deleted_instances: Vec<&'a str>,
+    outputs_deleted_steps: Vec<&'a str>,
+    output_instances: Vec<&'a str>,
+    output_steps: Vec<&'a str>,
+    output_entries: Vec<&'a str>,
 }
 
 impl<'a> Writes<'a> {
@@ -793,6 +817,7 @@ impl<'a> Writes<'a> {
         let mut instances: BTreeMap<&str, (&InstanceRecord, &InstanceRecord)> = BTreeMap::new();
         let mut tasks: BTreeMap<&str, Option<&TaskRecord>> = BTreeMap::new();
         let mut timers: BTreeMap<(&str, &str), Option<&TimerRecord>> = BTreeMap::new();
+        let mut outputs: BTreeMap<(&str, &str), Option<&str>> = BTreeMap::new();
         for batch in batches {
             for event in &batch.events {
                 writes.event_partitions.push(i64::from(event.partition));
@@ -821,6 +846,25 @@ impl<'a> Writes<'a> {
             }
             for timer in &batch.timers_put {
                 timers.insert((&timer.instance_id, &timer.key), Some(timer));
+            }
+            for (instance_id, step_id) in &batch.outputs_delete {
+                outputs.insert((instance_id, step_id), None);
+            }
+            for output in &batch.outputs_put {
+                outputs.insert((&output.instance_id, &output.step_id), Some(&output.entry));
+            }
+        }
+        for ((instance_id, step_id), entry) in outputs {
+            match entry {
+                None => {
+                    writes.outputs_deleted_instances.push(instance_id);
+                    writes.outputs_deleted_steps.push(step_id);
+                }
+                Some(entry) => {
+                    writes.output_instances.push(instance_id);
+                    writes.output_steps.push(step_id);
+                    writes.output_entries.push(entry);
+                }
             }
         }
         for (first, last) in instances.into_values() {
@@ -867,7 +911,7 @@ impl<'a> Writes<'a> {
     }
 
     /// The parameters of [`COMMIT_IF_CURRENT`], in order.
-    fn params(&self) -> [&(dyn ToSql + Sync); 35] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 40] {
         [
             &self.partitions,
             &self.last_seqs,
@@ -904,6 +948,11 @@ impl<'a> Writes<'a> {
             &self.timer_fire_ats,
             &self.epochs,
             &self.seq_befores,
+            &self.outputs_deleted_instances,
+            &self.outputs_deleted_steps,
+            &self.output_instances,
+            &self.output_steps,
+            &self.output_entries,
         ]
     }
 }
@@ -1235,6 +1284,36 @@ impl Store for PostgresStore {
             Ok(rows.iter().map(|row| row.get::<_, String>(0)).collect())
         })?;
         Ok(ids.iter().map(|id| found.contains(id)).collect())
+    }
+
+    fn step_outputs(&self, ids: &[String]) -> Result<Vec<Vec<(String, String)>>, Error> {
+        assert!(ids.len() <= crate::EXISTENCE_CHECK_MAX);
+        let checked: Vec<&str> = ids
+            .iter()
+            .map(String::as_str)
+            .filter(|id| storable(id))
+            .collect();
+        let mut found: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        if !checked.is_empty() {
+            self.with(|connection| {
+                let rows = connection.query(
+                    "SELECT instance_id, step_id, entry FROM step_outputs
+                     WHERE instance_id = ANY($1) ORDER BY instance_id, step_id",
+                    &[&checked],
+                )?;
+                for row in rows {
+                    found
+                        .entry(row.try_get(0)?)
+                        .or_default()
+                        .push((row.try_get(1)?, row.try_get(2)?));
+                }
+                Ok::<_, Error>(())
+            })?;
+        }
+        Ok(ids
+            .iter()
+            .map(|id| found.get(id).cloned().unwrap_or_default())
+            .collect())
     }
 
     fn single_writer(&self) -> bool {

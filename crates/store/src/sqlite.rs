@@ -96,6 +96,14 @@ CREATE TABLE members (
     last_heartbeat INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
+    r#"
+CREATE TABLE step_outputs (
+    instance_id TEXT NOT NULL,
+    step_id TEXT NOT NULL,
+    entry TEXT NOT NULL,
+    PRIMARY KEY (instance_id, step_id)
+) WITHOUT ROWID;
+"#,
 ];
 
 /// The SQLite store of one data directory.
@@ -425,6 +433,19 @@ fn apply_batch(transaction: &Connection, batch: &PartitionBatch) -> Result<bool,
                 task.instance_id,
                 task.payload
             ])?;
+        }
+    }
+    {
+        let mut delete = transaction
+            .prepare_cached("DELETE FROM step_outputs WHERE instance_id = ?1 AND step_id = ?2")?;
+        for (instance_id, step_id) in &batch.outputs_delete {
+            delete.execute(params![instance_id, step_id])?;
+        }
+        let mut put = transaction.prepare_cached(
+            "INSERT OR REPLACE INTO step_outputs (instance_id, step_id, entry) VALUES (?1, ?2, ?3)",
+        )?;
+        for output in &batch.outputs_put {
+            put.execute(params![output.instance_id, output.step_id, output.entry])?;
         }
     }
     {
@@ -759,6 +780,22 @@ impl Store for SqliteStore {
                 connection.prepare_cached("SELECT 1 FROM instances WHERE id = ?1")?;
             ids.iter()
                 .map(|id| Ok(statement.exists(params![id])?))
+                .collect()
+        })
+    }
+
+    fn step_outputs(&self, ids: &[String]) -> Result<Vec<Vec<(String, String)>>, Error> {
+        assert!(ids.len() <= crate::EXISTENCE_CHECK_MAX);
+        self.read(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT step_id, entry FROM step_outputs WHERE instance_id = ?1 ORDER BY step_id",
+            )?;
+            ids.iter()
+                .map(|id| {
+                    let rows =
+                        statement.query_map(params![id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                })
                 .collect()
         })
     }
