@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use weir_pgtest::PgServer;
 use weir_store::{
     Announcement, Error, EventRecord, InstanceQuery, InstanceRecord, PartitionBatch,
-    PartitionSnapshot, PostgresOptions, PostgresStore, Refusal, SqliteStore, Store, TaskRecord,
-    TimerRecord, PARTITION_COUNT_MAX,
+    PartitionSnapshot, PostgresOptions, PostgresStore, Refusal, SqliteStore, StepOutputRecord,
+    Store, TaskRecord, TimerRecord, PARTITION_COUNT_MAX,
 };
 
 /// Where a store lives; opening it again reaches the same data.
@@ -79,6 +79,7 @@ on_both!(
     events_after_pages_the_log,
     membership_follows_heartbeats,
     leases_are_taken_renewed_and_released,
+    step_outputs_are_put_replaced_deleted_and_fenced,
 );
 
 /// A partition's snapshot with the active instance rows it hands on, gathered.
@@ -1210,4 +1211,80 @@ fn postgres_commits_and_lease_renewals_never_deadlock() {
     });
     store.release_leases("a", &leases).unwrap();
     assert!(store.leases().unwrap().iter().all(|l| l.owner.is_empty()));
+}
+
+fn output(instance_id: &str, step_id: &str, entry: &str) -> StepOutputRecord {
+    StepOutputRecord {
+        instance_id: instance_id.into(),
+        step_id: step_id.into(),
+        entry: entry.into(),
+    }
+}
+
+/// Goal: step outputs stored apart follow the batch rules of every other row: put,
+/// replaced by a later put, deleted (deletes before puts within a batch, batches in
+/// order within a commit), never written by a fenced batch, and read back per
+/// instance in the order asked, by step id.
+fn step_outputs_are_put_replaced_deleted_and_fenced(place: Place) {
+    let store = place.open(2);
+    let lease = store
+        .acquire_lease(0, "a", wall_ms(), 60_000)
+        .unwrap()
+        .unwrap();
+    let first = PartitionBatch {
+        instances: vec![instance("i1", 0, "running", true)],
+        outputs_put: vec![
+            output("i1", "b", r#"{"output":2}"#),
+            output("i1", "a", r#"{"output":1}"#),
+            output("i2", "a", r#"{"output":"other"}"#),
+        ],
+        ..batch(0, lease.epoch, 0, 1)
+    };
+    // The same commit replaces one, deletes one, and puts back one it deletes.
+    let second = PartitionBatch {
+        outputs_delete: vec![("i1".into(), "b".into()), ("i2".into(), "a".into())],
+        outputs_put: vec![
+            output("i1", "a", r#"{"output":"again"}"#),
+            output("i2", "a", r#"{"output":"back"}"#),
+        ],
+        ..batch(0, lease.epoch, 1, 1)
+    };
+    assert_eq!(
+        store.commit(&[first, second]).unwrap(),
+        vec![Ok(()), Ok(())]
+    );
+    let ids = ["i2".to_string(), "none".to_string(), "i1".to_string()];
+    let pairs = |entries: &[(&str, &str)]| -> Vec<(String, String)> {
+        entries
+            .iter()
+            .map(|(step, entry)| (step.to_string(), entry.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        store.step_outputs(&ids).unwrap(),
+        vec![
+            pairs(&[("a", r#"{"output":"back"}"#)]),
+            Vec::new(),
+            pairs(&[("a", r#"{"output":"again"}"#)]),
+        ]
+    );
+    // A fenced batch writes no output.
+    let stale = PartitionBatch {
+        outputs_put: vec![output("i1", "z", "{}")],
+        outputs_delete: vec![("i1".into(), "a".into())],
+        ..batch(0, lease.epoch + 1, 2, 1)
+    };
+    assert!(store.commit(&[stale]).unwrap()[0].is_err());
+    let third = PartitionBatch {
+        outputs_put: vec![output("i1", "c", r#"{"output":3}"#)],
+        ..batch(0, lease.epoch, 2, 1)
+    };
+    assert_eq!(store.commit(&[third]).unwrap(), vec![Ok(())]);
+    assert_eq!(
+        store.step_outputs(&ids[2..]).unwrap(),
+        vec![pairs(&[
+            ("a", r#"{"output":"again"}"#),
+            ("c", r#"{"output":3}"#)
+        ])]
+    );
 }

@@ -1409,3 +1409,66 @@ fn stored_states_omit_empty_fields_and_older_ones_still_load() {
         read
     );
 }
+
+/// Goal: a small state is stored whole; once it would pass `STORED_STATE_INLINE_MAX`, it is
+/// stored without its step entries, every entry is reported changed once (to be stored
+/// apart), later ones as they come, a rerun's removals too; and a state read back with
+/// its entries is the state that was stored.
+#[test]
+fn large_states_store_their_step_outputs_apart() {
+    let d = three_steps();
+    let (mut state, t) = start(&d, 1, "i1", json!({"x": 1}), 0);
+    let task = offered(&t).remove(0);
+    let t = complete(&mut state, &d, &task, 1);
+    let text = state.to_stored();
+    assert!(text.contains("\"steps\":{\"a\""), "{text}");
+    assert!(!state.steps_apart);
+    assert!(state.take_steps_changed().is_empty(), "kept inside");
+    assert_eq!(InstanceState::from_stored(&text).unwrap(), state);
+
+    // A large output: from now on the entries are stored apart, all of them.
+    let task = offered(&t).remove(0);
+    let big = json!({ "blob": "x".repeat(STORED_STATE_INLINE_MAX) });
+    let command = Command::CompleteTask {
+        task_id: task,
+        output: big.clone(),
+    };
+    let t = handle(&mut state, &d, command, 2).unwrap();
+    let text = state.to_stored();
+    assert!(state.steps_apart);
+    assert!(!text.contains("\"steps\""), "{text}");
+    assert!(text.len() < STORED_STATE_INLINE_MAX, "{text}");
+    assert_eq!(state.take_steps_changed(), ["a", "b"]);
+    let entries = |state: &InstanceState, ids: &[&str]| -> Vec<(String, String)> {
+        ids.iter()
+            .map(|id| (id.to_string(), state.context["steps"][id].to_string()))
+            .collect()
+    };
+    let mut read = InstanceState::from_stored(&text).unwrap();
+    assert_eq!(read.context["steps"], json!({}));
+    read.add_stored_entries(entries(&state, &["a", "b"]))
+        .unwrap();
+    assert_eq!(read, state);
+    assert_eq!(read.context["steps"]["b"]["output"], big);
+
+    // The next entry alone is reported; a rerun reports what it removes.
+    let task = offered(&t).remove(0);
+    complete(&mut state, &d, &task, 3);
+    assert_eq!(state.status, InstanceStatus::Completed);
+    let _ = state.to_stored();
+    assert_eq!(state.take_steps_changed(), ["c"]);
+    let rerun = Command::Rerun {
+        by: "me".into(),
+        from_step: "b".into(),
+    };
+    handle(&mut state, &d, rerun, 4).unwrap();
+    let text = state.to_stored();
+    assert_eq!(state.take_steps_changed(), ["b", "c"]);
+    assert_eq!(
+        state.context["steps"],
+        json!({"a": {"output": {"done": "i1:a:1"}}})
+    );
+    let mut read = InstanceState::from_stored(&text).unwrap();
+    read.add_stored_entries(entries(&state, &["a"])).unwrap();
+    assert_eq!(read, state);
+}
