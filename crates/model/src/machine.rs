@@ -413,7 +413,7 @@ pub struct InstanceState {
 /// rewriting every output at every step made a step's write grow with the steps before
 /// it, while storing an entry apart costs a row of its own, more than a small state
 /// saves (BENCHMARKS.md, "Sixth optimisation pass").
-pub const STORED_STATE_INLINE_MAX: usize = 1024;
+pub const STORED_STATE_INLINE_MAX: usize = 2048;
 
 /// The ids of the steps whose entry in the context changed and is still to be stored.
 ///
