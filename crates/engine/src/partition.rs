@@ -1016,7 +1016,7 @@ pub(crate) fn instance_record(partition: u32, state: &mut InstanceState) -> Inst
 
 /// The step outputs stored apart of each of `ids`, in order, read in chunks of at most
 /// [`weir_store::EXISTENCE_CHECK_MAX`].
-pub(crate) fn step_outputs(
+fn step_outputs(
     store: &dyn weir_store::Store,
     ids: &[String],
 ) -> Result<Vec<Vec<(String, String)>>, weir_store::Error> {

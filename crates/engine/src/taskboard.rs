@@ -184,13 +184,10 @@ impl TaskBoard {
                     now,
                     self.lease_duration,
                     &mut inner.token_next,
+                    &mut inner.leased,
                 );
                 reservation.room -= 1;
                 reservation.taken.push(offer);
-                inner.leased.insert(
-                    task_id.clone(),
-                    entry.lease.as_ref().expect("just leased").expires_at,
-                );
                 inner.entries.insert(task_id, entry);
                 return;
             }
@@ -404,18 +401,14 @@ impl TaskBoard {
                         .push(task_id);
                     continue;
                 }
-                let offer = lease(
+                taken.push(lease(
                     entry,
-                    task_id.clone(),
+                    task_id,
                     now,
                     self.lease_duration,
                     &mut inner.token_next,
-                );
-                inner.leased.insert(
-                    task_id,
-                    entry.lease.as_ref().expect("just leased").expires_at,
-                );
-                taken.push(offer);
+                    &mut inner.leased,
+                ));
             }
         }
         taken
@@ -544,21 +537,25 @@ impl TaskBoard {
     }
 }
 
-/// Leases `entry` (which has no lease) under a new token and returns its offer.
+/// Leases `entry` (which has no lease) under a new token, records the lease's expiry in
+/// `leased`, and returns its offer.
 fn lease(
     entry: &mut Entry,
     task_id: String,
     now: u64,
     lease_duration: Duration,
     token_next: &mut u64,
+    leased: &mut HashMap<String, u64>,
 ) -> TaskOffer {
     assert!(entry.lease.is_none() && !entry.timed_out);
     *token_next = token_next.wrapping_add(1);
     let token = format_token(entry.task.epoch, *token_next);
+    let expires_at = now + lease_duration.as_millis() as u64;
+    leased.insert(task_id.clone(), expires_at);
     entry.pickup_due = None;
     entry.lease = Some(Lease {
         token: token.clone(),
-        expires_at: now + lease_duration.as_millis() as u64,
+        expires_at,
         heartbeat_due: entry
             .task
             .heartbeat_timeout
