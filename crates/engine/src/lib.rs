@@ -1273,22 +1273,14 @@ impl Engine {
 
     /// Applies a command to an instance whether or not its partition holds it in memory.
     async fn revive(&self, id: &str, command: Command) -> Result<InstanceView, Error> {
-        let owned = id.to_string();
-        let (record, outputs) = self
-            .read(move |store| {
-                let record = store.instance(&owned)?;
-                let outputs = store.step_outputs(std::slice::from_ref(&owned))?;
-                Ok((record, outputs))
-            })
-            .await?;
-        let record =
-            record.ok_or_else(|| Error::NotFound(format!("instance {id} does not exist")))?;
-        let mut state = machine::InstanceState::from_stored(&record.state)
-            .map_err(|err| Error::Corrupt(format!("instance {id}: {err}")))?;
-        let outputs = outputs.into_iter().next().unwrap_or_default();
-        state
-            .add_stored_entries(outputs)
-            .map_err(|err| Error::Corrupt(format!("instance {id}'s step outputs: {err}")))?;
+        let ids = vec![id.to_string()];
+        let state = self
+            .read(move |store| partition::read_states(store, &ids))
+            .await?
+            .map_err(Error::Corrupt)?
+            .pop()
+            .flatten()
+            .ok_or_else(|| Error::NotFound(format!("instance {id} does not exist")))?;
         let definition = self
             .inner
             .shared

@@ -230,7 +230,7 @@ impl PartitionActor {
             // Only the instances kept in memory need their step outputs back; a parked
             // one gets them when it is read again. Nothing writes this partition until
             // its actor runs, so this second read sees what the first did.
-            if let Err(err) = add_step_outputs(store.as_ref(), &mut kept)? {
+            if let Err(err) = add_step_outputs(store.as_ref(), kept.iter_mut())? {
                 corrupt.get_or_insert(err);
             }
             Ok::<_, weir_store::Error>((snapshot, kept, parked, corrupt))
@@ -409,19 +409,10 @@ impl PartitionActor {
         let store = self.shared.store.clone();
         let ids = wanted.clone();
         let (states, exist) = tokio::task::spawn_blocking(move || {
-            let mut states = Vec::with_capacity(ids.len());
-            for id in &ids {
-                let Some(record) = store.instance(id)? else {
-                    return Ok(Err(format!("parked instance {id} is not stored")));
-                };
-                match InstanceState::from_stored(&record.state) {
-                    Ok(state) => states.push(state),
-                    Err(err) => return Ok(Err(format!("instance {id}: {err}"))),
-                }
-            }
-            if let Err(corrupt) = add_step_outputs(store.as_ref(), &mut states)? {
-                return Ok(Err(corrupt));
-            }
+            let states = match read_states(store.as_ref(), &ids)? {
+                Ok(states) => states,
+                Err(corrupt) => return Ok(Err(corrupt)),
+            };
             let exist = if starts.is_empty() {
                 Vec::new()
             } else {
@@ -434,6 +425,8 @@ impl PartitionActor {
         .map_err(Error::Corrupt)?;
         for (id, state) in wanted.into_iter().zip(states) {
             self.parked.remove(&id);
+            let state = state
+                .ok_or_else(|| Error::Corrupt(format!("parked instance {id} is not stored")))?;
             assert_eq!(state.id, id);
             let definition = self
                 .shared
@@ -1027,14 +1020,37 @@ fn step_outputs(
     Ok(outputs)
 }
 
-/// Puts the step outputs stored apart back into `states`. The inner error names a
-/// corrupt entry.
-fn add_step_outputs(
+/// Reads the stored states of `ids`, in order (`None` for an id not stored), with their
+/// step outputs stored apart. The inner error names a corrupt state or entry.
+pub(crate) fn read_states(
     store: &dyn weir_store::Store,
-    states: &mut [InstanceState],
+    ids: &[String],
+) -> Result<Result<Vec<Option<InstanceState>>, String>, weir_store::Error> {
+    let mut states = Vec::with_capacity(ids.len());
+    for id in ids {
+        let Some(record) = store.instance(id)? else {
+            states.push(None);
+            continue;
+        };
+        match InstanceState::from_stored(&record.state) {
+            Ok(state) => states.push(Some(state)),
+            Err(err) => return Ok(Err(format!("instance {id}: {err}"))),
+        }
+    }
+    if let Err(corrupt) = add_step_outputs(store, states.iter_mut().flatten())? {
+        return Ok(Err(corrupt));
+    }
+    Ok(Ok(states))
+}
+
+/// Puts the step outputs stored apart back into those of `states` that have them
+/// (`steps_apart`). The inner error names a corrupt entry.
+fn add_step_outputs<'a>(
+    store: &dyn weir_store::Store,
+    states: impl IntoIterator<Item = &'a mut InstanceState>,
 ) -> Result<Result<(), String>, weir_store::Error> {
     let mut apart: Vec<&mut InstanceState> = states
-        .iter_mut()
+        .into_iter()
         .filter(|state| state.steps_apart)
         .collect();
     let ids: Vec<String> = apart.iter().map(|state| state.id.clone()).collect();

@@ -584,7 +584,10 @@ async fn send_alone(client: &Client, queues: &[String], pending: PendingCompleti
             )
             .await
         {
-            Ok(tasks) => (Ok(()), one_task(tasks, 1)),
+            Ok(tasks) => {
+                warn_if_more(1, tasks.len());
+                (Ok(()), tasks.into_iter().next())
+            }
             Err(error) => (Err(error), None),
         }
     } else {
@@ -596,20 +599,19 @@ async fn send_alone(client: &Client, queues: &[String], pending: PendingCompleti
     let _ = pending.reply.send(answer);
 }
 
-/// The one task asked for, if any; a server that answers more than asked for breaks the
-/// protocol, and the extra tasks are left to lease expiry (this worker has no slot).
-fn one_task(tasks: Vec<PolledTask>, asked: usize) -> Option<PolledTask> {
-    if tasks.len() > asked {
+/// A server that answers more next tasks than asked for breaks the protocol: the extra
+/// tasks are left to lease expiry (this worker has no slot for them).
+fn warn_if_more(asked: usize, given: usize) {
+    if given > asked {
         tracing::error!(
             asked,
-            given = tasks.len(),
+            given,
             "server answered more next tasks than asked for; the rest go back after their leases expire"
         );
     }
-    tasks.into_iter().next()
 }
 
-async fn send_batch(client: &Client, queues: &[String], mut batch: Vec<PendingCompletion>) {
+async fn send_batch(client: &Client, queues: &Arc<[String]>, mut batch: Vec<PendingCompletion>) {
     if batch.len() == 1 {
         let pending = batch.pop().expect("one completion");
         send_alone(client, queues, pending).await;
@@ -634,13 +636,7 @@ async fn send_batch(client: &Client, queues: &[String], mut batch: Vec<PendingCo
     };
     match answered {
         Ok((outcomes, tasks)) => {
-            if tasks.len() > wanted {
-                tracing::error!(
-                    asked = wanted,
-                    given = tasks.len(),
-                    "server answered more next tasks than asked for; the rest go back after their leases expire"
-                );
-            }
+            warn_if_more(wanted, tasks.len());
             let mut tasks = tasks.into_iter();
             for (pending, outcome) in batch.into_iter().zip(outcomes) {
                 // A slot freed by a refused completion is as free as any other's.
@@ -656,7 +652,7 @@ async fn send_batch(client: &Client, queues: &[String], mut batch: Vec<PendingCo
             tracing::debug!(error = %ErrorChain(&error), count = batch.len(), "batch of completions failed, sending each alone");
             for pending in batch {
                 let client = client.clone();
-                let queues: Arc<[String]> = queues.into();
+                let queues = queues.clone();
                 tokio::spawn(async move { send_alone(&client, &queues, pending).await });
             }
         }
