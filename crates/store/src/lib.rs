@@ -11,6 +11,7 @@
 
 mod postgres;
 mod sqlite;
+mod sqlite_page_cache;
 
 pub use crate::postgres::{PostgresOptions, PostgresStore, POOL_SIZE_DEFAULT, POOL_WAIT_DEFAULT};
 pub use sqlite::SqliteStore;
