@@ -12,6 +12,7 @@
 mod postgres;
 mod sqlite;
 mod sqlite_page_cache;
+mod sqlite_wal_writes;
 
 pub use crate::postgres::{PostgresOptions, PostgresStore, POOL_SIZE_DEFAULT, POOL_WAIT_DEFAULT};
 pub use sqlite::SqliteStore;
