@@ -31,10 +31,14 @@ const VFS_NAME: &CStr = c"weir-wal";
 /// 100 frames, 400 KiB.
 pub(crate) const WAL_WRITE_BUFFER_MAX: usize = 1024 * 1024;
 
+/// SQLite's largest page: the most one write of a WAL frame's page adds to a run that
+/// is still under `WAL_WRITE_BUFFER_MAX`.
+const PAGE_SIZE_MAX: usize = 64 * 1024;
+
 /// Most bytes passed to the default VFS in one write: SQLite's unix VFS keeps only the
 /// low 17 bits of a write's length (it never writes more than a 64 KiB page at once
 /// itself), so a run is written in pieces of 64 KiB, 16 frames of 4 KiB each.
-const INNER_WRITE_MAX: usize = 64 * 1024;
+const INNER_WRITE_MAX: usize = PAGE_SIZE_MAX;
 
 /// Writes SQLite asked a WAL file for, and writes passed to the default VFS, in this
 /// crate's tests.
@@ -160,9 +164,10 @@ unsafe extern "C" fn open(
         // SQLite closes a file only if its methods are set; the default VFS cleaned up.
         return rc;
     }
+    // Sized once for the most it can hold, so it never grows by copying.
     (*wal).pending = Box::into_raw(Box::new(Pending {
         offset: 0,
-        bytes: Vec::new(),
+        bytes: Vec::with_capacity(WAL_WRITE_BUFFER_MAX + PAGE_SIZE_MAX),
     }));
     (*wal).base.pMethods = &WAL_METHODS;
     ffi::SQLITE_OK
@@ -225,6 +230,8 @@ unsafe extern "C" fn write(
     (*pending)
         .bytes
         .extend_from_slice(std::slice::from_raw_parts(data as *const u8, length));
+    // SQLite writes a WAL header, frame headers and pages, none larger than a page.
+    assert!((*pending).bytes.len() <= WAL_WRITE_BUFFER_MAX + PAGE_SIZE_MAX);
     if (*pending).bytes.len() >= WAL_WRITE_BUFFER_MAX {
         return flush(file);
     }
