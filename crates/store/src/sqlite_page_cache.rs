@@ -23,6 +23,7 @@
 //! keeps the default cache: it runs correctly, only slower.
 
 use std::os::raw::{c_int, c_uint, c_void};
+#[cfg(test)]
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
@@ -45,7 +46,8 @@ static DEFAULT: OnceLock<DefaultMethods> = OnceLock::new();
 /// Whether the wrapper is the process's page cache.
 static INSTALLED: OnceLock<bool> = OnceLock::new();
 /// Truncations the default cache would have answered by walking its pages, answered
-/// without.
+/// without (counted in this crate's tests only).
+#[cfg(test)]
 static WALKS_SAVED: AtomicU64 = AtomicU64::new(0);
 
 /// One wrapped cache: the default cache, and what is known of the pages it holds.
@@ -58,7 +60,8 @@ struct Cache {
     /// Whether the parking number may be present.
     parked: bool,
     /// The default cache's own bound, as it keeps it (parking number included), to
-    /// count the walks saved.
+    /// count the walks saved in this crate's tests.
+    #[cfg(test)]
     default_max_key: c_uint,
 }
 
@@ -162,6 +165,7 @@ unsafe extern "C" fn create(
         parking_key: PENDING_BYTE / page_size + 1,
         max_key: 0,
         parked: false,
+        #[cfg(test)]
         default_max_key: 0,
     });
     Box::into_raw(cache) as *mut ffi::sqlite3_pcache
@@ -191,6 +195,7 @@ unsafe extern "C" fn fetch(
     };
     let page = method(cache.inner, key, create_flag);
     if !page.is_null() {
+        #[cfg(test)]
         if create_flag != 0 {
             cache.default_max_key = cache.default_max_key.max(key);
         }
@@ -225,7 +230,10 @@ unsafe extern "C" fn rekey(
     if let Some(method) = default().xRekey {
         method(cache.inner, page, old_key, new_key)
     }
-    cache.default_max_key = cache.default_max_key.max(new_key);
+    #[cfg(test)]
+    {
+        cache.default_max_key = cache.default_max_key.max(new_key);
+    }
     // Keys are unique: the page that held the old number was the only one.
     if old_key == cache.parking_key {
         cache.parked = false;
@@ -243,9 +251,11 @@ unsafe extern "C" fn truncate(wrapped: *mut ffi::sqlite3_pcache, limit: c_uint) 
     if cache.max_key < limit && !parked_dropped {
         // No page numbered `limit` or above is present: nothing to drop.
         #[cfg(test)]
-        assert_nothing_at_or_above(cache, limit);
-        if cache.default_max_key >= limit {
-            WALKS_SAVED.fetch_add(1, Ordering::Relaxed);
+        {
+            assert_nothing_at_or_above(cache, limit);
+            if cache.default_max_key >= limit {
+                WALKS_SAVED.fetch_add(1, Ordering::Relaxed);
+            }
         }
         return;
     }
@@ -254,7 +264,10 @@ unsafe extern "C" fn truncate(wrapped: *mut ffi::sqlite3_pcache, limit: c_uint) 
     }
     // Every page numbered `limit` or above is gone.
     cache.max_key = cache.max_key.min(limit.saturating_sub(1));
-    cache.default_max_key = cache.default_max_key.min(limit.saturating_sub(1));
+    #[cfg(test)]
+    {
+        cache.default_max_key = cache.default_max_key.min(limit.saturating_sub(1));
+    }
     if cache.parking_key >= limit {
         cache.parked = false;
     }
