@@ -8,6 +8,7 @@
 mod error;
 mod extract;
 mod forward;
+mod metrics;
 mod routes;
 
 use std::net::SocketAddr;

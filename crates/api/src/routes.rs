@@ -31,6 +31,7 @@ pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(crate::metrics::metrics))
         .route("/v1/definitions", post(deploy).get(list_definitions))
         .route("/v1/definitions/{name}", get(get_definition))
         .route("/v1/instances", post(start).get(list_instances))

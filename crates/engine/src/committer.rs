@@ -6,10 +6,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
-use weir_store::{PartitionBatch, Refusal, Store};
+use weir_store::{LatencyHistogram, LatencySnapshot, PartitionBatch, Refusal, Store};
 
 /// Most partition batches merged into one transaction.
 pub const COMMIT_BATCHES_MAX: usize = 256;
@@ -28,17 +30,52 @@ pub(crate) struct CommitRequest {
 #[derive(Clone)]
 pub(crate) struct Committer {
     sender: mpsc::Sender<CommitRequest>,
+    counts: Arc<CommitCounts>,
+}
+
+/// What the committer has done since it started.
+#[derive(Default)]
+struct CommitCounts {
+    /// Time of each store transaction, successful or not.
+    transactions: LatencyHistogram,
+    /// Partition batches merged into those transactions.
+    batches: AtomicU64,
+    /// Transactions that failed.
+    failures: AtomicU64,
+}
+
+/// The group commits of an engine since it started.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CommitStats {
+    /// How long each store transaction took, the WAL sync included.
+    pub transactions: LatencySnapshot,
+    /// Partition batches those transactions held: divided by their count, the
+    /// size of a group commit.
+    pub batches: u64,
+    /// Transactions that failed (their batches were refused with the error).
+    pub failures: u64,
 }
 
 impl Committer {
     /// Starts the committer thread; it stops once every handle is dropped.
     pub fn start(store: Arc<dyn Store>) -> Committer {
         let (sender, receiver) = mpsc::channel(COMMIT_QUEUE_MAX);
+        let counts = Arc::new(CommitCounts::default());
+        let counted = counts.clone();
         std::thread::Builder::new()
             .name("weir-committer".into())
-            .spawn(move || run(store, receiver))
+            .spawn(move || run(store, receiver, &counted))
             .expect("spawning the committer thread");
-        Committer { sender }
+        Committer { sender, counts }
+    }
+
+    /// The group commits so far.
+    pub fn stats(&self) -> CommitStats {
+        CommitStats {
+            transactions: self.counts.transactions.snapshot(),
+            batches: self.counts.batches.load(Ordering::Relaxed),
+            failures: self.counts.failures.load(Ordering::Relaxed),
+        }
     }
 
     /// Hands one partition's batch to the committer; the returned future resolves once
@@ -83,7 +120,7 @@ fn stopped() -> Arc<weir_store::Error> {
     Arc::new(weir_store::Error::Incompatible("committer stopped".into()))
 }
 
-fn run(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<CommitRequest>) {
+fn run(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<CommitRequest>, counts: &CommitCounts) {
     // Runs until every sender is gone (engine shutdown).
     while let Some(first) = receiver.blocking_recv() {
         let mut requests = vec![first];
@@ -97,7 +134,13 @@ fn run(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<CommitRequest>) {
             .iter_mut()
             .map(|r| std::mem::take(&mut r.batch))
             .collect();
-        match store.commit(&batches) {
+        let started = Instant::now();
+        let committed = store.commit(&batches);
+        counts.transactions.record(started.elapsed());
+        counts
+            .batches
+            .fetch_add(batches.len() as u64, Ordering::Relaxed);
+        match committed {
             Ok(outcomes) => {
                 assert_eq!(outcomes.len(), requests.len());
                 for (request, outcome) in requests.into_iter().zip(outcomes) {
@@ -105,6 +148,7 @@ fn run(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<CommitRequest>) {
                 }
             }
             Err(err) => {
+                counts.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %err, batches = requests.len(), "group commit failed");
                 let err = Arc::new(err);
                 for request in requests {

@@ -33,6 +33,7 @@ pub use cluster::{ClusterConfig, ClusterStatus, NodeStatus, PartitionStatus};
 pub use partition::StartOutcome;
 pub use taskboard::{TaskOffer, POLL_TASKS_MAX, RESERVATIONS_MAX};
 
+pub use committer::CommitStats;
 use committer::Committer;
 use definitions::Definitions;
 use partition::{Message, PartitionActor, MAILBOX_CAPACITY};
@@ -1531,6 +1532,15 @@ impl Engine {
     /// Tasks on the board (offered or leased).
     pub fn tasks_pending(&self) -> usize {
         self.inner.shared.board.len()
+    }
+
+    /// The group commits so far, and the store's WAL syncs when this process makes
+    /// them (the embedded store).
+    pub fn commit_stats(&self) -> (CommitStats, Option<weir_store::LatencySnapshot>) {
+        (
+            self.inner.committer.stats(),
+            self.inner.shared.store.wal_syncs(),
+        )
     }
 }
 

@@ -9,12 +9,14 @@
 //! epoch, so a node that lost a partition's lease can never commit for it.
 #![warn(missing_docs)]
 
+mod latency;
 mod postgres;
 mod sqlite;
 mod sqlite_page_cache;
 mod sqlite_wal_writes;
 
 pub use crate::postgres::{PostgresOptions, PostgresStore, POOL_SIZE_DEFAULT, POOL_WAIT_DEFAULT};
+pub use latency::{LatencyHistogram, LatencySnapshot, LATENCY_BUCKETS_SECONDS};
 pub use sqlite::SqliteStore;
 
 /// Default number of partitions of a new store.
@@ -401,6 +403,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// One instance's events, in log order.
     fn history(&self, instance_id: &str, partition: u32) -> Result<Vec<EventRecord>, Error>;
+
+    /// How long the syncs of the write-ahead log took that made this process's commits
+    /// durable, or `None` for a store whose syncs another process makes (PostgreSQL).
+    fn wal_syncs(&self) -> Option<LatencySnapshot> {
+        None
+    }
 
     /// Events of a partition with `seq > after`, at most `limit`.
     fn events_after(

@@ -14,12 +14,21 @@
 //! first and fails if that write fails. Only the store's writer connection opens the
 //! database through it; readers never write the WAL.
 //!
+//! It also times each sync of a WAL file, the fsync a commit waits for, into the
+//! histogram the thread that commits names with [`SyncsRecordedIn`]: what a disk's
+//! sync costs is the first thing an operator asks of a durable store, and the figure
+//! every other cost of a commit is measured against.
+//!
 //! The VFS is registered once per process, after the page cache is installed (SQLite
 //! initializes at registration).
 
+use std::cell::RefCell;
 use std::ffi::CStr;
 use std::os::raw::{c_int, c_void};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use crate::latency::LatencyHistogram;
 
 use rusqlite::ffi;
 
@@ -47,6 +56,28 @@ pub(crate) static WRITES: [std::sync::atomic::AtomicU64; 2] = [
     std::sync::atomic::AtomicU64::new(0),
     std::sync::atomic::AtomicU64::new(0),
 ];
+
+thread_local! {
+    /// Where this thread's WAL syncs are counted, while [`SyncsRecordedIn`] says so.
+    static SYNC_HISTOGRAM: RefCell<Option<Arc<LatencyHistogram>>> = const { RefCell::new(None) };
+}
+
+/// While it lives, the WAL syncs of the thread that made it are counted in its
+/// histogram. The store's writer makes one around each transaction.
+pub(crate) struct SyncsRecordedIn(());
+
+impl SyncsRecordedIn {
+    pub(crate) fn new(histogram: &Arc<LatencyHistogram>) -> SyncsRecordedIn {
+        SYNC_HISTOGRAM.with(|current| *current.borrow_mut() = Some(histogram.clone()));
+        SyncsRecordedIn(())
+    }
+}
+
+impl Drop for SyncsRecordedIn {
+    fn drop(&mut self) {
+        SYNC_HISTOGRAM.with(|current| *current.borrow_mut() = None);
+    }
+}
 
 /// Whether the VFS is registered (it lives for the process once it is).
 static REGISTERED: OnceLock<bool> = OnceLock::new();
@@ -285,7 +316,25 @@ macro_rules! pass {
 
 flush_then!(read, xRead, (data: *mut c_void, amount: c_int, offset: i64));
 flush_then!(truncate, xTruncate, (size: i64));
-flush_then!(sync, xSync, (flags: c_int));
+unsafe extern "C" fn sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
+    let rc = flush(file);
+    if rc != ffi::SQLITE_OK {
+        return rc;
+    }
+    let Some(method) = inner_methods(file).xSync else {
+        return ffi::SQLITE_IOERR_FSYNC;
+    };
+    let started = Instant::now();
+    let rc = method(inner_file(file), flags);
+    let elapsed = started.elapsed();
+    SYNC_HISTOGRAM.with(|current| {
+        if let Some(histogram) = &*current.borrow() {
+            histogram.record(elapsed);
+        }
+    });
+    rc
+}
+
 flush_then!(file_size, xFileSize, (size: *mut i64));
 flush_then!(file_control, xFileControl, (op: c_int, arg: *mut c_void));
 flush_then!(fetch, xFetch, (offset: i64, amount: c_int, pointer: *mut *mut c_void));

@@ -18,6 +18,7 @@
 //! times, and timing across two processes' clocks would not be honest (see
 //! `workers::Dispatch`).
 
+mod commits;
 mod report;
 mod workers;
 mod workloads;
@@ -288,6 +289,7 @@ async fn execute(
         .map(|pid| process_cpu(*pid))
         .collect();
     let client_before = process_cpu(std::process::id());
+    let commits_before = commits::scrape(&client, &nodes).await;
     let workers_before = sum_cpu(processes.iter().map(|worker| worker.pid()));
     let what = match args.workload {
         Workload::Start => "starts",
@@ -324,6 +326,12 @@ async fn execute(
     }
     let elapsed = started.elapsed();
     progress.finish_and_clear();
+    let commits = match commits_before {
+        Some(before) => commits::scrape(&client, &nodes)
+            .await
+            .and_then(|after| commits::between(before, after)),
+        None => None,
+    };
 
     let servers: Vec<ServerFigures> = args
         .server_pid
@@ -373,6 +381,7 @@ async fn execute(
         servers,
         client_cpu,
         worker_cpu,
+        commits,
         store_label: args.store_label.clone(),
     })
 }

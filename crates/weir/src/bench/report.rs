@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
+use super::commits::CommitFigures;
 use super::Workload;
 use crate::cli::Output;
 
@@ -72,6 +73,8 @@ pub(super) struct Report {
     pub client_cpu: Option<Duration>,
     /// CPU of the example worker processes together.
     pub worker_cpu: Option<Duration>,
+    /// The servers' group commits during the run, from their metrics.
+    pub commits: Option<CommitFigures>,
     pub store_label: String,
 }
 
@@ -100,6 +103,20 @@ impl Report {
             .iter()
             .filter_map(|server| server.rss_peak_kib)
             .max()
+    }
+
+    /// At one instance in flight, where commits follow one another: the run's time per
+    /// commit, and that minus the mean WAL sync (what a step costs beyond its fsync).
+    fn commit_cycle(&self) -> Option<(Duration, Option<Duration>)> {
+        let commits = self.commits?;
+        if self.concurrency != 1 {
+            return None;
+        }
+        let cycle = self.elapsed.div_f64(commits.commits as f64);
+        let beyond = commits
+            .wal_syncs
+            .map(|(_, sync)| cycle.saturating_sub(sync));
+        Some((cycle, beyond))
     }
 
     /// Timer lateness per instance: end minus start minus the sleep. The timer cannot fire
@@ -237,6 +254,26 @@ fn to_json(report: &Report) -> Value {
         "worker_cpu_s".into(),
         json!(report.worker_cpu.map(|d| d.as_secs_f64())),
     );
+    if let Some(commits) = &report.commits {
+        extra.insert(
+            "commits".into(),
+            json!({
+                "count": commits.commits,
+                "mean_ms": ms(commits.commit_mean),
+                "batches_per_commit": commits.batches_per_commit,
+            }),
+        );
+        if let Some((count, mean)) = commits.wal_syncs {
+            extra.insert(
+                "wal_syncs".into(),
+                json!({ "count": count, "mean_ms": ms(mean) }),
+            );
+        }
+    }
+    if let Some((cycle, beyond)) = report.commit_cycle() {
+        extra.insert("commit_cycle_ms".into(), json!(ms(cycle)));
+        extra.insert("beyond_wal_sync_ms".into(), json!(beyond.map(ms)));
+    }
     if !report.servers.is_empty() {
         let servers: Vec<Value> = report
             .servers
@@ -386,6 +423,27 @@ pub(super) fn print(report: &Report, output: Output) {
             sorted.len()
         );
     }
+    if let Some(commits) = &report.commits {
+        println!(
+            "group commits       {} (mean {:.3} ms, {:.1} partition batches each)",
+            commits.commits,
+            ms(commits.commit_mean),
+            commits.batches_per_commit
+        );
+        if let Some((count, mean)) = commits.wal_syncs {
+            println!("WAL syncs           {count} (mean {:.3} ms)", ms(mean));
+        }
+    }
+    if let Some((cycle, beyond)) = report.commit_cycle() {
+        match beyond {
+            Some(beyond) => println!(
+                "per commit          {:.3} ms, {:.3} ms beyond its WAL sync",
+                ms(cycle),
+                ms(beyond)
+            ),
+            None => println!("per commit          {:.3} ms", ms(cycle)),
+        }
+    }
     if let Some(cpu) = report.server_cpu() {
         if report.servers.len() > 1 {
             println!(
@@ -438,6 +496,7 @@ mod tests {
             worker_concurrency: 8,
             worker_kind: WorkerKind::Process,
             elapsed: Duration::from_secs(2),
+            commits: None,
             latencies: [130, 110, 120, 101].map(Duration::from_millis).to_vec(),
             failed: 0,
             dispatch: None,
@@ -484,6 +543,32 @@ mod tests {
         assert_eq!(figures["server_rss_peak_mib"], 2.0);
         assert_eq!(figures["durability"], "label");
         assert_eq!(figures["latency_ms"]["max"], 130.0);
+    }
+
+    #[test]
+    fn one_instance_in_flight_reports_its_commit_cycle_beyond_the_wal_sync() {
+        // Goal: the commit figures are reported, and at one instance in flight the run's
+        // time per commit and that minus the mean WAL sync; not at higher concurrency,
+        // where commits overlap and the division means nothing.
+        let mut lone = report(Workload::Seq);
+        lone.concurrency = 1;
+        lone.commits = Some(CommitFigures {
+            commits: 4_000,
+            commit_mean: Duration::from_micros(300),
+            batches_per_commit: 1.0,
+            wal_syncs: Some((4_100, Duration::from_micros(200))),
+        });
+        let figures = to_json(&lone);
+        assert_eq!(figures["commits"]["count"], 4_000);
+        assert_eq!(figures["commits"]["mean_ms"], 0.3);
+        assert_eq!(figures["wal_syncs"]["mean_ms"], 0.2);
+        assert_eq!(figures["commit_cycle_ms"], 0.5);
+        assert_eq!(figures["beyond_wal_sync_ms"], 0.3);
+        lone.concurrency = 2;
+        let figures = to_json(&lone);
+        assert_eq!(figures["wal_syncs"]["count"], 4_100);
+        assert!(figures.get("commit_cycle_ms").is_none());
+        assert!(to_json(&report(Workload::Seq)).get("commits").is_none());
     }
 
     #[test]

@@ -1,0 +1,78 @@
+//! `GET /metrics`: this node's figures in Prometheus's text format (version 0.0.4).
+
+use std::fmt::Write;
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use weir_store::{LatencySnapshot, LATENCY_BUCKETS_SECONDS};
+
+use crate::AppState;
+
+/// The content type of Prometheus's text format.
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+    let (commits, wal_syncs) = state.engine.commit_stats();
+    let mut text = String::new();
+    histogram(
+        &mut text,
+        "weir_commit_seconds",
+        "Time of each group commit's store transaction, its WAL sync included.",
+        &commits.transactions,
+    );
+    counter(
+        &mut text,
+        "weir_commit_batches_total",
+        "Partition batches merged into group commits (divided by the commits: the group size).",
+        commits.batches,
+    );
+    counter(
+        &mut text,
+        "weir_commit_failures_total",
+        "Group commits that failed; their batches were answered with the error.",
+        commits.failures,
+    );
+    if let Some(syncs) = wal_syncs {
+        histogram(
+            &mut text,
+            "weir_store_wal_sync_seconds",
+            "Time of each sync (fsync) of the embedded store's write-ahead log: what makes a commit durable.",
+            &syncs,
+        );
+    }
+    gauge(
+        &mut text,
+        "weir_tasks_pending",
+        "Tasks on this node's board, offered or leased.",
+        state.engine.tasks_pending() as u64,
+    );
+    ([(CONTENT_TYPE, TEXT_FORMAT)], text).into_response()
+}
+
+fn counter(text: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        text,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
+}
+
+fn gauge(text: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        text,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
+}
+
+/// A histogram's buckets are cumulative in this format, and end with `+Inf`.
+fn histogram(text: &mut String, name: &str, help: &str, snapshot: &LatencySnapshot) {
+    let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (count, bound) in snapshot.buckets.iter().zip(LATENCY_BUCKETS_SECONDS) {
+        cumulative += count;
+        let _ = writeln!(text, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    let _ = writeln!(text, "{name}_bucket{{le=\"+Inf\"}} {}", snapshot.count());
+    let _ = writeln!(text, "{name}_sum {}", snapshot.sum_seconds);
+    let _ = writeln!(text, "{name}_count {}", snapshot.count());
+}
