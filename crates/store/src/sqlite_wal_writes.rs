@@ -11,7 +11,10 @@
 //! before anything else touches the file: a sync, a read, a truncation, a size query, a
 //! file control, a close, or a write elsewhere. Durability is unchanged: SQLite makes a
 //! commit visible and returns only after the WAL's sync, and the sync writes the run
-//! first and fails if that write fails. Only the store's writer connection opens the
+//! first and fails if that write fails. That holds with `synchronous=FULL` only, which
+//! the writer asserts when it opens: with `NORMAL` SQLite does not sync the WAL at a
+//! commit, and readers would look for frames still held back (tried: the first read
+//! failed with "disk I/O error"). Only the store's writer connection opens the
 //! database through it; readers never write the WAL.
 //!
 //! It also times each sync of a WAL file, the fsync a commit waits for, into the
