@@ -196,17 +196,42 @@ fn rfc3339(ms: u64) -> String {
 }
 
 fn instance_json(view: &InstanceView) -> Value {
-    json!({
-        "id": view.id,
-        "definition": view.definition,
-        "version": view.version,
-        "status": view.status,
-        "input": view.input,
-        "output": view.output,
-        "error": view.error,
-        "created_at": rfc3339(view.created_at),
-        "updated_at": rfc3339(view.updated_at),
-    })
+    serde_json::to_value(InstanceWire::of(view)).unwrap_or(Value::Null)
+}
+
+/// An instance as the API shows it, serialized from the view without copying its
+/// input and output (the fields in the order `json!`'s sorted map gave them).
+#[derive(Serialize)]
+struct InstanceWire<'a> {
+    /// Only in a start's answer: whether the start created the instance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created: Option<bool>,
+    created_at: String,
+    definition: &'a str,
+    error: &'a Option<Value>,
+    id: &'a str,
+    input: &'a Value,
+    output: &'a Option<Value>,
+    status: &'a str,
+    updated_at: String,
+    version: u32,
+}
+
+impl<'a> InstanceWire<'a> {
+    fn of(view: &'a InstanceView) -> InstanceWire<'a> {
+        InstanceWire {
+            created: None,
+            created_at: rfc3339(view.created_at),
+            definition: &view.definition,
+            error: &view.error,
+            id: &view.id,
+            input: &view.input,
+            output: &view.output,
+            status: &view.status,
+            updated_at: rfc3339(view.updated_at),
+            version: view.version,
+        }
+    }
 }
 
 fn event_json(event: HistoryEvent) -> Value {
@@ -370,9 +395,11 @@ async fn start(
         StartOutcome::Created => StatusCode::CREATED,
         StartOutcome::Existing => StatusCode::OK,
     };
-    let mut object = instance_json(&view);
-    object["created"] = Value::Bool(outcome == StartOutcome::Created);
-    Ok((status, Json(object)).into_response())
+    let answer = InstanceWire {
+        created: Some(outcome == StartOutcome::Created),
+        ..InstanceWire::of(&view)
+    };
+    Ok((status, Json(answer)).into_response())
 }
 
 /// The `wait_ms` query parameter (zero when absent).
@@ -390,7 +417,7 @@ async fn get_instance(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let wait = wait_param(&query)?;
     let view = state.engine.wait_instance(&id, wait).await?;
     let view = view.ok_or_else(|| {
@@ -400,7 +427,7 @@ async fn get_instance(
             format!("instance {id} does not exist"),
         )
     })?;
-    Ok(Json(instance_json(&view)))
+    Ok(Json(InstanceWire::of(&view)).into_response())
 }
 
 async fn list_instances(
