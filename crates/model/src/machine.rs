@@ -338,7 +338,10 @@ pub struct InstanceState {
     pub version: u32,
     /// Lifecycle status.
     pub status: InstanceStatus,
-    /// What expressions see: `{"input", "steps": {id: {"output"}}, "vars"}`.
+    /// What expressions see: `{"input", "steps": {id: {"output"}}, "vars"}`. Its step
+    /// entries change only through `set_step_entry` and `remove_step_entry`, which keep
+    /// [`InstanceState::entry_texts`] true.
+    #[serde(serialize_with = "serialize_context")]
     pub context: Value,
     /// The next main step to run once the current one (or its handler) is done.
     pub cursor: usize,
@@ -406,6 +409,85 @@ pub struct InstanceState {
     /// stored the state (see [`InstanceState::to_stored`]).
     #[serde(skip)]
     pub steps_changed: StepsChanged,
+    /// The JSON text of step entries already serialized, by step id, while the entries
+    /// are stored inside the state: an entry never changes once set (a rerun sets it
+    /// anew), so a stored state copies it instead of serializing it again at every step.
+    #[serde(skip)]
+    pub entry_texts: EntryTexts,
+}
+
+/// The serialized step entries of a state (see [`InstanceState::entry_texts`]).
+///
+/// Not part of a state's value, like [`StepsChanged`].
+#[derive(Debug, Clone, Default)]
+pub struct EntryTexts(BTreeMap<String, Box<serde_json::value::RawValue>>);
+
+impl PartialEq for EntryTexts {
+    fn eq(&self, _: &EntryTexts) -> bool {
+        true
+    }
+}
+
+thread_local! {
+    /// The entry texts of the state [`InstanceState::to_stored`] is serializing on this
+    /// thread, lent to [`serialize_context`] (a field's serializer sees only its field).
+    static ENTRY_TEXTS_LENT: std::cell::RefCell<Option<EntryTexts>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Serializes a context; while [`InstanceState::to_stored`] lends the state's entry
+/// texts, its step entries are copied from them. The output is the same either way.
+fn serialize_context<S: serde::Serializer>(
+    context: &Value,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    ENTRY_TEXTS_LENT.with(|lent| match (&*lent.borrow(), context) {
+        (Some(texts), Value::Object(fields)) => {
+            serializer.collect_map(fields.iter().map(|(key, value)| {
+                let value = match (key.as_str(), value) {
+                    ("steps", Value::Object(entries)) => ContextField::Steps(entries, texts),
+                    _ => ContextField::Value(value),
+                };
+                (key, value)
+            }))
+        }
+        _ => context.serialize(serializer),
+    })
+}
+
+/// One field of a context being stored.
+enum ContextField<'a> {
+    Value(&'a Value),
+    Steps(&'a Map<String, Value>, &'a EntryTexts),
+}
+
+impl Serialize for ContextField<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ContextField::Value(value) => value.serialize(serializer),
+            ContextField::Steps(entries, texts) => {
+                serializer.collect_map(entries.iter().map(|(step_id, entry)| {
+                    let text = texts.0.get(step_id).map(|text| &**text);
+                    (step_id, EntryText { text, entry })
+                }))
+            }
+        }
+    }
+}
+
+/// A step entry: its text when known, else the entry itself.
+struct EntryText<'a> {
+    text: Option<&'a serde_json::value::RawValue>,
+    entry: &'a Value,
+}
+
+impl Serialize for EntryText<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.text {
+            Some(text) => text.serialize(serializer),
+            None => self.entry.serialize(serializer),
+        }
+    }
 }
 
 /// Largest stored state that keeps its step entries inside it. A state that would be
@@ -436,12 +518,26 @@ impl InstanceState {
     /// the steps before it.
     pub fn to_stored(&mut self) -> String {
         if !self.steps_apart {
-            let text = serde_json::to_string(self).expect("states serialize");
+            // Entries set since the last call are serialized once, here.
+            for (step_id, entry) in steps_mut(&mut self.context).iter() {
+                if !self.entry_texts.0.contains_key(step_id) {
+                    let text = serde_json::value::to_raw_value(entry).expect("values serialize");
+                    self.entry_texts.0.insert(step_id.clone(), text);
+                }
+            }
+            let texts = std::mem::take(&mut self.entry_texts);
+            ENTRY_TEXTS_LENT.with(|lent| *lent.borrow_mut() = Some(texts));
+            let text = serde_json::to_string(self);
+            self.entry_texts = ENTRY_TEXTS_LENT
+                .with(|lent| lent.borrow_mut().take())
+                .unwrap_or_default();
+            let text = text.expect("states serialize");
             if text.len() <= STORED_STATE_INLINE_MAX {
                 self.steps_changed.0.clear();
                 return text;
             }
-            // Every entry moves out now.
+            // Every entry moves out now, and their texts are needed no more.
+            self.entry_texts = EntryTexts::default();
             self.steps_apart = true;
             self.steps_changed.0 = steps_mut(&mut self.context).keys().cloned().collect();
         }
@@ -489,6 +585,7 @@ impl InstanceState {
     ) -> Result<(), serde_json::Error> {
         let steps = steps_mut(&mut self.context);
         for (step_id, entry) in entries {
+            self.entry_texts.0.remove(&step_id);
             steps.insert(step_id, serde_json::from_str(&entry)?);
         }
         Ok(())
@@ -507,12 +604,14 @@ impl InstanceState {
 
     /// Sets a step's entry in the context.
     fn set_step_entry(&mut self, step_id: &str, entry: Value) {
+        self.entry_texts.0.remove(step_id);
         steps_mut(&mut self.context).insert(step_id.to_string(), entry);
         self.steps_changed.0.push(step_id.to_string());
     }
 
     /// Removes a step's entry from the context.
     fn remove_step_entry(&mut self, step_id: &str) {
+        self.entry_texts.0.remove(step_id);
         if steps_mut(&mut self.context).remove(step_id).is_some() {
             self.steps_changed.0.push(step_id.to_string());
         }
@@ -968,6 +1067,7 @@ pub fn start_restarted(
         updated_at: now,
         steps_apart: false,
         steps_changed: StepsChanged::default(),
+        entry_texts: EntryTexts::default(),
     };
     let mut t = Transition::default();
     t.events.push(EventKind::InstanceStarted {

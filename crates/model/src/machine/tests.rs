@@ -1472,3 +1472,53 @@ fn large_states_store_their_step_outputs_apart() {
     read.add_stored_entries(entries(&state, &["a"])).unwrap();
     assert_eq!(read, state);
 }
+
+/// Goal: a stored state copies the texts of its step entries instead of serializing them
+/// again, and is still exactly what serializing the state afresh gives: after new
+/// entries, and after a rerun removed entries and set them anew with other outputs (a
+/// text kept from before would show the old output).
+#[test]
+fn stored_states_copy_entry_texts_and_match_a_fresh_serialization() {
+    let fresh = |state: &InstanceState| {
+        let mut fresh = state.clone();
+        fresh.entry_texts = EntryTexts::default();
+        serde_json::to_string(&fresh).unwrap()
+    };
+    let d = three_steps();
+    let (mut state, mut t) = start(&d, 1, "i1", json!({"x": 1}), 0);
+    let mut now = 1;
+    for _ in 0..3 {
+        let task = offered(&t).remove(0);
+        t = complete(&mut state, &d, &task, now);
+        now += 1;
+        let expected = fresh(&state);
+        assert_eq!(state.to_stored(), expected);
+        assert_eq!(state.to_stored(), expected, "from the texts alone");
+    }
+    assert_eq!(state.entry_texts.0.len(), 3);
+    assert_eq!(state.status, InstanceStatus::Completed);
+    // The texts are what is copied: one changed behind the state's back shows.
+    let mut probe = state.clone();
+    let seven = serde_json::value::RawValue::from_string(r#"{"output":7}"#.into()).unwrap();
+    probe.entry_texts.0.insert("a".into(), seven);
+    assert!(probe.to_stored().contains(r#""a":{"output":7}"#));
+    let rerun = Command::Rerun {
+        by: "me".into(),
+        from_step: "b".into(),
+    };
+    t = handle(&mut state, &d, rerun, now).unwrap();
+    assert_eq!(state.to_stored(), fresh(&state));
+    for _ in 0..2 {
+        let task = offered(&t).remove(0);
+        t = complete(&mut state, &d, &task, now);
+        now += 1;
+        assert_eq!(state.to_stored(), fresh(&state));
+    }
+    assert_eq!(
+        state.context["steps"]["b"]["output"],
+        json!({"done": "i1:b:2"})
+    );
+    let read = InstanceState::from_stored(&state.to_stored()).unwrap();
+    assert_eq!(read, state);
+    assert_eq!(serde_json::to_string(&read).unwrap(), fresh(&state));
+}
