@@ -435,6 +435,29 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// Entry texts lent to [`serialize_context`] on this thread; dropped, it takes them
+/// back even if serializing panicked, so that no other state's serialization sees them.
+struct LentEntryTexts(());
+
+impl LentEntryTexts {
+    fn lend(texts: EntryTexts) -> LentEntryTexts {
+        ENTRY_TEXTS_LENT.with(|lent| *lent.borrow_mut() = Some(texts));
+        LentEntryTexts(())
+    }
+
+    fn take_back(self) -> EntryTexts {
+        ENTRY_TEXTS_LENT
+            .with(|lent| lent.borrow_mut().take())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for LentEntryTexts {
+    fn drop(&mut self) {
+        ENTRY_TEXTS_LENT.with(|lent| lent.borrow_mut().take());
+    }
+}
+
 /// Serializes a context; while [`InstanceState::to_stored`] lends the state's entry
 /// texts, its step entries are copied from them. The output is the same either way.
 fn serialize_context<S: serde::Serializer>(
@@ -525,12 +548,9 @@ impl InstanceState {
                     self.entry_texts.0.insert(step_id.clone(), text);
                 }
             }
-            let texts = std::mem::take(&mut self.entry_texts);
-            ENTRY_TEXTS_LENT.with(|lent| *lent.borrow_mut() = Some(texts));
+            let lent = LentEntryTexts::lend(std::mem::take(&mut self.entry_texts));
             let text = serde_json::to_string(self);
-            self.entry_texts = ENTRY_TEXTS_LENT
-                .with(|lent| lent.borrow_mut().take())
-                .unwrap_or_default();
+            self.entry_texts = lent.take_back();
             let text = text.expect("states serialize");
             if text.len() <= STORED_STATE_INLINE_MAX {
                 self.steps_changed.0.clear();

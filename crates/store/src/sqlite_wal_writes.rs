@@ -31,9 +31,9 @@ use std::os::raw::{c_int, c_void};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use crate::latency::LatencyHistogram;
-
 use rusqlite::ffi;
+
+use crate::latency::LatencyHistogram;
 
 /// Name of the VFS.
 const VFS_NAME: &CStr = c"weir-wal";
