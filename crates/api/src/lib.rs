@@ -79,6 +79,14 @@ pub async fn serve(
         shutdown.await;
         let _ = signalled.send(());
     };
+    // Answers go out at once: without TCP_NODELAY, an answer written in two parts
+    // waits for the peer's delayed ACK of the first (up to 40 ms on Linux).
+    let listener =
+        axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
+            if let Err(err) = stream.set_nodelay(true) {
+                tracing::debug!(error = %err, "TCP_NODELAY not set");
+            }
+        });
     let server = axum::serve(listener, router(engine, limits)).with_graceful_shutdown(shutdown);
     let server = std::future::IntoFuture::into_future(server);
     let drain_expired = async move {
