@@ -13,7 +13,7 @@ use crate::AppState;
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
-    let (commits, wal_syncs) = state.engine.commit_stats();
+    let commits = state.engine.commit_stats();
     let mut text = String::new();
     histogram(
         &mut text,
@@ -21,28 +21,31 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
         "Time of each group commit's store transaction, its WAL sync included.",
         &commits.transactions,
     );
-    counter(
+    single(
         &mut text,
+        "counter",
         "weir_commit_batches_total",
         "Partition batches merged into group commits (divided by the commits: the group size).",
         commits.batches,
     );
-    counter(
+    single(
         &mut text,
+        "counter",
         "weir_commit_failures_total",
         "Group commits that failed; their batches were answered with the error.",
         commits.failures,
     );
-    if let Some(syncs) = wal_syncs {
+    if let Some(syncs) = &commits.wal_syncs {
         histogram(
             &mut text,
             "weir_store_wal_sync_seconds",
             "Time of each sync (fsync) of the embedded store's write-ahead log: what makes a commit durable.",
-            &syncs,
+            syncs,
         );
     }
-    gauge(
+    single(
         &mut text,
+        "gauge",
         "weir_tasks_pending",
         "Tasks on this node's board, offered or leased.",
         state.engine.tasks_pending() as u64,
@@ -50,17 +53,11 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     ([(CONTENT_TYPE, TEXT_FORMAT)], text).into_response()
 }
 
-fn counter(text: &mut String, name: &str, help: &str, value: u64) {
+/// A metric of one sample: `kind` is `counter` or `gauge`.
+fn single(text: &mut String, kind: &str, name: &str, help: &str, value: u64) {
     let _ = writeln!(
         text,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-    );
-}
-
-fn gauge(text: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        text,
-        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
     );
 }
 

@@ -31,6 +31,8 @@ pub(crate) struct CommitRequest {
 pub(crate) struct Committer {
     sender: mpsc::Sender<CommitRequest>,
     counts: Arc<CommitCounts>,
+    /// Read for its WAL syncs only; the thread writes to it.
+    store: Arc<dyn Store>,
 }
 
 /// What the committer has done since it started.
@@ -54,6 +56,9 @@ pub struct CommitStats {
     pub batches: u64,
     /// Transactions that failed (their batches were refused with the error).
     pub failures: u64,
+    /// How long each sync of the store's write-ahead log took, when this process makes
+    /// them (the embedded store).
+    pub wal_syncs: Option<LatencySnapshot>,
 }
 
 impl Committer {
@@ -62,11 +67,16 @@ impl Committer {
         let (sender, receiver) = mpsc::channel(COMMIT_QUEUE_MAX);
         let counts = Arc::new(CommitCounts::default());
         let counted = counts.clone();
+        let committing = store.clone();
         std::thread::Builder::new()
             .name("weir-committer".into())
-            .spawn(move || run(store, receiver, &counted))
+            .spawn(move || run(committing, receiver, &counted))
             .expect("spawning the committer thread");
-        Committer { sender, counts }
+        Committer {
+            sender,
+            counts,
+            store,
+        }
     }
 
     /// The group commits so far.
@@ -75,6 +85,7 @@ impl Committer {
             transactions: self.counts.transactions.snapshot(),
             batches: self.counts.batches.load(Ordering::Relaxed),
             failures: self.counts.failures.load(Ordering::Relaxed),
+            wal_syncs: self.store.wal_syncs(),
         }
     }
 

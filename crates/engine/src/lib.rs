@@ -1534,13 +1534,9 @@ impl Engine {
         self.inner.shared.board.len()
     }
 
-    /// The group commits so far, and the store's WAL syncs when this process makes
-    /// them (the embedded store).
-    pub fn commit_stats(&self) -> (CommitStats, Option<weir_store::LatencySnapshot>) {
-        (
-            self.inner.committer.stats(),
-            self.inner.shared.store.wal_syncs(),
-        )
+    /// The group commits so far, with the store's WAL syncs.
+    pub fn commit_stats(&self) -> CommitStats {
+        self.inner.committer.stats()
     }
 }
 
