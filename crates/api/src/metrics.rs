@@ -35,6 +35,13 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
         "Group commits that failed; their batches were answered with the error.",
         commits.failures,
     );
+    single(
+        &mut text,
+        "counter",
+        "weir_commits_in_place_total",
+        "Group commits made on the thread that made the batch, as nothing else waited (one batch each).",
+        commits.in_place,
+    );
     if let Some(syncs) = &commits.wal_syncs {
         histogram(
             &mut text,

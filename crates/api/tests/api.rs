@@ -1611,9 +1611,17 @@ async fn metrics_count_group_commits_and_wal_syncs(backend: Backend) {
     assert!(sample(&text, "weir_commit_batches_total").unwrap() >= commits);
     assert_eq!(sample(&text, "weir_commit_failures_total"), Some(0.0));
     let syncs = sample(&text, "weir_store_wal_sync_seconds_count");
+    // Each start came alone to an idle engine: committed in place, on the embedded store.
+    let in_place = sample(&text, "weir_commits_in_place_total").expect("commits in place");
     match backend {
-        Backend::Sqlite => assert!(syncs.expect("WAL syncs") >= commits, "{text}"),
-        Backend::Postgres => assert_eq!(syncs, None, "{text}"),
+        Backend::Sqlite => {
+            assert!(syncs.expect("WAL syncs") >= commits, "{text}");
+            assert!((3.0..=commits).contains(&in_place), "{text}");
+        }
+        Backend::Postgres => {
+            assert_eq!(syncs, None, "{text}");
+            assert_eq!(in_place, 0.0, "{text}");
+        }
     }
     h.stop().await;
 }

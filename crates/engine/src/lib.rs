@@ -10,6 +10,7 @@ mod cluster;
 mod committer;
 mod definitions;
 mod http_call;
+mod mailbox;
 mod partition;
 pub mod ring;
 mod taskboard;
@@ -21,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use weir_model::event::ErrorInfo;
 use weir_model::machine::{self, Command};
@@ -36,7 +37,7 @@ pub use taskboard::{TaskOffer, POLL_TASKS_MAX, RESERVATIONS_MAX};
 pub use committer::CommitStats;
 use committer::Committer;
 use definitions::Definitions;
-use partition::{Message, PartitionActor, MAILBOX_CAPACITY};
+use partition::{Message, PartitionActor};
 use taskboard::TaskBoard;
 
 /// Longest a poll may wait for a task.
@@ -204,6 +205,8 @@ pub(crate) struct Shared {
     pub waiters: waiters::Waiters,
     pub definitions: Definitions,
     pub http: reqwest::Client,
+    /// Messages no partition actor has taken yet.
+    pub unread: mailbox::Unread,
     /// The engine itself, for effects that reach other instances (child workflows).
     pub engine: std::sync::OnceLock<std::sync::Weak<Inner>>,
 }
@@ -228,7 +231,7 @@ pub(crate) fn child_ended_command(child: &machine::InstanceState) -> Command {
 
 struct Owned {
     epoch: u64,
-    sender: mpsc::Sender<Message>,
+    sender: mailbox::MailboxSender,
     task: JoinHandle<()>,
     /// Tells the actor to stop after its current batch (handover, shutdown).
     stop: watch::Sender<bool>,
@@ -291,6 +294,7 @@ impl Engine {
             waiters: waiters::Waiters::default(),
             definitions: Definitions::new(store.clone()),
             http,
+            unread: mailbox::Unread::default(),
             engine: std::sync::OnceLock::new(),
         });
         let (shutdown, _) = watch::channel(false);
@@ -347,7 +351,7 @@ impl Engine {
         };
         tracing::info!(partition, epoch = lease.epoch, "lease taken");
         let (stop, stop_signal) = watch::channel(false);
-        let (sender, mailbox) = mpsc::channel(MAILBOX_CAPACITY);
+        let (sender, mailbox) = mailbox::mailbox(&inner.shared.unread);
         let actor = PartitionActor::load(
             partition,
             lease.epoch,
@@ -770,7 +774,7 @@ impl Engine {
         self.inner.shared.clock.now_ms()
     }
 
-    fn sender(&self, partition: u32) -> Result<mpsc::Sender<Message>, Error> {
+    fn sender(&self, partition: u32) -> Result<mailbox::MailboxSender, Error> {
         let partitions = self.inner.partitions.lock().expect("partitions lock");
         match partitions.get(&partition) {
             Some(owned) if !owned.task.is_finished() => Ok(owned.sender.clone()),

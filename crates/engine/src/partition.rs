@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use weir_model::machine::{
     self, Command, Effect, InstanceState, InstanceStatus, Rejection, TaskSpec, TimerId,
 };
@@ -21,6 +21,7 @@ use weir_store::{
 };
 
 use crate::committer::{CommitOutcome, CommitResult, Committer};
+use crate::mailbox::{Mailbox, MailboxSender};
 use crate::taskboard::BoardTask;
 use crate::{http_call, Error, Shared};
 
@@ -28,8 +29,6 @@ use crate::{http_call, Error, Shared};
 pub const BATCH_COMMANDS_MAX: usize = 2048;
 // A batch's starts are checked for existence in one store call.
 const _: () = assert!(BATCH_COMMANDS_MAX <= weir_store::EXISTENCE_CHECK_MAX);
-/// Most commands waiting in a partition's mailbox; senders wait beyond that.
-pub const MAILBOX_CAPACITY: usize = 4096;
 /// Most batches of one partition committing at once. The actor builds its next batch
 /// while earlier ones commit, so that it and the committer work at the same time instead
 /// of in turn. Each batch's replies and effects still wait until that batch is durable,
@@ -193,9 +192,9 @@ pub(crate) struct PartitionActor {
     /// these have a row to delete when they finish; a restorable task's offer is derived
     /// again from its instance's state when the partition loads.
     stored_tasks: HashSet<String>,
-    mailbox: mpsc::Receiver<Message>,
+    mailbox: Mailbox,
     /// Where HTTP results come back to.
-    sender: mpsc::Sender<Message>,
+    sender: MailboxSender,
 }
 
 impl PartitionActor {
@@ -205,8 +204,8 @@ impl PartitionActor {
         epoch: u64,
         shared: Arc<Shared>,
         committer: Committer,
-        mailbox: mpsc::Receiver<Message>,
-        sender: mpsc::Sender<Message>,
+        mailbox: Mailbox,
+        sender: MailboxSender,
     ) -> Result<PartitionActor, Error> {
         let store = shared.store.clone();
         let now = shared.clock.now_ms();
@@ -335,8 +334,10 @@ impl PartitionActor {
                     break false;
                 }
             };
+            let answers_messages = !messages.is_empty();
             let pending = self.process(std::mem::take(&mut messages), &existing, now);
-            if let Some(batch) = self.submit(pending, committing.is_empty()).await {
+            let quiet = answers_messages && self.quiet(&pending);
+            if let Some(batch) = self.submit(pending, committing.is_empty(), quiet).await {
                 committing.push_back(batch);
             }
         };
@@ -671,10 +672,22 @@ impl PartitionActor {
         }
     }
 
+    /// Whether nothing is likely to need the runtime's thread while `pending`'s commit
+    /// syncs, so that it may commit in place (see `committer`): no message waits for any
+    /// partition, and workers hold no task but those this batch finishes, whose
+    /// completions could arrive meanwhile. Only a batch that answers messages asks: a
+    /// batch of due timers is often one of several partitions' made at once, which are
+    /// better merged by the committer than committed one by one.
+    fn quiet(&self, pending: &Pending) -> bool {
+        self.mailbox.none_unread()
+            && self.shared.board.leased_count() <= pending.finished_tasks.len()
+    }
+
     /// Hands the batch to the committer. A batch that writes nothing is answered at once
     /// when no batch is committing (`alone`), and otherwise waits its turn behind them:
-    /// its answers may depend on their changes (a start answered "exists").
-    async fn submit(&mut self, pending: Pending, alone: bool) -> Option<Committing> {
+    /// its answers may depend on their changes (a start answered "exists"). A `quiet`
+    /// batch may be committed in place.
+    async fn submit(&mut self, pending: Pending, alone: bool, quiet: bool) -> Option<Committing> {
         if pending.touched.is_empty() && pending.tasks.is_empty() && pending.timers.is_empty() {
             if alone {
                 for (reply, result) in pending.replies {
@@ -757,7 +770,7 @@ impl PartitionActor {
                 .or_insert(u64::MAX);
             *due = (*due).min(timer.fire_at);
         }
-        let outcome = self.committer.submit(batch).await;
+        let outcome = self.committer.submit(batch, quiet).await;
         Some(Committing {
             outcome,
             after: AfterCommit {

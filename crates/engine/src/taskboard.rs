@@ -535,6 +535,11 @@ impl TaskBoard {
     pub fn len(&self) -> usize {
         self.inner.lock().expect("board lock").entries.len()
     }
+
+    /// Number of tasks leased to workers: work whose outcome may come back at any time.
+    pub fn leased_count(&self) -> usize {
+        self.inner.lock().expect("board lock").leased.len()
+    }
 }
 
 /// Leases `entry` (which has no lease) under a new token, records the lease's expiry in

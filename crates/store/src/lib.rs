@@ -367,6 +367,19 @@ pub trait Store: Send + Sync + 'static {
     /// Commits batches of several partitions; each is applied whole or refused.
     fn commit(&self, batches: &[PartitionBatch]) -> Result<Vec<Result<(), Refusal>>, Error>;
 
+    /// Commits as [`Store::commit`] does, on the calling thread, if that waits for
+    /// nothing but the store's own write and sync: `None`, committing nothing, when
+    /// another write holds the store. The default is always `None`, right for a store
+    /// whose commits are round trips to a server (PostgreSQL's client runs its own
+    /// runtime, which must not be entered from an async runtime's thread).
+    fn try_commit_here(
+        &self,
+        batches: &[PartitionBatch],
+    ) -> Option<Result<Vec<Result<(), Refusal>>, Error>> {
+        let _ = batches;
+        None
+    }
+
     /// Stores a new version of a definition; returns its version number.
     fn put_definition(&self, name: &str, source: &str, now: u64) -> Result<u32, Error>;
 

@@ -7,7 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -167,10 +167,52 @@ impl SqliteStore {
     }
 
     fn write<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, Error>) -> Result<T, Error> {
-        let mut writer = self.writer.lock().expect("writer lock");
+        let writer = self.writer.lock().expect("writer lock");
+        self.write_with(writer, f)
+    }
+
+    /// Writes with the writer already locked, counting the WAL syncs it makes.
+    fn write_with<T>(
+        &self,
+        mut writer: MutexGuard<'_, Connection>,
+        f: impl FnOnce(&mut Connection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
         let _syncs = self.wal_syncs.as_ref().map(SyncsRecordedIn::new);
         f(&mut writer)
     }
+}
+
+/// One group commit on the writer: every batch applied or refused, in one transaction.
+fn commit_batches(
+    connection: &mut Connection,
+    batches: &[PartitionBatch],
+) -> Result<Vec<Result<(), Refusal>>, Error> {
+    // The hot path's BEGIN and COMMIT are prepared once, like its other
+    // statements: `Connection::transaction` parses them at every commit.
+    connection.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    let applied = (|| {
+        let mut outcomes = Vec::with_capacity(batches.len());
+        for batch in batches {
+            // The fencing update runs first and writes nothing when it refuses,
+            // so a refused partition leaves no trace and needs no savepoint
+            // (savepoints cost a statement journal on every page they touch).
+            if apply_batch(connection, batch)? {
+                outcomes.push(Ok(()));
+            } else {
+                outcomes.push(Err(Refusal::Fenced {
+                    partition: batch.partition,
+                    epoch: batch.epoch,
+                }));
+            }
+        }
+        connection.prepare_cached("COMMIT")?.execute([])?;
+        Ok(outcomes)
+    })();
+    if applied.is_err() && !connection.is_autocommit() {
+        // Nothing of a failed commit may stay pending for the next one.
+        connection.prepare_cached("ROLLBACK")?.execute([])?;
+    }
+    applied
 }
 
 fn lock_data_dir(data_dir: &Path) -> Result<File, Error> {
@@ -709,34 +751,19 @@ impl Store for SqliteStore {
     }
 
     fn commit(&self, batches: &[PartitionBatch]) -> Result<Vec<Result<(), Refusal>>, Error> {
-        self.write(|connection| {
-            // The hot path's BEGIN and COMMIT are prepared once, like its other
-            // statements: `Connection::transaction` parses them at every commit.
-            connection.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-            let applied = (|| {
-                let mut outcomes = Vec::with_capacity(batches.len());
-                for batch in batches {
-                    // The fencing update runs first and writes nothing when it refuses,
-                    // so a refused partition leaves no trace and needs no savepoint
-                    // (savepoints cost a statement journal on every page they touch).
-                    if apply_batch(connection, batch)? {
-                        outcomes.push(Ok(()));
-                    } else {
-                        outcomes.push(Err(Refusal::Fenced {
-                            partition: batch.partition,
-                            epoch: batch.epoch,
-                        }));
-                    }
-                }
-                connection.prepare_cached("COMMIT")?.execute([])?;
-                Ok(outcomes)
-            })();
-            if applied.is_err() && !connection.is_autocommit() {
-                // Nothing of a failed commit may stay pending for the next one.
-                connection.prepare_cached("ROLLBACK")?.execute([])?;
-            }
-            applied
-        })
+        self.write(|connection| commit_batches(connection, batches))
+    }
+
+    fn try_commit_here(
+        &self,
+        batches: &[PartitionBatch],
+    ) -> Option<Result<Vec<Result<(), Refusal>>, Error>> {
+        let writer = match self.writer.try_lock() {
+            Ok(writer) => writer,
+            Err(TryLockError::WouldBlock) => return None,
+            Err(TryLockError::Poisoned(_)) => panic!("writer lock poisoned"),
+        };
+        Some(self.write_with(writer, |connection| commit_batches(connection, batches)))
     }
 
     fn put_definition(&self, name: &str, source: &str, now: u64) -> Result<u32, Error> {
@@ -1026,6 +1053,48 @@ mod tests {
         assert_eq!(store.commit(&[batch(0)]).unwrap(), vec![Ok(())]);
         assert_eq!(store.commit(&[batch(1)]).unwrap(), vec![Ok(())]);
         assert_eq!(last_seq(&store), 2);
+    }
+
+    #[test]
+    fn a_commit_here_waits_for_no_other_write() {
+        // Goal: `try_commit_here` commits at once when the writer is free, and when
+        // another write holds it returns `None` having written nothing, where `commit`
+        // would wait. Method: the writer held by the test while it asks, then freed.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), 1).unwrap();
+        let batch = |seq_before: u64| PartitionBatch {
+            partition: 0,
+            seq_before,
+            events: vec![EventRecord {
+                partition: 0,
+                seq: seq_before + 1,
+                epoch: 0,
+                instance_id: "i".into(),
+                at: 1,
+                event_type: "t".into(),
+                payload: "{}".into(),
+            }],
+            ..PartitionBatch::default()
+        };
+        let last_seq = |store: &SqliteStore| -> i64 {
+            store
+                .read(|c| Ok(c.query_row("SELECT last_seq FROM partitions", [], |r| r.get(0))?))
+                .unwrap()
+        };
+        let held = store.writer.lock().unwrap();
+        assert!(store.try_commit_here(&[batch(0)]).is_none());
+        drop(held);
+        assert_eq!(last_seq(&store), 0, "nothing was written");
+        let syncs = store.wal_syncs().unwrap().count();
+        let committed = store
+            .try_commit_here(&[batch(0)])
+            .expect("the writer is free");
+        assert_eq!(committed.unwrap(), vec![Ok(())]);
+        assert_eq!(last_seq(&store), 1);
+        assert!(
+            store.wal_syncs().unwrap().count() > syncs,
+            "its sync is counted"
+        );
     }
 
     #[test]

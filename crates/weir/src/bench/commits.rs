@@ -13,6 +13,8 @@ pub(super) struct CommitCounters {
     pub commits: f64,
     pub commit_seconds: f64,
     pub batches: f64,
+    /// Commits made in place (0 from a server older than the counter).
+    pub in_place: f64,
     /// `None` when a node reported no WAL syncs (PostgreSQL).
     pub wal_syncs: Option<(f64, f64)>,
 }
@@ -23,6 +25,8 @@ pub(super) struct CommitFigures {
     pub commits: u64,
     pub commit_mean: Duration,
     pub batches_per_commit: f64,
+    /// Commits the server made in place rather than on its committer thread.
+    pub in_place: u64,
     /// Count and mean of the WAL syncs, on the embedded store.
     pub wal_syncs: Option<(u64, Duration)>,
 }
@@ -43,6 +47,7 @@ pub(super) async fn scrape(client: &reqwest::Client, nodes: &[String]) -> Option
         total.commits += counters.commits;
         total.commit_seconds += counters.commit_seconds;
         total.batches += counters.batches;
+        total.in_place += counters.in_place;
         total.wal_syncs = match (total.wal_syncs, counters.wal_syncs) {
             (Some((count, seconds)), Some((more, more_seconds))) => {
                 Some((count + more, seconds + more_seconds))
@@ -66,6 +71,7 @@ fn parse(text: &str) -> Option<CommitCounters> {
         commits: sample("weir_commit_seconds_count")?,
         commit_seconds: sample("weir_commit_seconds_sum")?,
         batches: sample("weir_commit_batches_total")?,
+        in_place: sample("weir_commits_in_place_total").unwrap_or(0.0),
         wal_syncs,
     })
 }
@@ -92,6 +98,7 @@ pub(super) fn between(before: CommitCounters, after: CommitCounters) -> Option<C
         commits: commits as u64,
         commit_mean: mean(after.commit_seconds - before.commit_seconds, commits),
         batches_per_commit: (after.batches - before.batches) / commits,
+        in_place: (after.in_place - before.in_place).max(0.0) as u64,
         wal_syncs,
     })
 }
@@ -109,6 +116,7 @@ weir_commit_seconds_sum 0.004
 weir_commit_seconds_count 10
 weir_commit_batches_total 25
 weir_commit_failures_total 0
+weir_commits_in_place_total 4
 weir_store_wal_sync_seconds_sum 0.0015
 weir_store_wal_sync_seconds_count 12
 ";
@@ -118,16 +126,19 @@ weir_store_wal_sync_seconds_count 12
         let before = parse(TEXT).unwrap();
         assert_eq!(before.commits, 10.0);
         assert_eq!(before.wal_syncs, Some((12.0, 0.0015)));
+        assert_eq!(before.in_place, 4.0);
         let after = CommitCounters {
             commits: 20.0,
             commit_seconds: 0.009,
             batches: 45.0,
+            in_place: 7.0,
             wal_syncs: Some((22.0, 0.0035)),
         };
         let figures = between(before, after).unwrap();
         assert_eq!(figures.commits, 10);
         assert_eq!(figures.commit_mean, Duration::from_micros(500));
         assert_eq!(figures.batches_per_commit, 2.0);
+        assert_eq!(figures.in_place, 3);
         assert_eq!(figures.wal_syncs, Some((10, Duration::from_micros(200))));
         assert_eq!(between(before, before), None);
     }

@@ -261,6 +261,7 @@ fn to_json(report: &Report) -> Value {
                 "count": commits.commits,
                 "mean_ms": ms(commits.commit_mean),
                 "batches_per_commit": commits.batches_per_commit,
+                "in_place": commits.in_place,
             }),
         );
         if let Some((count, mean)) = commits.wal_syncs {
@@ -425,10 +426,11 @@ pub(super) fn print(report: &Report, output: Output) {
     }
     if let Some(commits) = &report.commits {
         println!(
-            "group commits       {} (mean {:.3} ms, {:.1} partition batches each)",
+            "group commits       {} (mean {:.3} ms, {:.1} partition batches each, {} in place)",
             commits.commits,
             ms(commits.commit_mean),
-            commits.batches_per_commit
+            commits.batches_per_commit,
+            commits.in_place
         );
         if let Some((count, mean)) = commits.wal_syncs {
             println!("WAL syncs           {count} (mean {:.3} ms)", ms(mean));
@@ -556,11 +558,13 @@ mod tests {
             commits: 4_000,
             commit_mean: Duration::from_micros(300),
             batches_per_commit: 1.0,
+            in_place: 3_900,
             wal_syncs: Some((4_100, Duration::from_micros(200))),
         });
         let figures = to_json(&lone);
         assert_eq!(figures["commits"]["count"], 4_000);
         assert_eq!(figures["commits"]["mean_ms"], 0.3);
+        assert_eq!(figures["commits"]["in_place"], 3_900);
         assert_eq!(figures["wal_syncs"]["mean_ms"], 0.2);
         assert_eq!(figures["commit_cycle_ms"], 0.5);
         assert_eq!(figures["beyond_wal_sync_ms"], 0.3);
