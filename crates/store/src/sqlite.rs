@@ -470,6 +470,16 @@ fn apply_batch(transaction: &Connection, batch: &PartitionBatch) -> Result<bool,
         }
     }
     {
+        // Most rows a batch writes keep their status and activity (a step of a running
+        // instance). Such a row is updated without setting those columns: SQLite rewrites
+        // an index's entry whenever an UPDATE sets one of its columns, even to the value
+        // it has, which cost two more pages per commit (`instances_status`,
+        // `instances_active`). A new row, or one whose status or activity changes,
+        // matches nothing here and takes the upsert.
+        let mut update_same_status = transaction.prepare_cached(
+            "UPDATE instances SET output = ?1, error = ?2, updated_at = ?3, state = ?4
+             WHERE id = ?5 AND status = ?6 AND active = ?7",
+        )?;
         let mut upsert = transaction.prepare_cached(
             "INSERT INTO instances (id, partition, definition, version, status, active, input, output, error, created_at, updated_at, state)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
@@ -479,6 +489,19 @@ fn apply_batch(transaction: &Connection, batch: &PartitionBatch) -> Result<bool,
         )?;
         for instance in &batch.instances {
             assert_eq!(instance.partition, batch.partition);
+            let updated = update_same_status.execute(params![
+                instance.output,
+                instance.error,
+                to_i64(instance.updated_at),
+                instance.state,
+                instance.id,
+                instance.status,
+                instance.active
+            ])?;
+            assert!(updated <= 1, "instance ids are unique");
+            if updated == 1 {
+                continue;
+            }
             upsert.execute(params![
                 instance.id,
                 instance.partition,
@@ -1095,6 +1118,80 @@ mod tests {
             store.wal_syncs().unwrap().count() > syncs,
             "its sync is counted"
         );
+    }
+
+    #[test]
+    fn a_row_that_keeps_its_status_leaves_the_status_indexes_alone() {
+        // Goal: a batch's instance row that keeps its status and activity is written
+        // without touching the status and activity indexes (two pages fewer per step),
+        // and every index still finds each row as it is, through a start, two steps
+        // and an end. Method: the WAL's growth in frames per commit, queries served by
+        // each index, and SQLite's integrity check, on a store small enough that each
+        // table and index is one page.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), 1).unwrap();
+        let record = |status: &str, active: bool, state: &str| InstanceRecord {
+            id: "i-1".into(),
+            partition: 0,
+            definition: "d".into(),
+            version: 1,
+            status: status.into(),
+            active,
+            input: "{}".into(),
+            output: (!active).then(|| "{\"done\":true}".to_string()),
+            error: None,
+            created_at: 1,
+            updated_at: 2,
+            state: state.into(),
+        };
+        let commit = |record: InstanceRecord| {
+            let batch = PartitionBatch {
+                partition: 0,
+                instances: vec![record],
+                ..PartitionBatch::default()
+            };
+            assert_eq!(store.commit(&[batch]).unwrap(), vec![Ok(())]);
+        };
+        let wal = dir.path().join(format!("{DATABASE_FILE}-wal"));
+        let frames = || std::fs::metadata(&wal).map_or(0, |m| m.len()) / (4096 + 24);
+        let ids = |sql: &str| -> Vec<String> {
+            store
+                .read(|c| {
+                    let mut statement = c.prepare(sql)?;
+                    let rows = statement.query_map([], |row| row.get(0))?;
+                    Ok(rows.collect::<Result<Vec<String>, _>>()?)
+                })
+                .unwrap()
+        };
+        let check = |status: &str, active: bool, state: &str| {
+            let by_status = format!(
+                "SELECT id FROM instances INDEXED BY instances_status WHERE status = '{status}'"
+            );
+            assert_eq!(ids(&by_status), ["i-1"]);
+            let active_ids = ids("SELECT id FROM instances INDEXED BY instances_active WHERE partition = 0 AND active = 1");
+            assert_eq!(active_ids.len(), usize::from(active));
+            assert_eq!(store.instance("i-1").unwrap().unwrap().state, state);
+            let integrity: String = store
+                .read(|c| Ok(c.query_row("PRAGMA integrity_check", [], |row| row.get(0))?))
+                .unwrap();
+            assert_eq!(integrity, "ok");
+        };
+
+        commit(record("running", true, "started"));
+        check("running", true, "started");
+        for step in ["step 1", "step 2"] {
+            let before = frames();
+            commit(record("running", true, step));
+            // The partition's row is rewritten with the same bytes (no events), which
+            // SQLite does not write either.
+            assert_eq!(frames() - before, 1, "the instance's page alone");
+            check("running", true, step);
+        }
+        let before = frames();
+        commit(record("completed", false, "ended"));
+        assert!(frames() - before > 1, "the status indexes change");
+        check("completed", false, "ended");
+        assert!(ids("SELECT id FROM instances WHERE status = 'running'").is_empty());
     }
 
     #[test]
