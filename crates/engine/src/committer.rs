@@ -4,8 +4,9 @@
 //! SQLite has a single writer, so merging is what makes many small commits
 //! cheap: one fsync covers every partition's batch that was waiting.
 //!
-//! When nothing else waits (no batch with the committer, no message for any
-//! partition), a batch is committed in place, on the runtime's thread that made it:
+//! When nothing else waits (no batch with the committer, and by the partition's
+//! account no message for any partition and no task out with a worker but those the
+//! batch finishes), a batch is committed in place, on the runtime's thread that made it:
 //! handing it to the committer thread and its outcome back would cost two thread
 //! wake-ups, a third of a step's time beyond the sync at one instance in flight.
 //! Under load the committer thread commits, so that the runtime prepares the next
@@ -113,11 +114,11 @@ impl Committer {
     /// over, so a partition may hand over its next batch before the previous one is
     /// durable.
     ///
-    /// `nothing_else_waits` says that no message waits for a partition: the batch is
-    /// then committed in place when the committer has nothing either and the store
-    /// can (see the module's comment); the future is ready at once.
-    pub async fn submit(&self, batch: PartitionBatch, nothing_else_waits: bool) -> CommitOutcome {
-        if nothing_else_waits {
+    /// A `quiet` batch, one the partition expects nothing else to wait for, is committed
+    /// in place when the committer has no batch either and the store can (see the
+    /// module's comment); the future is then ready at once.
+    pub async fn submit(&self, batch: PartitionBatch, quiet: bool) -> CommitOutcome {
+        if quiet {
             if let Some(result) = self.commit_here(&batch) {
                 return Box::pin(std::future::ready(result));
             }

@@ -964,6 +964,31 @@ mod tests {
     //! them in `tests/conformance.rs`.
     use super::*;
 
+    /// A batch of partition 0 (epoch 0) holding one event, the one after `seq_before`.
+    fn one_event_batch(seq_before: u64) -> PartitionBatch {
+        PartitionBatch {
+            partition: 0,
+            seq_before,
+            events: vec![EventRecord {
+                partition: 0,
+                seq: seq_before + 1,
+                epoch: 0,
+                instance_id: "i".into(),
+                at: 1,
+                event_type: "t".into(),
+                payload: "{}".into(),
+            }],
+            ..PartitionBatch::default()
+        }
+    }
+
+    /// Partition 0's log end, as stored.
+    fn last_seq(store: &SqliteStore) -> i64 {
+        store
+            .read(|c| Ok(c.query_row("SELECT last_seq FROM partitions", [], |r| r.get(0))?))
+            .unwrap()
+    }
+
     #[test]
     fn second_open_of_a_data_dir_is_refused() {
         // Goal: two processes never share a data directory. Method: open twice in one process
@@ -1041,21 +1066,6 @@ mod tests {
         // event row put in the way by another connection, then the same batch twice.
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), 1).unwrap();
-        let event = |seq: u64| EventRecord {
-            partition: 0,
-            seq,
-            epoch: 0,
-            instance_id: "i".into(),
-            at: 1,
-            event_type: "t".into(),
-            payload: "{}".into(),
-        };
-        let batch = |seq_before: u64| PartitionBatch {
-            partition: 0,
-            seq_before,
-            events: vec![event(seq_before + 1)],
-            ..PartitionBatch::default()
-        };
         let other = open_connection(&dir.path().join(DATABASE_FILE), Role::Reader).unwrap();
         other
             .execute(
@@ -1063,18 +1073,16 @@ mod tests {
                 [],
             )
             .unwrap();
-        assert!(store.commit(&[batch(0)]).is_err(), "the key is taken");
-        let last_seq = |store: &SqliteStore| -> i64 {
-            store
-                .read(|c| Ok(c.query_row("SELECT last_seq FROM partitions", [], |r| r.get(0))?))
-                .unwrap()
-        };
+        assert!(
+            store.commit(&[one_event_batch(0)]).is_err(),
+            "the key is taken"
+        );
         assert_eq!(last_seq(&store), 0, "the fencing update was rolled back");
         other
             .execute("DELETE FROM events WHERE instance_id = 'x'", [])
             .unwrap();
-        assert_eq!(store.commit(&[batch(0)]).unwrap(), vec![Ok(())]);
-        assert_eq!(store.commit(&[batch(1)]).unwrap(), vec![Ok(())]);
+        assert_eq!(store.commit(&[one_event_batch(0)]).unwrap(), vec![Ok(())]);
+        assert_eq!(store.commit(&[one_event_batch(1)]).unwrap(), vec![Ok(())]);
         assert_eq!(last_seq(&store), 2);
     }
 
@@ -1085,32 +1093,13 @@ mod tests {
         // would wait. Method: the writer held by the test while it asks, then freed.
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), 1).unwrap();
-        let batch = |seq_before: u64| PartitionBatch {
-            partition: 0,
-            seq_before,
-            events: vec![EventRecord {
-                partition: 0,
-                seq: seq_before + 1,
-                epoch: 0,
-                instance_id: "i".into(),
-                at: 1,
-                event_type: "t".into(),
-                payload: "{}".into(),
-            }],
-            ..PartitionBatch::default()
-        };
-        let last_seq = |store: &SqliteStore| -> i64 {
-            store
-                .read(|c| Ok(c.query_row("SELECT last_seq FROM partitions", [], |r| r.get(0))?))
-                .unwrap()
-        };
         let held = store.writer.lock().unwrap();
-        assert!(store.try_commit_here(&[batch(0)]).is_none());
+        assert!(store.try_commit_here(&[one_event_batch(0)]).is_none());
         drop(held);
         assert_eq!(last_seq(&store), 0, "nothing was written");
         let syncs = store.wal_syncs().unwrap().count();
         let committed = store
-            .try_commit_here(&[batch(0)])
+            .try_commit_here(&[one_event_batch(0)])
             .expect("the writer is free");
         assert_eq!(committed.unwrap(), vec![Ok(())]);
         assert_eq!(last_seq(&store), 1);
