@@ -6,7 +6,9 @@
 //!
 //! When nothing else waits (no batch with the committer, and by the partition's
 //! account no message for any partition and no task out with a worker but those the
-//! batch finishes), a batch is committed in place, on the runtime's thread that made it:
+//! batch finishes) and requests come one at a time (the batch answers one message, and
+//! so did the last commit), a batch is committed in place, on the runtime's thread that
+//! made it:
 //! handing it to the committer thread and its outcome back would cost two thread
 //! wake-ups, a third of a step's time beyond the sync at one instance in flight.
 //! Under load the committer thread commits, so that the runtime prepares the next
@@ -14,7 +16,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,6 +33,8 @@ pub(crate) type CommitResult = Result<Result<(), Refusal>, Arc<weir_store::Error
 
 pub(crate) struct CommitRequest {
     pub batch: PartitionBatch,
+    /// Messages the batch answers.
+    pub answered: usize,
     pub reply: oneshot::Sender<CommitResult>,
 }
 
@@ -44,6 +48,9 @@ pub(crate) struct Committer {
     /// Batches handed to the thread and not yet committed, and a commit in place
     /// while it runs: zero when the store's writer is free of the engine's commits.
     outstanding: Arc<AtomicUsize>,
+    /// Whether the last commit answered a single message: requests then come one at a
+    /// time, and none is likely to arrive while the next commits in place.
+    last_answered_one: Arc<AtomicBool>,
 }
 
 /// What the committer has done since it started.
@@ -85,16 +92,21 @@ impl Committer {
         let counted = counts.clone();
         let committing = store.clone();
         let outstanding = Arc::new(AtomicUsize::new(0));
-        let committed = outstanding.clone();
+        let last_answered_one = Arc::new(AtomicBool::new(true));
+        let state = CommitterState {
+            outstanding: outstanding.clone(),
+            last_answered_one: last_answered_one.clone(),
+        };
         std::thread::Builder::new()
             .name("weir-committer".into())
-            .spawn(move || run(committing, receiver, &counted, &committed))
+            .spawn(move || run(committing, receiver, &counted, &state))
             .expect("spawning the committer thread");
         Committer {
             sender,
             counts,
             store,
             outstanding,
+            last_answered_one,
         }
     }
 
@@ -115,10 +127,16 @@ impl Committer {
     /// durable.
     ///
     /// A `quiet` batch, one the partition expects nothing else to wait for, is committed
-    /// in place when the committer has no batch either and the store can (see the
-    /// module's comment); the future is then ready at once.
-    pub async fn submit(&self, batch: PartitionBatch, quiet: bool) -> CommitOutcome {
-        if quiet {
+    /// in place when it answers one message, the last commit answered one too, the
+    /// committer has no batch and the store can (see the module's comment); the future
+    /// is then ready at once. `answered` is how many messages the batch answers.
+    pub async fn submit(
+        &self,
+        batch: PartitionBatch,
+        answered: usize,
+        quiet: bool,
+    ) -> CommitOutcome {
+        if quiet && answered == 1 && self.last_answered_one.load(Ordering::Acquire) {
             if let Some(result) = self.commit_here(&batch) {
                 return Box::pin(std::future::ready(result));
             }
@@ -127,7 +145,11 @@ impl Committer {
         self.outstanding.fetch_add(1, Ordering::AcqRel);
         if self
             .sender
-            .send(CommitRequest { batch, reply })
+            .send(CommitRequest {
+                batch,
+                answered,
+                reply,
+            })
             .await
             .is_err()
         {
@@ -173,6 +195,7 @@ impl Committer {
         let committed = self.store.try_commit_here(std::slice::from_ref(batch));
         self.outstanding.fetch_sub(1, Ordering::AcqRel);
         let committed = committed?;
+        self.last_answered_one.store(true, Ordering::Release);
         self.counts.record(started.elapsed(), 1, committed.is_err());
         self.counts.in_place.fetch_add(1, Ordering::Relaxed);
         Some(match committed {
@@ -205,11 +228,18 @@ fn stopped() -> Arc<weir_store::Error> {
     Arc::new(weir_store::Error::Incompatible("committer stopped".into()))
 }
 
+/// What the committer thread shares with the handles, for the choice of committing in
+/// place.
+struct CommitterState {
+    outstanding: Arc<AtomicUsize>,
+    last_answered_one: Arc<AtomicBool>,
+}
+
 fn run(
     store: Arc<dyn Store>,
     mut receiver: mpsc::Receiver<CommitRequest>,
     counts: &CommitCounts,
-    outstanding: &AtomicUsize,
+    state: &CommitterState,
 ) {
     // Runs until every sender is gone (engine shutdown).
     while let Some(first) = receiver.blocking_recv() {
@@ -228,7 +258,13 @@ fn run(
         let committed = store.commit(&batches);
         counts.record(started.elapsed(), batches.len(), committed.is_err());
         // Before the replies: a partition answered may commit its next batch in place.
-        outstanding.fetch_sub(requests.len(), Ordering::AcqRel);
+        let answered: usize = requests.iter().map(|r| r.answered).sum();
+        state
+            .last_answered_one
+            .store(answered == 1, Ordering::Release);
+        state
+            .outstanding
+            .fetch_sub(requests.len(), Ordering::AcqRel);
         match committed {
             Ok(outcomes) => {
                 assert_eq!(outcomes.len(), requests.len());
@@ -244,5 +280,63 @@ fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_store::{EventRecord, SqliteStore};
+
+    /// A batch of partition 0 holding one event, the one after `seq_before`.
+    fn one_event_batch(seq_before: u64) -> PartitionBatch {
+        PartitionBatch {
+            partition: 0,
+            seq_before,
+            events: vec![EventRecord {
+                partition: 0,
+                seq: seq_before + 1,
+                epoch: 0,
+                instance_id: "i".into(),
+                at: 1,
+                event_type: "t".into(),
+                payload: "{}".into(),
+            }],
+            ..PartitionBatch::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_a_lone_message_after_a_lone_message_commits_in_place() {
+        // Goal: a quiet batch commits in place only when it answers one message and
+        // the commit before answered one too (requests come one at a time); a batch
+        // of several messages, and the one after it, go to the committer thread, and
+        // every batch is durable in order either way. Method: a committer on a real
+        // SQLite store, batches submitted with chosen counts, the in-place count read
+        // after each, and the log's end read back.
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path(), 1).unwrap());
+        let committer = Committer::start(store.clone());
+        let mut seq = 0;
+        let mut submit = |answered: usize, quiet: bool| {
+            let batch = one_event_batch(seq);
+            seq += 1;
+            let committer = committer.clone();
+            async move {
+                let outcome = committer.submit(batch, answered, quiet).await.await;
+                assert!(matches!(outcome, Ok(Ok(()))));
+                committer.stats().in_place
+            }
+        };
+        assert_eq!(submit(1, true).await, 1, "alone, at the start");
+        assert_eq!(submit(1, false).await, 1, "not quiet");
+        assert_eq!(submit(1, true).await, 2, "alone again");
+        assert_eq!(submit(2, true).await, 2, "several messages");
+        assert_eq!(submit(1, true).await, 2, "after a commit of several");
+        assert_eq!(submit(1, true).await, 3, "alone after one alone");
+        assert_eq!(committer.stats().transactions.count(), 6);
+        let events = store.events_after(0, 0, 100).unwrap();
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
     }
 }

@@ -334,10 +334,13 @@ impl PartitionActor {
                     break false;
                 }
             };
-            let answers_messages = !messages.is_empty();
+            let answered = messages.len();
             let pending = self.process(std::mem::take(&mut messages), &existing, now);
-            let quiet = answers_messages && self.quiet(&pending);
-            if let Some(batch) = self.submit(pending, committing.is_empty(), quiet).await {
+            let quiet = answered > 0 && self.quiet(&pending);
+            if let Some(batch) = self
+                .submit(pending, committing.is_empty(), answered, quiet)
+                .await
+            {
                 committing.push_back(batch);
             }
         };
@@ -687,7 +690,13 @@ impl PartitionActor {
     /// when no batch is committing (`alone`), and otherwise waits its turn behind them:
     /// its answers may depend on their changes (a start answered "exists"). A `quiet`
     /// batch may be committed in place.
-    async fn submit(&mut self, pending: Pending, alone: bool, quiet: bool) -> Option<Committing> {
+    async fn submit(
+        &mut self,
+        pending: Pending,
+        alone: bool,
+        answered: usize,
+        quiet: bool,
+    ) -> Option<Committing> {
         if pending.touched.is_empty() && pending.tasks.is_empty() && pending.timers.is_empty() {
             if alone {
                 for (reply, result) in pending.replies {
@@ -770,7 +779,7 @@ impl PartitionActor {
                 .or_insert(u64::MAX);
             *due = (*due).min(timer.fire_at);
         }
-        let outcome = self.committer.submit(batch, quiet).await;
+        let outcome = self.committer.submit(batch, answered, quiet).await;
         Some(Committing {
             outcome,
             after: AfterCommit {
