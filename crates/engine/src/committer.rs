@@ -45,12 +45,8 @@ pub(crate) struct Committer {
     counts: Arc<CommitCounts>,
     /// Commits in place, and is read for its WAL syncs; the thread writes to it too.
     store: Arc<dyn Store>,
-    /// Batches handed to the thread and not yet committed, and a commit in place
-    /// while it runs: zero when the store's writer is free of the engine's commits.
-    outstanding: Arc<AtomicUsize>,
-    /// Whether the last commit answered a single message: requests then come one at a
-    /// time, and none is likely to arrive while the next commits in place.
-    last_answered_one: Arc<AtomicBool>,
+    /// What decides whether a batch may commit in place; the thread updates it too.
+    state: Arc<CommitterState>,
 }
 
 /// What the committer has done since it started.
@@ -91,22 +87,20 @@ impl Committer {
         let counts = Arc::new(CommitCounts::default());
         let counted = counts.clone();
         let committing = store.clone();
-        let outstanding = Arc::new(AtomicUsize::new(0));
-        let last_answered_one = Arc::new(AtomicBool::new(true));
-        let state = CommitterState {
-            outstanding: outstanding.clone(),
-            last_answered_one: last_answered_one.clone(),
-        };
+        let state = Arc::new(CommitterState {
+            outstanding: AtomicUsize::new(0),
+            last_answered_one: AtomicBool::new(true),
+        });
+        let shared = state.clone();
         std::thread::Builder::new()
             .name("weir-committer".into())
-            .spawn(move || run(committing, receiver, &counted, &state))
+            .spawn(move || run(committing, receiver, &counted, &shared))
             .expect("spawning the committer thread");
         Committer {
             sender,
             counts,
             store,
-            outstanding,
-            last_answered_one,
+            state,
         }
     }
 
@@ -136,13 +130,13 @@ impl Committer {
         answered: usize,
         quiet: bool,
     ) -> CommitOutcome {
-        if quiet && answered == 1 && self.last_answered_one.load(Ordering::Acquire) {
+        if quiet && answered == 1 && self.state.last_answered_one.load(Ordering::Acquire) {
             if let Some(result) = self.commit_here(&batch) {
                 return Box::pin(std::future::ready(result));
             }
         }
         let (reply, receiver) = oneshot::channel();
-        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        self.state.outstanding.fetch_add(1, Ordering::AcqRel);
         if self
             .sender
             .send(CommitRequest {
@@ -153,7 +147,7 @@ impl Committer {
             .await
             .is_err()
         {
-            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+            self.state.outstanding.fetch_sub(1, Ordering::AcqRel);
             return Box::pin(std::future::ready(Err(stopped())));
         }
         // On a current-thread runtime (where tests pause tokio's clock) the wait runs on
@@ -188,14 +182,15 @@ impl Committer {
         // Claimed only at zero, so that no batch handed over earlier is still to be
         // committed: batches keep the order they were handed over in. Batches handed
         // over while this commit runs wait for the writer behind it.
-        self.outstanding
+        self.state
+            .outstanding
             .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
             .ok()?;
         let started = Instant::now();
         let committed = self.store.try_commit_here(std::slice::from_ref(batch));
-        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.state.outstanding.fetch_sub(1, Ordering::AcqRel);
         let committed = committed?;
-        self.last_answered_one.store(true, Ordering::Release);
+        self.state.last_answered_one.store(true, Ordering::Release);
         self.counts.record(started.elapsed(), 1, committed.is_err());
         self.counts.in_place.fetch_add(1, Ordering::Relaxed);
         Some(match committed {
@@ -231,8 +226,12 @@ fn stopped() -> Arc<weir_store::Error> {
 /// What the committer thread shares with the handles, for the choice of committing in
 /// place.
 struct CommitterState {
-    outstanding: Arc<AtomicUsize>,
-    last_answered_one: Arc<AtomicBool>,
+    /// Batches handed to the thread and not yet committed, and a commit in place
+    /// while it runs: zero when the store's writer is free of the engine's commits.
+    outstanding: AtomicUsize,
+    /// Whether the last commit answered a single message: requests then come one at a
+    /// time, and none is likely to arrive while the next commits in place.
+    last_answered_one: AtomicBool,
 }
 
 fn run(
