@@ -336,7 +336,9 @@ impl PartitionActor {
             };
             let answered = messages.len();
             let pending = self.process(std::mem::take(&mut messages), &existing, now);
-            let quiet = answered > 0 && self.quiet(&pending);
+            // Only a lone message may commit in place (see `Committer::submit`): the
+            // board's lock is not taken for the batches of a loaded engine.
+            let quiet = answered == 1 && self.quiet(&pending);
             if let Some(batch) = self
                 .submit(pending, committing.is_empty(), answered, quiet)
                 .await
@@ -678,7 +680,7 @@ impl PartitionActor {
     /// Whether nothing is likely to need the runtime's thread while `pending`'s commit
     /// syncs, so that it may commit in place (see `committer`): no message waits for any
     /// partition, and workers hold no task but those this batch finishes, whose
-    /// completions could arrive meanwhile. Only a batch that answers messages asks: a
+    /// completions could arrive meanwhile. Only a batch that answers a message asks: a
     /// batch of due timers is often one of several partitions' made at once, which are
     /// better merged by the committer than committed one by one.
     fn quiet(&self, pending: &Pending) -> bool {
