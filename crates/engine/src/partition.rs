@@ -338,7 +338,16 @@ impl PartitionActor {
             let pending = self.process(std::mem::take(&mut messages), &existing, now);
             // Only a lone message may commit in place (see `Committer::submit`): the
             // board's lock is not taken for the batches of a loaded engine.
-            let quiet = answered == 1 && self.quiet(&pending);
+            let mut quiet = answered == 1 && self.quiet(&pending);
+            if quiet {
+                // The runtime runs a task it has just woken before the others it has
+                // ready, so a lone message may have overtaken requests whose tasks are
+                // about to send theirs: concurrent starts, which no leased task tells
+                // of, were committed in place one by one. Yielding lets every ready
+                // task run (and the runtime poll its sockets) before asking again.
+                tokio::task::yield_now().await;
+                quiet = self.quiet(&pending);
+            }
             if let Some(batch) = self
                 .submit(pending, committing.is_empty(), answered, quiet)
                 .await
