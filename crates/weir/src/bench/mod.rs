@@ -109,6 +109,11 @@ pub struct BenchArgs {
     /// processes, and report task dispatch latency.
     #[arg(long)]
     inproc_worker: bool,
+    /// Start instances without an id, so that the engine makes each one. By default each
+    /// start names its instance, as a client that retries a start safely does, and the
+    /// server looks for an instance of that id before it starts one.
+    #[arg(long, conflicts_with = "inproc_worker")]
+    engine_ids: bool,
     /// The server's pid, to report its CPU time and peak RSS; several (comma-separated) for
     /// several nodes on this machine.
     #[arg(long, value_delimiter = ',', value_name = "PID")]
@@ -196,6 +201,8 @@ struct Shared {
     total: usize,
     /// Whether each instance is awaited to its end (all workloads but `start`).
     wait: bool,
+    /// Whether starts leave the instance's id to the engine (`--engine-ids`).
+    engine_ids: bool,
     dispatch: Option<Arc<Dispatch>>,
     /// The next instance number to start.
     next: AtomicUsize,
@@ -215,24 +222,28 @@ async fn instance_loop(shared: Arc<Shared>) -> LoopResult {
             break;
         }
         let node = &shared.nodes[n % shared.nodes.len()];
-        let id = format!("bench-{}-{n}", shared.run_id);
+        let id = (!shared.engine_ids).then(|| format!("bench-{}-{n}", shared.run_id));
         let begin = Instant::now();
-        if let Some(dispatch) = &shared.dispatch {
-            dispatch.starting(&id, begin);
+        // The in-process workers follow instances by the ids they were given; they never
+        // run with engine-made ids (the flags conflict).
+        let followed = shared.dispatch.as_ref().zip(id.as_deref());
+        if let Some((dispatch, id)) = followed {
+            dispatch.starting(id, begin);
         }
         if shared.wait {
             let status =
-                workloads::start_and_wait(&shared.client, node, &shared.name, &id, n).await?;
+                workloads::start_and_wait(&shared.client, node, &shared.name, id.as_deref(), n)
+                    .await?;
             latencies.push(begin.elapsed());
             if status != "completed" {
                 failed += 1;
             }
         } else {
-            workloads::start(&shared.client, node, &shared.name, &id, n).await?;
+            workloads::start(&shared.client, node, &shared.name, id.as_deref(), n).await?;
             latencies.push(begin.elapsed());
         }
-        if let Some(dispatch) = &shared.dispatch {
-            dispatch.ended(&id);
+        if let Some((dispatch, id)) = followed {
+            dispatch.ended(id);
         }
         shared.progress.inc(1);
     }
@@ -309,6 +320,7 @@ async fn execute(
         run_id,
         total: args.instances,
         wait: args.workload != Workload::Start,
+        engine_ids: args.engine_ids,
         dispatch: dispatch.clone(),
         next: AtomicUsize::new(0),
         progress: progress.clone(),
@@ -367,6 +379,7 @@ async fn execute(
         fanout: args.fanout,
         sleep,
         concurrency: args.concurrency,
+        engine_ids: args.engine_ids,
         worker_concurrency: match worker_kind {
             WorkerKind::None => 0,
             _ => args.worker_concurrency,

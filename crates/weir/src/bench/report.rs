@@ -55,6 +55,8 @@ pub(super) struct Report {
     /// The sleep of every instance (`timers`).
     pub sleep: Duration,
     pub concurrency: usize,
+    /// Whether the engine made the instances' ids (`--engine-ids`).
+    pub engine_ids: bool,
     pub worker_concurrency: usize,
     pub worker_kind: WorkerKind,
     pub elapsed: Duration,
@@ -86,6 +88,16 @@ impl Report {
             Workload::Fanout => self.fanout,
             Workload::Timers => 1,
             Workload::Start => 0,
+        }
+    }
+
+    /// Who named the instances: `client` (the bench, so each start looks for an
+    /// instance of its id first) or `engine`.
+    fn ids(&self) -> &'static str {
+        if self.engine_ids {
+            "engine"
+        } else {
+            "client"
         }
     }
 
@@ -239,6 +251,7 @@ fn to_json(report: &Report) -> Value {
     let mut extra = Map::new();
     extra.insert("nodes".into(), json!(report.nodes));
     extra.insert("worker".into(), json!(report.worker_kind.as_str()));
+    extra.insert("ids".into(), json!(report.ids()));
     extra.insert(
         "latency_of".into(),
         json!(match report.workload {
@@ -388,6 +401,7 @@ pub(super) fn print(report: &Report, output: Output) {
         "concurrency         {} instances in flight, {worker}",
         report.concurrency
     );
+    println!("instance ids        made by the {}", report.ids());
     println!(
         "elapsed             {seconds:.2} s ({} not completed)",
         report.failed
@@ -495,6 +509,7 @@ mod tests {
             fanout: 10,
             sleep: Duration::from_millis(100),
             concurrency: 2,
+            engine_ids: false,
             worker_concurrency: 8,
             worker_kind: WorkerKind::Process,
             elapsed: Duration::from_secs(2),
@@ -592,6 +607,9 @@ mod tests {
         assert_eq!(figures["pending"], 4);
         assert_eq!(figures["latency_of"], "start request");
         assert!(figures.get("dispatch_ms").is_none());
+        assert_eq!(figures["ids"], "client");
+        start.engine_ids = true;
+        assert_eq!(to_json(&start)["ids"], "engine");
     }
 
     #[test]

@@ -123,28 +123,33 @@ async fn deploy_to(client: &reqwest::Client, node: &str, source: &str) -> anyhow
         .with_context(|| format!("deploy answer without a version: {deployed}"))
 }
 
-/// Starts instance `id` of `name` through `node`, with input `{"n": n}`.
+/// Starts an instance of `name` through `node`, with input `{"n": n}`: instance `id`, or
+/// one whose id the engine makes.
 pub(super) async fn start(
     client: &reqwest::Client,
     node: &str,
     name: &str,
-    id: &str,
+    id: Option<&str>,
     n: usize,
 ) -> anyhow::Result<()> {
     start_waiting(client, node, name, id, n, 0).await.map(drop)
 }
 
-/// Starts instance `id` and waits up to `wait_ms` for it to end in the same request
-/// (`POST /v1/instances?wait_ms=`); its status when the answer came.
+/// Starts an instance (see [`start`]) and waits up to `wait_ms` for it to end in the
+/// same request (`POST /v1/instances?wait_ms=`); its id and its status when the answer
+/// came.
 async fn start_waiting(
     client: &reqwest::Client,
     node: &str,
     name: &str,
-    id: &str,
+    id: Option<&str>,
     n: usize,
     wait_ms: u64,
-) -> anyhow::Result<String> {
-    let body = json!({ "definition": name, "id": id, "input": { "n": n } });
+) -> anyhow::Result<Answer> {
+    let body = match id {
+        Some(id) => json!({ "definition": name, "id": id, "input": { "n": n } }),
+        None => json!({ "definition": name, "input": { "n": n } }),
+    };
     let mut request = client.post(format!("{node}/v1/instances")).json(&body);
     if wait_ms > 0 {
         request = request.query(&[("wait_ms", wait_ms)]);
@@ -157,38 +162,41 @@ async fn start_waiting(
             response.text().await.unwrap_or_default()
         );
     }
-    status_of(&response.bytes().await?)
+    answer_of(&response.bytes().await?)
 }
 
-/// The `status` of an instance's JSON view. Only that field is decoded: the client shares
-/// the machine with the server it measures, so its own cost per instance is kept low.
-fn status_of(body: &[u8]) -> anyhow::Result<String> {
-    #[derive(serde::Deserialize)]
-    struct Status {
-        status: Option<String>,
-    }
-    match serde_json::from_slice::<Status>(body) {
-        Ok(Status {
-            status: Some(status),
-        }) => Ok(status),
-        _ => bail!("unexpected answer: {}", String::from_utf8_lossy(body)),
+/// What the client reads of an instance's JSON view.
+#[derive(Debug, PartialEq, serde::Deserialize)]
+struct Answer {
+    id: String,
+    status: String,
+}
+
+/// The `id` and `status` of an instance's JSON view. Only those fields are decoded: the
+/// client shares the machine with the server it measures, so its own cost per instance is
+/// kept low.
+fn answer_of(body: &[u8]) -> anyhow::Result<Answer> {
+    match serde_json::from_slice::<Answer>(body) {
+        Ok(answer) => Ok(answer),
+        Err(_) => bail!("unexpected answer: {}", String::from_utf8_lossy(body)),
     }
 }
 
-/// Starts instance `id` and waits for it to end: one request when it ends within
-/// [`WAIT_MS`], as a client that wants a workflow's result makes it; its final status.
+/// Starts an instance (see [`start`]) and waits for it to end: one request when it ends
+/// within [`WAIT_MS`], as a client that wants a workflow's result makes it; its final
+/// status.
 pub(super) async fn start_and_wait(
     client: &reqwest::Client,
     node: &str,
     name: &str,
-    id: &str,
+    id: Option<&str>,
     n: usize,
 ) -> anyhow::Result<String> {
-    let status = start_waiting(client, node, name, id, n, WAIT_MS).await?;
-    if is_running(&status) {
-        return wait_end(client, node, id).await;
+    let answer = start_waiting(client, node, name, id, n, WAIT_MS).await?;
+    if is_running(&answer.status) {
+        return wait_end(client, node, &answer.id).await;
     }
-    Ok(status)
+    Ok(answer.status)
 }
 
 /// Whether a status is one an instance can still leave.
@@ -207,10 +215,10 @@ pub(super) async fn wait_end(
             .get(format!("{node}/v1/instances/{id}?wait_ms={WAIT_MS}"))
             .send()
             .await?;
-        let status = status_of(&response.bytes().await?)?;
+        let answer = answer_of(&response.bytes().await?)?;
         // Not ended yet: the wait was over first.
-        if !is_running(&status) {
-            return Ok(status);
+        if !is_running(&answer.status) {
+            return Ok(answer.status);
         }
     }
 }
@@ -292,14 +300,23 @@ mod tests {
     }
 
     #[test]
-    fn status_of_reads_the_status_alone() {
-        // Goal: the client's cheap decoding finds the status among every other field, and
-        // says what came when there is none.
+    fn answer_of_reads_the_id_and_status_alone() {
+        // Goal: the client's cheap decoding finds the id (made by the engine, with
+        // --engine-ids) and the status among every other field, and says what came when
+        // either is missing.
         let body = br#"{"id":"a","status":"completed","output":{"x":[1,2]},"created":true}"#;
-        assert_eq!(status_of(body).unwrap(), "completed");
-        let error = status_of(br#"{"error":{"code":"not_found"}}"#).unwrap_err();
+        assert_eq!(
+            answer_of(body).unwrap(),
+            Answer {
+                id: "a".into(),
+                status: "completed".into()
+            }
+        );
+        let error = answer_of(br#"{"error":{"code":"not_found"}}"#).unwrap_err();
         assert!(error.to_string().contains("not_found"), "{error}");
-        assert!(status_of(b"not json").is_err());
+        let error = answer_of(br#"{"status":"running"}"#).unwrap_err();
+        assert!(error.to_string().contains("running"), "{error}");
+        assert!(answer_of(b"not json").is_err());
     }
 
     #[test]

@@ -1,0 +1,109 @@
+//! Goal: `weir bench` runs its workloads against a real server and reports what it did:
+//! every instance started and ended as the report says, with ids the client names or the
+//! engine makes, and the figures a reader of BENCHMARKS.md relies on are present.
+//!
+//! Method: a real server and the bench with its example worker process, all on loopback;
+//! the bench's JSON is checked against what the server lists afterwards.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use support::*;
+
+/// Runs `weir bench` against `server` with `args`; its JSON report.
+fn bench(server: &Server, args: &[&str]) -> Value {
+    let output = run_bench(server, args);
+    assert!(
+        output.status.success(),
+        "bench {args:?} failed: {}\nserver log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        server.log_tail(40)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "bench {args:?} printed no JSON ({error}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+fn run_bench(server: &Server, args: &[&str]) -> Output {
+    let pid = server.process.pid().expect("the server runs").to_string();
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("--server")
+        .arg(server.url())
+        .arg("bench")
+        .args(args)
+        .args(["--server-pid", &pid, "--output", "json"])
+        .output()
+        .expect("running weir bench")
+}
+
+/// The ids of the instances with `status` whose definition is `definition`.
+fn ids_of(server: &Server, status: &str, definition: &str) -> Vec<String> {
+    list_all(&server.url(), status)
+        .unwrap()
+        .into_iter()
+        .filter(|instance| instance["definition"] == definition)
+        .map(|instance| instance["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn seq_and_start_run_with_client_and_engine_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), free_port(), &[]);
+    let common = ["--instances", "40", "--concurrency", "4"];
+
+    // seq, ids named by the client: every instance completes its two steps.
+    let mut args = common.to_vec();
+    args.extend(["--steps", "2", "--worker-concurrency", "8"]);
+    let report = bench(&server, &args);
+    assert_eq!(report["workload"], "seq");
+    assert_eq!(report["ids"], "client");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["instances"], 40);
+    assert_eq!(report["steps_per_instance"], 2);
+    assert!(report["step_completions_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["server_cpu_s"].is_number(), "{report}");
+    assert!(
+        report["commits"]["count"].as_u64().unwrap() >= 1,
+        "{report}"
+    );
+    assert!(
+        report["wal_syncs"]["count"].as_u64().unwrap() >= 1,
+        "{report}"
+    );
+    let named = ids_of(&server, "completed", "bench-seq-2");
+    assert_eq!(named.len(), 40, "{named:?}");
+    assert!(named.iter().all(|id| id.starts_with("bench-")), "{named:?}");
+
+    // seq again, ids made by the engine: forty more, none with a bench-made id.
+    args.push("--engine-ids");
+    let report = bench(&server, &args);
+    assert_eq!(report["ids"], "engine");
+    assert_eq!(report["failed"], 0, "{report}");
+    let all = ids_of(&server, "completed", "bench-seq-2");
+    assert_eq!(all.len(), 80, "{all:?}");
+    let made: Vec<&String> = all.iter().filter(|id| !named.contains(id)).collect();
+    assert_eq!(made.len(), 40, "{made:?}");
+    assert!(made.iter().all(|id| !id.starts_with("bench-")), "{made:?}");
+
+    // start, ids made by the engine: every start left an instance running, untouched.
+    let mut args = common.to_vec();
+    args.extend(["--workload", "start", "--engine-ids"]);
+    let report = bench(&server, &args);
+    assert_eq!(report["workload"], "start");
+    assert_eq!(report["ids"], "engine");
+    assert_eq!(report["pending"], 40, "{report}");
+    let queue = report["queue"].as_str().unwrap();
+    assert_eq!(ids_of(&server, "running", queue).len(), 40);
+
+    // The in-process worker follows instances by the ids it gives them.
+    let output = run_bench(&server, &["--inproc-worker", "--engine-ids"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--engine-ids"), "{stderr}");
+}
