@@ -184,7 +184,9 @@ pub struct PartitionBatch {
     pub seq_before: u64,
     /// Events to append, seqs `seq_before + 1 ..`.
     pub events: Vec<EventRecord>,
-    /// Instance rows to insert or replace.
+    /// Instance rows to insert or replace. Every instance the batch has events for is
+    /// among them or already stored: [`Store::history`] finds the events of a stored
+    /// instance.
     pub instances: Vec<InstanceRecord>,
     /// Tasks to insert or replace.
     pub tasks_put: Vec<TaskRecord>,
@@ -414,7 +416,7 @@ pub trait Store: Send + Sync + 'static {
     /// Instance rows in id order.
     fn instances(&self, query: &InstanceQuery) -> Result<Vec<InstanceRecord>, Error>;
 
-    /// One instance's events, in log order.
+    /// One instance's events, in log order; none for an instance that is not stored.
     fn history(&self, instance_id: &str, partition: u32) -> Result<Vec<EventRecord>, Error>;
 
     /// How long the syncs of the write-ahead log took that made this process's commits

@@ -581,6 +581,10 @@ fn events_after_pages_the_log(place: Place) {
         .unwrap();
     let mut first = batch(0, lease.epoch, 0, 5);
     first.events[1].instance_id = "i2".into();
+    first.instances = vec![
+        instance("i1", 0, "running", true),
+        instance("i2", 0, "running", true),
+    ];
     assert_eq!(store.commit(&[first]).unwrap(), vec![Ok(())]);
     let seqs = |after, limit| -> Vec<u64> {
         store
