@@ -1,6 +1,7 @@
 //! Goal: `weir bench` runs its workloads against a real server and reports what it did:
-//! every instance started and ended as the report says, with ids the client names or the
-//! engine makes, and the figures a reader of BENCHMARKS.md relies on are present.
+//! every instance started and ended as the report says, with ids the bench names in order
+//! or at random or the engine makes, and the figures a reader of BENCHMARKS.md relies on
+//! are present.
 //!
 //! Method: a real server and the bench with its example worker process, all on loopback;
 //! the bench's JSON is checked against what the server lists afterwards.
@@ -52,17 +53,17 @@ fn ids_of(server: &Server, status: &str, definition: &str) -> Vec<String> {
 }
 
 #[test]
-fn seq_and_start_run_with_client_and_engine_ids() {
+fn seq_and_start_run_with_each_kind_of_ids() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data"), free_port(), &[]);
     let common = ["--instances", "40", "--concurrency", "4"];
 
-    // seq, ids named by the client: every instance completes its two steps.
+    // seq, ids named by the bench in order: every instance completes its two steps.
     let mut args = common.to_vec();
     args.extend(["--steps", "2", "--worker-concurrency", "8"]);
     let report = bench(&server, &args);
     assert_eq!(report["workload"], "seq");
-    assert_eq!(report["ids"], "client");
+    assert_eq!(report["ids"], "sequential");
     assert_eq!(report["failed"], 0, "{report}");
     assert_eq!(report["instances"], 40);
     assert_eq!(report["steps_per_instance"], 2);
@@ -80,20 +81,30 @@ fn seq_and_start_run_with_client_and_engine_ids() {
     assert_eq!(named.len(), 40, "{named:?}");
     assert!(named.iter().all(|id| id.starts_with("bench-")), "{named:?}");
 
-    // seq again, ids made by the engine: forty more, none with a bench-made id.
-    args.push("--engine-ids");
-    let report = bench(&server, &args);
-    assert_eq!(report["ids"], "engine");
-    assert_eq!(report["failed"], 0, "{report}");
-    let all = ids_of(&server, "completed", "bench-seq-2");
-    assert_eq!(all.len(), 80, "{all:?}");
-    let made: Vec<&String> = all.iter().filter(|id| !named.contains(id)).collect();
-    assert_eq!(made.len(), 40, "{made:?}");
-    assert!(made.iter().all(|id| !id.starts_with("bench-")), "{made:?}");
+    // seq again, ids made by the engine, then at random by the bench: forty more each,
+    // none with a bench-made ordered id, all of 32 hex digits.
+    let mut seen = named.clone();
+    for (ids, total) in [("engine", 80), ("random", 120)] {
+        let mut more = args.clone();
+        more.extend(["--ids", ids]);
+        let report = bench(&server, &more);
+        assert_eq!(report["ids"], ids);
+        assert_eq!(report["failed"], 0, "{report}");
+        let all = ids_of(&server, "completed", "bench-seq-2");
+        assert_eq!(all.len(), total, "{all:?}");
+        let new: Vec<String> = all.into_iter().filter(|id| !seen.contains(id)).collect();
+        assert_eq!(new.len(), 40, "{new:?}");
+        assert!(
+            new.iter()
+                .all(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())),
+            "{new:?}"
+        );
+        seen.extend(new);
+    }
 
     // start, ids made by the engine: every start left an instance running, untouched.
     let mut args = common.to_vec();
-    args.extend(["--workload", "start", "--engine-ids"]);
+    args.extend(["--workload", "start", "--ids", "engine"]);
     let report = bench(&server, &args);
     assert_eq!(report["workload"], "start");
     assert_eq!(report["ids"], "engine");
@@ -102,8 +113,8 @@ fn seq_and_start_run_with_client_and_engine_ids() {
     assert_eq!(ids_of(&server, "running", queue).len(), 40);
 
     // The in-process worker follows instances by the ids it gives them.
-    let output = run_bench(&server, &["--inproc-worker", "--engine-ids"]);
+    let output = run_bench(&server, &["--inproc-worker", "--ids", "engine"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--engine-ids"), "{stderr}");
+    assert!(stderr.contains("--ids engine"), "{stderr}");
 }

@@ -69,6 +69,38 @@ pub enum Workload {
     Start,
 }
 
+/// Who names the instances a run starts (`--ids`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ids {
+    /// The bench, in order: `bench-<run>-<n>`, as a client that names its instances after
+    /// an order number does. The server looks for an instance of each id before it starts one.
+    Sequential,
+    /// The bench, at random: 32 random hex digits each, as a client that names its
+    /// instances with random UUIDs does. The server looks for each one first too.
+    Random,
+    /// The engine: starts carry no id, as from a client that does not retry them.
+    Engine,
+}
+
+impl Ids {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Ids::Sequential => "sequential",
+            Ids::Random => "random",
+            Ids::Engine => "engine",
+        }
+    }
+
+    /// The id of the run's instance number `n`; `None` for one the engine names.
+    fn of(self, run_id: &str, n: usize) -> Option<String> {
+        match self {
+            Ids::Sequential => Some(format!("bench-{run_id}-{n}")),
+            Ids::Random => Some(format!("{:032x}", rand::random::<u128>())),
+            Ids::Engine => None,
+        }
+    }
+}
+
 impl Workload {
     fn as_str(self) -> &'static str {
         match self {
@@ -109,11 +141,10 @@ pub struct BenchArgs {
     /// processes, and report task dispatch latency.
     #[arg(long)]
     inproc_worker: bool,
-    /// Start instances without an id, so that the engine makes each one. By default each
-    /// start names its instance, as a client that retries a start safely does, and the
-    /// server looks for an instance of that id before it starts one.
-    #[arg(long, conflicts_with = "inproc_worker")]
-    engine_ids: bool,
+    /// Who names the instances. A client that retries starts safely names them, and the
+    /// server then looks for an instance of each id before it starts one.
+    #[arg(long, value_enum, default_value_t = Ids::Sequential)]
+    ids: Ids,
     /// The server's pid, to report its CPU time and peak RSS; several (comma-separated) for
     /// several nodes on this machine.
     #[arg(long, value_delimiter = ',', value_name = "PID")]
@@ -167,6 +198,9 @@ fn worker_kind(args: &BenchArgs, nodes: usize) -> anyhow::Result<WorkerKind> {
         // Nobody serves the start workload's queue: that is the point.
         return Ok(WorkerKind::None);
     }
+    if args.inproc_worker && args.ids == Ids::Engine {
+        bail!("--inproc-worker follows instances by the ids the bench gives them: not with --ids engine");
+    }
     if args.worker_concurrency == 0 {
         if args.inproc_worker {
             bail!("--inproc-worker needs --worker-concurrency of at least 1");
@@ -201,8 +235,8 @@ struct Shared {
     total: usize,
     /// Whether each instance is awaited to its end (all workloads but `start`).
     wait: bool,
-    /// Whether starts leave the instance's id to the engine (`--engine-ids`).
-    engine_ids: bool,
+    /// Who names the instances (`--ids`).
+    ids: Ids,
     dispatch: Option<Arc<Dispatch>>,
     /// The next instance number to start.
     next: AtomicUsize,
@@ -222,10 +256,10 @@ async fn instance_loop(shared: Arc<Shared>) -> LoopResult {
             break;
         }
         let node = &shared.nodes[n % shared.nodes.len()];
-        let id = (!shared.engine_ids).then(|| format!("bench-{}-{n}", shared.run_id));
+        let id = shared.ids.of(&shared.run_id, n);
         let begin = Instant::now();
         // The in-process workers follow instances by the ids they were given; they never
-        // run with engine-made ids (the flags conflict).
+        // run with engine-made ids (see `worker_kind`).
         let followed = shared.dispatch.as_ref().zip(id.as_deref());
         if let Some((dispatch, id)) = followed {
             dispatch.starting(id, begin);
@@ -320,7 +354,7 @@ async fn execute(
         run_id,
         total: args.instances,
         wait: args.workload != Workload::Start,
-        engine_ids: args.engine_ids,
+        ids: args.ids,
         dispatch: dispatch.clone(),
         next: AtomicUsize::new(0),
         progress: progress.clone(),
@@ -379,7 +413,7 @@ async fn execute(
         fanout: args.fanout,
         sleep,
         concurrency: args.concurrency,
-        engine_ids: args.engine_ids,
+        ids: args.ids,
         worker_concurrency: match worker_kind {
             WorkerKind::None => 0,
             _ => args.worker_concurrency,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use super::commits::CommitFigures;
-use super::Workload;
+use super::{Ids, Workload};
 use crate::cli::Output;
 
 /// How the tasks of a run were served.
@@ -55,8 +55,8 @@ pub(super) struct Report {
     /// The sleep of every instance (`timers`).
     pub sleep: Duration,
     pub concurrency: usize,
-    /// Whether the engine made the instances' ids (`--engine-ids`).
-    pub engine_ids: bool,
+    /// Who named the instances (`--ids`).
+    pub ids: Ids,
     pub worker_concurrency: usize,
     pub worker_kind: WorkerKind,
     pub elapsed: Duration,
@@ -88,16 +88,6 @@ impl Report {
             Workload::Fanout => self.fanout,
             Workload::Timers => 1,
             Workload::Start => 0,
-        }
-    }
-
-    /// Who named the instances: `client` (the bench, so each start looks for an
-    /// instance of its id first) or `engine`.
-    fn ids(&self) -> &'static str {
-        if self.engine_ids {
-            "engine"
-        } else {
-            "client"
         }
     }
 
@@ -251,7 +241,7 @@ fn to_json(report: &Report) -> Value {
     let mut extra = Map::new();
     extra.insert("nodes".into(), json!(report.nodes));
     extra.insert("worker".into(), json!(report.worker_kind.as_str()));
-    extra.insert("ids".into(), json!(report.ids()));
+    extra.insert("ids".into(), json!(report.ids.as_str()));
     extra.insert(
         "latency_of".into(),
         json!(match report.workload {
@@ -401,7 +391,7 @@ pub(super) fn print(report: &Report, output: Output) {
         "concurrency         {} instances in flight, {worker}",
         report.concurrency
     );
-    println!("instance ids        made by the {}", report.ids());
+    println!("instance ids        {}", report.ids.as_str());
     println!(
         "elapsed             {seconds:.2} s ({} not completed)",
         report.failed
@@ -509,7 +499,7 @@ mod tests {
             fanout: 10,
             sleep: Duration::from_millis(100),
             concurrency: 2,
-            engine_ids: false,
+            ids: Ids::Sequential,
             worker_concurrency: 8,
             worker_kind: WorkerKind::Process,
             elapsed: Duration::from_secs(2),
@@ -607,8 +597,8 @@ mod tests {
         assert_eq!(figures["pending"], 4);
         assert_eq!(figures["latency_of"], "start request");
         assert!(figures.get("dispatch_ms").is_none());
-        assert_eq!(figures["ids"], "client");
-        start.engine_ids = true;
+        assert_eq!(figures["ids"], "sequential");
+        start.ids = Ids::Engine;
         assert_eq!(to_json(&start)["ids"], "engine");
     }
 

@@ -302,7 +302,7 @@ mod tests {
     #[test]
     fn answer_of_reads_the_id_and_status_alone() {
         // Goal: the client's cheap decoding finds the id (made by the engine, with
-        // --engine-ids) and the status among every other field, and says what came when
+        // --ids engine) and the status among every other field, and says what came when
         // either is missing.
         let body = br#"{"id":"a","status":"completed","output":{"x":[1,2]},"created":true}"#;
         assert_eq!(
