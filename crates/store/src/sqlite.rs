@@ -131,6 +131,9 @@ pub struct SqliteStore {
     path: PathBuf,
     partition_count: u32,
     writer: Mutex<Connection>,
+    /// The first seqs of instances the writer has written, so that a step's commit need
+    /// not read its instance's back. Locked only with the writer.
+    first_seqs: Mutex<FirstSeqs>,
     /// The writer's WAL syncs (see `sqlite_wal_writes`), if its VFS times them.
     wal_syncs: Option<Arc<LatencyHistogram>>,
     readers: Mutex<Vec<Connection>>,
@@ -163,6 +166,7 @@ impl SqliteStore {
             path,
             partition_count,
             writer: Mutex::new(writer),
+            first_seqs: Mutex::new(FirstSeqs::default()),
             // The writer opened through the VFS that times syncs, unless SQLite refused it.
             wal_syncs: crate::sqlite_wal_writes::register()
                 .map(|_| Arc::new(LatencyHistogram::new())),
@@ -201,9 +205,33 @@ impl SqliteStore {
     }
 }
 
+/// Most instances whose first seq [`FirstSeqs`] remembers; past that it forgets them all
+/// and reads them back again. The instances in flight are a small part of it.
+const FIRST_SEQS_KNOWN_MAX: usize = 65_536;
+
+/// The seq of each instance's first event (the `first_seq` column), as committed, for
+/// the instances the writer wrote lately. An instance's first seq never changes once
+/// committed, and no instance row is ever deleted, so what is known stays true; only a
+/// transaction that fails may have taught it something that is not stored, and it
+/// forgets everything then.
+#[derive(Default)]
+struct FirstSeqs {
+    known: HashMap<String, i64>,
+}
+
+impl FirstSeqs {
+    fn remember(&mut self, id: &str, first_seq: i64) {
+        if self.known.len() >= FIRST_SEQS_KNOWN_MAX {
+            self.known.clear();
+        }
+        self.known.insert(id.to_owned(), first_seq);
+    }
+}
+
 /// One group commit on the writer: every batch applied or refused, in one transaction.
 fn commit_batches(
     connection: &mut Connection,
+    first_seqs: &mut FirstSeqs,
     batches: &[PartitionBatch],
 ) -> Result<Vec<Result<(), Refusal>>, Error> {
     // The hot path's BEGIN and COMMIT are prepared once, like its other
@@ -215,7 +243,7 @@ fn commit_batches(
             // The fencing update runs first and writes nothing when it refuses,
             // so a refused partition leaves no trace and needs no savepoint
             // (savepoints cost a statement journal on every page they touch).
-            if apply_batch(connection, batch)? {
+            if apply_batch(connection, first_seqs, batch)? {
                 outcomes.push(Ok(()));
             } else {
                 outcomes.push(Err(Refusal::Fenced {
@@ -227,9 +255,13 @@ fn commit_batches(
         connection.prepare_cached("COMMIT")?.execute([])?;
         Ok(outcomes)
     })();
-    if applied.is_err() && !connection.is_autocommit() {
-        // Nothing of a failed commit may stay pending for the next one.
-        connection.prepare_cached("ROLLBACK")?.execute([])?;
+    if applied.is_err() {
+        // What the failed transaction wrote is not stored.
+        first_seqs.known.clear();
+        if !connection.is_autocommit() {
+            // Nothing of a failed commit may stay pending for the next one.
+            connection.prepare_cached("ROLLBACK")?.execute([])?;
+        }
     }
     applied
 }
@@ -448,7 +480,11 @@ fn read_membership(
     })
 }
 
-fn apply_batch(transaction: &Connection, batch: &PartitionBatch) -> Result<bool, Error> {
+fn apply_batch(
+    transaction: &Connection,
+    first_seqs_known: &mut FirstSeqs,
+    batch: &PartitionBatch,
+) -> Result<bool, Error> {
     let seq_after = batch.seq_before + batch.events.len() as u64;
     // One statement both fences (epoch) and guards the log's contiguity (last_seq).
     let changed = transaction
@@ -492,8 +528,9 @@ fn apply_batch(transaction: &Connection, batch: &PartitionBatch) -> Result<bool,
                  output = excluded.output, error = excluded.error, updated_at = excluded.updated_at,
                  state = excluded.state",
         )?;
-        // A plain read after the write, not `RETURNING`: SQLite runs a `RETURNING`
-        // clause as a trigger, which cost the committer a quarter more time per step.
+        // Read back once per instance, when first written, with a plain read: SQLite
+        // runs a `RETURNING` clause as a trigger, which cost the committer a quarter more
+        // time per step, and even the read, at every step, cost a tenth.
         let mut first_seq_of =
             transaction.prepare_cached("SELECT first_seq FROM instances WHERE id = ?1")?;
         for instance in &batch.instances {
@@ -525,8 +562,17 @@ fn apply_batch(transaction: &Connection, batch: &PartitionBatch) -> Result<bool,
                     first_in_batch.get(instance.id.as_str())
                 ])?;
             }
-            let first_seq: Option<i64> =
-                first_seq_of.query_row(params![instance.id], |row| row.get(0))?;
+            let first_seq = match first_seqs_known.known.get(&instance.id) {
+                Some(first_seq) => Some(*first_seq),
+                None => {
+                    let first_seq: Option<i64> =
+                        first_seq_of.query_row(params![instance.id], |row| row.get(0))?;
+                    if let Some(first_seq) = first_seq {
+                        first_seqs_known.remember(&instance.id, first_seq);
+                    }
+                    first_seq
+                }
+            };
             first_seqs.insert(instance.id.as_str(), first_seq);
         }
     }
@@ -823,7 +869,10 @@ impl Store for SqliteStore {
     }
 
     fn commit(&self, batches: &[PartitionBatch]) -> Result<Vec<Result<(), Refusal>>, Error> {
-        self.write(|connection| commit_batches(connection, batches))
+        self.write(|connection| {
+            let mut first_seqs = self.first_seqs.lock().expect("first seqs lock");
+            commit_batches(connection, &mut first_seqs, batches)
+        })
     }
 
     fn try_commit_here(
@@ -835,7 +884,10 @@ impl Store for SqliteStore {
             Err(TryLockError::WouldBlock) => return None,
             Err(TryLockError::Poisoned(_)) => panic!("writer lock poisoned"),
         };
-        Some(self.write_with(writer, |connection| commit_batches(connection, batches)))
+        Some(self.write_with(writer, |connection| {
+            let mut first_seqs = self.first_seqs.lock().expect("first seqs lock");
+            commit_batches(connection, &mut first_seqs, batches)
+        }))
     }
 
     fn put_definition(&self, name: &str, source: &str, now: u64) -> Result<u32, Error> {
@@ -1136,6 +1188,49 @@ mod tests {
         assert_eq!(store.commit(&[one_event_batch(0)]).unwrap(), vec![Ok(())]);
         assert_eq!(store.commit(&[one_event_batch(1)]).unwrap(), vec![Ok(())]);
         assert_eq!(last_seq(&store), 2);
+    }
+
+    #[test]
+    fn a_failed_commit_forgets_the_first_seqs_it_learnt() {
+        // Goal: the writer remembers instances' first seqs only as committed: a commit
+        // that fails after writing an instance row (its first event at seq 2) leaves
+        // nothing that would misfile the events of the instance committed again (first
+        // at seq 1). Method: an event row put in the way by another connection, so that
+        // the first commit fails at its second event; then the instance's history.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), 1).unwrap();
+        let other = open_connection(&dir.path().join(DATABASE_FILE), Role::Reader).unwrap();
+        other
+            .execute(
+                "INSERT INTO events (partition, seq, epoch, instance_id, at, type, payload) VALUES (0, 2, 0, 'z', 0, 't', '{}')",
+                [],
+            )
+            .unwrap();
+        let ids = ["y".to_string(), "x".to_string()];
+        assert!(
+            store.commit(&[one_event_each(0, &ids)]).is_err(),
+            "seq 2 is taken"
+        );
+        other
+            .execute("DELETE FROM events WHERE instance_id = 'z'", [])
+            .unwrap();
+        let x = ["x".to_string()];
+        assert_eq!(
+            store.commit(&[one_event_each(0, &x)]).unwrap(),
+            vec![Ok(())]
+        );
+        assert_eq!(
+            store.commit(&[one_event_each(1, &x)]).unwrap(),
+            vec![Ok(())]
+        );
+        let seqs: Vec<u64> = store
+            .history("x", 0)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2]);
+        assert!(store.history("y", 0).unwrap().is_empty());
     }
 
     #[test]
