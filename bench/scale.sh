@@ -39,11 +39,19 @@ k = 0
 while have < target:
     k += 1
     with c:
-        c.execute(f"""INSERT INTO instances SELECT id || '-copy{tag}{k}', partition, definition, version, status,
-                      active, input, output, error, created_at, updated_at, state
-                      FROM instances WHERE active = 0 AND {seed}""")
-        c.execute(f"""INSERT INTO events SELECT e.partition, e.seq + p.last_seq, e.epoch, e.instance_id || '-copy{tag}{k}',
-                      e.at, e.type, e.payload FROM events e JOIN partitions p ON p.partition = e.partition
+        # A copy's events continue its partition's log, and so does the seq of its
+        # first event, by which its events are indexed (`first_seq`, `instance_seq`).
+        c.execute(f"""INSERT INTO instances (id, partition, definition, version, status, active, input,
+                      output, error, created_at, updated_at, state, first_seq)
+                      SELECT i.id || '-copy{tag}{k}', i.partition, i.definition, i.version, i.status,
+                      i.active, i.input, i.output, i.error, i.created_at, i.updated_at, i.state,
+                      i.first_seq + p.last_seq
+                      FROM instances i JOIN partitions p ON p.partition = i.partition
+                      WHERE i.active = 0 AND i.{seed}""")
+        c.execute(f"""INSERT INTO events (partition, seq, epoch, instance_id, at, type, payload, instance_seq)
+                      SELECT e.partition, e.seq + p.last_seq, e.epoch, e.instance_id || '-copy{tag}{k}',
+                      e.at, e.type, e.payload, e.instance_seq + p.last_seq
+                      FROM events e JOIN partitions p ON p.partition = e.partition
                       WHERE e.instance_id IN (SELECT id FROM instances WHERE active = 0 AND {seed})""")
         c.execute(f"""UPDATE partitions SET last_seq = (SELECT max(seq) FROM events e WHERE e.partition = partitions.partition)
                       WHERE EXISTS (SELECT 1 FROM events e WHERE e.partition = partitions.partition)""")
