@@ -13,16 +13,15 @@
 //! commit counts after each step. What was acknowledged is read back from the store.
 //! Concurrent clients are tasks on a runtime of one thread, as the server's default.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use weir_engine::{CommitStats, Config, Engine, StartRequest, TaskOffer, TokioClock};
+use weir_engine::{CommitStats, Engine, StartRequest, TaskOffer};
 use weir_store::InstanceQuery;
 
 #[macro_use]
 mod common;
-use common::{open_store, Backend};
+use common::{open_store, started_engine, Backend};
 
 on_both!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,14 +92,7 @@ fn since(before: &CommitStats, engine: &Engine) -> (u64, u64) {
 
 async fn a_lone_step_commits_in_place_and_one_beside_a_leased_task_does_not(backend: Backend) {
     let (store, _place) = open_store(backend, 2).await;
-    let engine = Engine::start(
-        store.clone(),
-        Config::default(),
-        Arc::new(TokioClock::new()),
-    )
-    .await
-    .unwrap();
-    engine.deploy(TWO_STEPS).await.unwrap();
+    let engine = started_engine(store, TWO_STEPS).await;
     let in_place = matches!(backend, Backend::Sqlite);
 
     // Alone: the start, and the completion of the only leased task.
@@ -146,14 +138,7 @@ const STARTS_EACH: usize = 20;
 
 async fn concurrent_starts_are_grouped_not_committed_in_place_one_by_one(backend: Backend) {
     let (store, _place) = open_store(backend, 2).await;
-    let engine = Engine::start(
-        store.clone(),
-        Config::default(),
-        Arc::new(TokioClock::new()),
-    )
-    .await
-    .unwrap();
-    engine.deploy(TWO_STEPS).await.unwrap();
+    let engine = started_engine(store, TWO_STEPS).await;
 
     // Generated ids: no start reads the store first, which would group them anyway.
     let before = engine.commit_stats();

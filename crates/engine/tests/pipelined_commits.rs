@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use weir_engine::{Config, Engine, StartOutcome, StartRequest, TokioClock};
+use weir_engine::{Engine, StartOutcome, StartRequest};
 use weir_store::{
     Announcement, DefinitionRecord, Error, EventRecord, InstanceQuery, InstanceRecord, Lease,
     Membership, PartitionBatch, PartitionSnapshot, Refusal, Store,
@@ -19,7 +19,7 @@ use weir_store::{
 
 #[macro_use]
 mod common;
-use common::{open_store, Backend, Place};
+use common::{open_store, started_engine, Backend, Place};
 
 /// How long a caller is given to (wrongly) get an answer while its batch cannot commit.
 const HELD_FOR: Duration = Duration::from_millis(300);
@@ -207,14 +207,7 @@ async fn gated_engine(backend: Backend) -> (Engine, Arc<GatedStore>, Place) {
         gate: Mutex::new(GateState::default()),
         changed: Condvar::new(),
     });
-    let engine = Engine::start(
-        store.clone(),
-        Config::default(),
-        Arc::new(TokioClock::new()),
-    )
-    .await
-    .unwrap();
-    engine.deploy(DEFINITION).await.unwrap();
+    let engine = started_engine(store.clone(), DEFINITION).await;
     (engine, store, place)
 }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use weir_engine::Engine;
+use weir_engine::{Config, Engine, TokioClock};
 use weir_pgtest::PgServer;
 use weir_store::{PostgresStore, SqliteStore, Store};
 
@@ -43,6 +43,17 @@ pub async fn open_store(backend: Backend, partition_count: u32) -> (Arc<dyn Stor
     })
     .await
     .unwrap()
+}
+
+/// An engine on `store` with the default configuration and the wall clock, with
+/// `definition` deployed.
+#[allow(dead_code)] // not every test binary uses it
+pub async fn started_engine(store: Arc<dyn Store>, definition: &str) -> Engine {
+    let engine = Engine::start(store, Config::default(), Arc::new(TokioClock::new()))
+        .await
+        .unwrap();
+    engine.deploy(definition).await.unwrap();
+    engine
 }
 
 /// Waits for each of `ids` to end and checks that it completed.
