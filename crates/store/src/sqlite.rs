@@ -482,7 +482,7 @@ fn read_membership(
 
 fn apply_batch(
     transaction: &Connection,
-    first_seqs_known: &mut FirstSeqs,
+    first_seqs: &mut FirstSeqs,
     batch: &PartitionBatch,
 ) -> Result<bool, Error> {
     let seq_after = batch.seq_before + batch.events.len() as u64;
@@ -501,15 +501,15 @@ fn apply_batch(
         return Ok(false);
     }
     assert_eq!(changed, 1);
-    // The seq of each instance's first event (see the fourth migration): a new
-    // instance's is that of its first event in this batch; a stored one keeps its own.
+    // Instance rows go before events: an event is indexed by the seq of its instance's
+    // first event (see the fourth migration), which a new instance's row takes from its
+    // first event in this batch; a stored row keeps its own.
     let mut first_in_batch: HashMap<&str, i64> = HashMap::with_capacity(batch.instances.len());
     for event in &batch.events {
         first_in_batch
             .entry(event.instance_id.as_str())
             .or_insert(to_i64(event.seq));
     }
-    let mut first_seqs: HashMap<&str, Option<i64>> = HashMap::with_capacity(batch.instances.len());
     {
         // Most rows a batch writes keep their status and activity (a step of a running
         // instance). Such a row is updated without setting those columns: SQLite rewrites
@@ -528,11 +528,6 @@ fn apply_batch(
                  output = excluded.output, error = excluded.error, updated_at = excluded.updated_at,
                  state = excluded.state",
         )?;
-        // Read back once per instance, when first written, with a plain read: SQLite
-        // runs a `RETURNING` clause as a trigger, which cost the committer a quarter more
-        // time per step, and even the read, at every step, cost a tenth.
-        let mut first_seq_of =
-            transaction.prepare_cached("SELECT first_seq FROM instances WHERE id = ?1")?;
         for instance in &batch.instances {
             assert_eq!(instance.partition, batch.partition);
             let updated = update_same_status.execute(params![
@@ -562,26 +557,17 @@ fn apply_batch(
                     first_in_batch.get(instance.id.as_str())
                 ])?;
             }
-            let first_seq = match first_seqs_known.known.get(&instance.id) {
-                Some(first_seq) => Some(*first_seq),
-                None => {
-                    let first_seq: Option<i64> =
-                        first_seq_of.query_row(params![instance.id], |row| row.get(0))?;
-                    if let Some(first_seq) = first_seq {
-                        first_seqs_known.remember(&instance.id, first_seq);
-                    }
-                    first_seq
-                }
-            };
-            first_seqs.insert(instance.id.as_str(), first_seq);
         }
     }
     {
         let mut insert = transaction.prepare_cached(
             "INSERT INTO events (partition, seq, epoch, instance_id, at, type, payload, instance_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
-        let mut stored_first_seq = transaction
-            .prepare_cached("SELECT first_seq FROM instances WHERE id = ?1 AND partition = ?2")?;
+        // Read back once per instance, with a plain read that sees this transaction's
+        // rows: SQLite runs a `RETURNING` clause as a trigger, which cost the committer a
+        // quarter more time per step, and even the read, at every step, cost a tenth.
+        let mut first_seq_of =
+            transaction.prepare_cached("SELECT first_seq FROM instances WHERE id = ?1")?;
         for (index, event) in batch.events.iter().enumerate() {
             assert_eq!(event.partition, batch.partition);
             assert_eq!(
@@ -590,16 +576,18 @@ fn apply_batch(
                 "event seqs are contiguous"
             );
             assert_eq!(event.epoch, batch.epoch);
-            // An event's instance is nearly always written by the same batch; the
-            // store is asked only for one that is not.
-            let instance_seq: Option<i64> = match first_seqs.get(event.instance_id.as_str()) {
-                Some(first_seq) => *first_seq,
-                None => stored_first_seq
-                    .query_row(params![event.instance_id, event.partition], |row| {
-                        row.get(0)
-                    })
-                    .optional()?
-                    .flatten(),
+            let instance_seq = match first_seqs.known.get(&event.instance_id) {
+                Some(first_seq) => Some(*first_seq),
+                None => {
+                    let first_seq: Option<i64> = first_seq_of
+                        .query_row(params![event.instance_id], |row| row.get(0))
+                        .optional()?
+                        .flatten();
+                    if let Some(first_seq) = first_seq {
+                        first_seqs.remember(&event.instance_id, first_seq);
+                    }
+                    first_seq
+                }
             };
             insert.execute(params![
                 event.partition,
