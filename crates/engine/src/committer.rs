@@ -6,9 +6,9 @@
 //!
 //! When nothing else waits (no batch with the committer, and by the partition's
 //! account, once it has let the runtime's ready tasks run, no message for any partition
-//! and no task out with a worker but those the batch finishes) and requests come one at a time (the batch answers one message, and
-//! so did the last commit), a batch is committed in place, on the runtime's thread that
-//! made it:
+//! and no task out with a worker but those the batch finishes) and requests come one at
+//! a time (the batch answers one message, and so did the last commit), a batch is
+//! committed in place, on the runtime's thread that made it:
 //! handing it to the committer thread and its outcome back would cost two thread
 //! wake-ups, a third of a step's time beyond the sync at one instance in flight.
 //! Under load the committer thread commits, so that the runtime prepares the next

@@ -1605,9 +1605,10 @@ impl Engine {
 
 /// A new instance id: 32 hex digits of a version 7 UUID, whose leading bits are the
 /// time in milliseconds and which this process makes in increasing order. Ids made in
-/// order go at the end of every index they key (instances, events, tasks, step
-/// outputs), so a commit writes the same few pages; random ids landed each on a page of
-/// its own (see ARCHITECTURE.md, "Ids the engine makes are in the order they are made").
+/// order go at the end of every index they key (instances, tasks, timers, step outputs,
+/// and events on PostgreSQL), so a commit writes the same few pages; random ids landed
+/// each on a page of its own (see ARCHITECTURE.md, "Ids the engine makes are in the
+/// order they are made").
 fn generate_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
 }
