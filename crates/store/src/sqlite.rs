@@ -521,13 +521,9 @@ fn apply_batch(
     assert_eq!(changed, 1);
     // Instance rows go before events: an event is indexed by the seq of its instance's
     // first event (see the fourth migration), which a new instance's row takes from its
-    // first event in this batch; a stored row keeps its own.
-    let mut first_in_batch: HashMap<&str, i64> = HashMap::with_capacity(batch.instances.len());
-    for event in &batch.events {
-        first_in_batch
-            .entry(event.instance_id.as_str())
-            .or_insert(to_i64(event.seq));
-    }
+    // first event in this batch; a stored row keeps its own. The batch's first events are
+    // indexed only for a batch with a new row or a status change (starts and ends).
+    let mut first_in_batch: Option<HashMap<&str, i64>> = None;
     {
         // Most rows a batch writes keep their status and activity (a step of a running
         // instance). Such a row is updated without setting those columns: SQLite rewrites
@@ -559,6 +555,18 @@ fn apply_batch(
             ])?;
             assert!(updated <= 1, "instance ids are unique");
             if updated == 0 {
+                let first_seq = first_in_batch
+                    .get_or_insert_with(|| {
+                        let mut first = HashMap::new();
+                        for event in &batch.events {
+                            first
+                                .entry(event.instance_id.as_str())
+                                .or_insert(to_i64(event.seq));
+                        }
+                        first
+                    })
+                    .get(instance.id.as_str())
+                    .copied();
                 upsert.execute(params![
                     instance.id,
                     instance.partition,
@@ -572,7 +580,7 @@ fn apply_batch(
                     to_i64(instance.created_at),
                     to_i64(instance.updated_at),
                     instance.state,
-                    first_in_batch.get(instance.id.as_str())
+                    first_seq
                 ])?;
             }
         }
@@ -1074,22 +1082,23 @@ mod tests {
     //! them in `tests/conformance.rs`.
     use super::*;
 
-    /// A batch of partition 0 (epoch 0) holding one event, the one after `seq_before`.
+    /// A batch of partition 0 (epoch 0) holding one event of instance `i`, the one after
+    /// `seq_before`, and the instance's row.
     fn one_event_batch(seq_before: u64) -> PartitionBatch {
-        PartitionBatch {
-            partition: 0,
-            seq_before,
-            events: vec![EventRecord {
-                partition: 0,
-                seq: seq_before + 1,
-                epoch: 0,
-                instance_id: "i".into(),
-                at: 1,
-                event_type: "t".into(),
-                payload: "{}".into(),
-            }],
-            ..PartitionBatch::default()
-        }
+        one_event_each(seq_before, &["i".to_string()])
+    }
+
+    /// A connection beside the store's writer in `dir` that has put an event of
+    /// `instance_id` at `seq` of partition 0, in the way of the store's next commit.
+    fn event_in_the_way(dir: &Path, seq: u64, instance_id: &str) -> Connection {
+        let other = open_connection(&dir.join(DATABASE_FILE), Role::Reader).unwrap();
+        other
+            .execute(
+                "INSERT INTO events (partition, seq, epoch, instance_id, at, type, payload) VALUES (0, ?1, 0, ?2, 0, 't', '{}')",
+                params![to_i64(seq), instance_id],
+            )
+            .unwrap();
+        other
     }
 
     /// Partition 0's log end, as stored.
@@ -1176,13 +1185,7 @@ mod tests {
         // event row put in the way by another connection, then the same batch twice.
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), 1).unwrap();
-        let other = open_connection(&dir.path().join(DATABASE_FILE), Role::Reader).unwrap();
-        other
-            .execute(
-                "INSERT INTO events (partition, seq, epoch, instance_id, at, type, payload) VALUES (0, 1, 0, 'x', 0, 't', '{}')",
-                [],
-            )
-            .unwrap();
+        let other = event_in_the_way(dir.path(), 1, "x");
         assert!(
             store.commit(&[one_event_batch(0)]).is_err(),
             "the key is taken"
@@ -1205,13 +1208,7 @@ mod tests {
         // the first commit fails at its second event; then the instance's history.
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), 1).unwrap();
-        let other = open_connection(&dir.path().join(DATABASE_FILE), Role::Reader).unwrap();
-        other
-            .execute(
-                "INSERT INTO events (partition, seq, epoch, instance_id, at, type, payload) VALUES (0, 2, 0, 'z', 0, 't', '{}')",
-                [],
-            )
-            .unwrap();
+        let other = event_in_the_way(dir.path(), 2, "z");
         let ids = ["y".to_string(), "x".to_string()];
         assert!(
             store.commit(&[one_event_each(0, &ids)]).is_err(),
