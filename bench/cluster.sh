@@ -3,7 +3,9 @@
 # this machine (so it shows the cost of coordination, not a scaling proof: every node,
 # the database, the workers and the client share the same cores).
 #
-#   bench/cluster.sh [INSTANCES] [CONCURRENCY]      # defaults 5000 and 256
+#   bench/cluster.sh [INSTANCES] [CONCURRENCY] [BENCH ARGS...]   # defaults 5000 and 256
+#
+# Arguments after the first two go to `weir bench` as they are (e.g. `--ids random`).
 #
 # PostgreSQL runs with its defaults (fsync on, synchronous_commit on) from a temporary
 # directory on a free loopback port; every process is stopped by PID at the end.
@@ -11,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 INSTANCES=${1:-5000}
 CONCURRENCY=${2:-256}
+shift $(( $# < 2 ? $# : 2 ))
 PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)
 cargo build --release -p weir --bin weir --bin weir-example-worker >/dev/null
 WEIR=$PWD/target/release/weir
@@ -59,6 +62,7 @@ for nodes in ${NODE_COUNTS:-1 2 3}; do
   echo "== $nodes node(s)"
   "$WEIR" --server "$servers" bench --instances "$INSTANCES" --steps 3 \
     --concurrency "$CONCURRENCY" --worker-concurrency "$CONCURRENCY" --server-pid "$pids" \
-    --store-label "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), fsync on, synchronous_commit on; $nodes node(s)"
+    --store-label "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), fsync on, synchronous_commit on; $nodes node(s)" \
+    "$@"
   stop_nodes
 done
