@@ -16,7 +16,7 @@ use weir_engine::{
 };
 use weir_model::event::ErrorInfo;
 use weir_model::machine::InstanceStatus;
-use weir_store::InstanceQuery;
+use weir_store::{InstanceQuery, ListCursor};
 
 use crate::error::ApiError;
 use crate::extract::{parse_json, read_body};
@@ -430,6 +430,28 @@ async fn get_instance(
     Ok(Json(InstanceWire::of(&view)).into_response())
 }
 
+/// A listing's `next_cursor`: the last instance's creation time, a dot, and its id (a
+/// time has no dot, so the first one ends it). Clients pass it back as it is.
+fn list_cursor_text(created_at: u64, id: &str) -> String {
+    format!("{created_at}.{id}")
+}
+
+/// Reads [`list_cursor_text`]'s form; `None` for anything else, ids checked as a start's.
+fn parse_list_cursor(text: &str) -> Option<ListCursor> {
+    let (created_at, id) = text.split_once('.')?;
+    if created_at.is_empty() || !created_at.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let created_at: u64 = created_at.parse().ok()?;
+    // Times are stored as signed 64-bit integers.
+    i64::try_from(created_at).ok()?;
+    weir_engine::check_id("id", id).ok()?;
+    Some(ListCursor {
+        created_at,
+        id: id.to_string(),
+    })
+}
+
 async fn list_instances(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
@@ -461,19 +483,28 @@ async fn list_instances(
             }
         },
     };
+    let before = match query.get("cursor") {
+        None => None,
+        Some(text) => Some(parse_list_cursor(text).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "cursor `{text}` is not one this server made: pass a listing's `next_cursor`"
+            ))
+            .with("parameter", "cursor".into())
+        })?),
+    };
     let views = state
         .engine
         .instances(InstanceQuery {
             status: query.get("status").cloned(),
             definition: query.get("definition").cloned(),
-            after_id: query.get("cursor").cloned(),
+            before,
             limit,
         })
         .await?;
     let next_cursor = if views.len() == limit as usize {
         views
             .last()
-            .map(|v| Value::String(v.id.clone()))
+            .map(|v| Value::String(list_cursor_text(v.created_at, &v.id)))
             .unwrap_or(Value::Null)
     } else {
         Value::Null

@@ -269,6 +269,54 @@ async fn every_endpoint_and_its_errors(backend: Backend) {
         .await;
     assert_eq!(rest["instances"].as_array().unwrap().len(), 1);
     assert_eq!(rest["next_cursor"], Value::Null);
+    let (_, both) = h.get("/v1/instances?status=running").await;
+    let listed = |page: &Value| -> Vec<Value> {
+        page["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].clone())
+            .collect()
+    };
+    assert_eq!(
+        [listed(&page), listed(&rest)].concat(),
+        listed(&both),
+        "the pages list each instance once, in the listing's order"
+    );
+    // Newest first: by creation time (RFC 3339 of one width, so in text order), then
+    // by id, both descending.
+    let created: Vec<(String, String)> = both["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let at = i["created_at"].as_str().unwrap().to_string();
+            (at, i["id"].as_str().unwrap().to_string())
+        })
+        .collect();
+    assert!(created.windows(2).all(|w| w[0] > w[1]), "{created:?}");
+    for cursor in [
+        "o-1",
+        "12",
+        ".o-1",
+        "x.o-1",
+        "-5.o-1",
+        "99999999999999999999.o-1",
+        "9223372036854775808.o-1",
+        "5.",
+        "5.a%20b",
+    ] {
+        let refused = check_refused(
+            &h,
+            "GET",
+            &format!("/v1/instances?cursor={cursor}"),
+            None,
+            400,
+            "invalid_request",
+        )
+        .await;
+        assert_eq!(refused["error"]["parameter"], json!("cursor"), "{cursor}");
+    }
 
     // Workers: poll, heartbeat, complete, stale leases, fail and retry.
     let (status, polled) = h

@@ -1066,7 +1066,7 @@ impl Engine {
         receiver.await.unwrap_or(false)
     }
 
-    /// Instances in id order, filtered; `after_id` is the cursor.
+    /// Instances newest first, filtered; `before` is the cursor (see [`InstanceQuery`]).
     pub async fn instances(&self, mut query: InstanceQuery) -> Result<Vec<InstanceView>, Error> {
         query.limit = query.limit.clamp(1, LIST_LIMIT_MAX);
         let records = self.read(move |store| store.instances(&query)).await?;

@@ -280,17 +280,33 @@ pub struct Membership {
     pub members: Vec<Member>,
 }
 
-/// Filter and page of an instance listing.
+/// Filter and page of an instance listing, newest first: by `created_at`, then by id
+/// (bytewise), both descending.
+///
+/// Not by id alone: an index keyed by id puts the entry of every instance a client
+/// names with a random id (a UUID) on a page of its own, at its start and again at its
+/// end, while instances are created in time order, so that the listing indexes keyed by
+/// creation take their new entries on their last pages.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InstanceQuery {
     /// Only this status.
     pub status: Option<String>,
     /// Only this definition.
     pub definition: Option<String>,
-    /// Only ids after this one (the cursor).
-    pub after_id: Option<String>,
+    /// Only instances listed after this one (the cursor): created earlier, or at the
+    /// same time with a smaller id.
+    pub before: Option<ListCursor>,
     /// At most this many.
     pub limit: u32,
+}
+
+/// Where a page of an instance listing ends: its last instance's creation time and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListCursor {
+    /// The instance's `created_at` (ms since the Unix epoch).
+    pub created_at: u64,
+    /// The instance's id.
+    pub id: String,
 }
 
 /// Most ids one [`Store::instances_exist`] or [`Store::step_outputs`] call reads for.
@@ -413,7 +429,7 @@ pub trait Store: Send + Sync + 'static {
     /// "the latest version" of a definition can be cached without reading it again.
     fn single_writer(&self) -> bool;
 
-    /// Instance rows in id order.
+    /// Instance rows, newest first (see [`InstanceQuery`]).
     fn instances(&self, query: &InstanceQuery) -> Result<Vec<InstanceRecord>, Error>;
 
     /// One instance's events, in log order; none for an instance that is not stored.

@@ -155,6 +155,15 @@ CREATE TABLE step_outputs (
     PRIMARY KEY (instance_id, step_id)
 );
 "#,
+    // Instances are listed newest first (see `InstanceQuery`), through indexes keyed by
+    // creation, whose new entries go to their last pages whatever the ids.
+    r#"
+CREATE INDEX instances_created ON instances (created_at, id);
+CREATE INDEX instances_status_created ON instances (status, created_at, id);
+CREATE INDEX instances_definition_created ON instances (definition, created_at, id);
+DROP INDEX instances_status;
+DROP INDEX instances_definition;
+"#,
 ];
 
 const INSTANCE_COLUMNS: &str =
@@ -1329,12 +1338,17 @@ impl Store for PostgresStore {
         {
             return Ok(Vec::new());
         }
-        // A stored id (without NUL) sorts after a cursor with NUL exactly when it sorts
-        // after the cursor's part before the NUL.
-        let after_id = query
-            .after_id
-            .as_deref()
-            .map(|after| after.split('\0').next().unwrap_or_default());
+        // A stored id (without NUL) sorts before a cursor's id with NUL exactly when it
+        // sorts before or equals the part before the NUL.
+        let before = query.before.as_ref().and_then(|before| {
+            // A cursor past every storable time (beyond BIGINT) lets every row through.
+            let created_at = i64::try_from(before.created_at).ok()?;
+            let (id, equal_too) = match before.id.split_once('\0') {
+                Some((id, _)) => (id, true),
+                None => (before.id.as_str(), false),
+            };
+            Some((created_at, id, equal_too))
+        });
         let mut sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE true");
         let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
         if let Some(status) = &query.status {
@@ -1345,13 +1359,23 @@ impl Store for PostgresStore {
             params.push(definition);
             sql.push_str(&format!(" AND definition = ${}", params.len()));
         }
-        if let Some(after) = &after_id {
-            params.push(after);
-            sql.push_str(&format!(" AND id > ${}", params.len()));
+        if let Some((created_at, id, equal_too)) = &before {
+            params.push(created_at);
+            params.push(id);
+            let operator = if *equal_too { "<=" } else { "<" };
+            // A row comparison, which the index's range takes whole.
+            sql.push_str(&format!(
+                " AND (created_at, id) {operator} (${}, ${})",
+                params.len() - 1,
+                params.len()
+            ));
         }
         let limit = i64::from(query.limit);
         params.push(&limit);
-        sql.push_str(&format!(" ORDER BY id LIMIT ${}", params.len()));
+        sql.push_str(&format!(
+            " ORDER BY created_at DESC, id DESC LIMIT ${}",
+            params.len()
+        ));
         self.with(|connection| rows(connection.query(&sql, &params)?, instance_from_row))
     }
 

@@ -124,6 +124,16 @@ UPDATE events SET instance_seq = (
 CREATE INDEX events_instance_seq ON events (partition, instance_seq);
 DROP INDEX events_instance;
 "#,
+    // Instances are listed newest first (see `InstanceQuery`), through indexes keyed by
+    // creation: indexes keyed by id took a page of their own for each instance named by
+    // a random id, at its start and at its end.
+    r#"
+CREATE INDEX instances_created ON instances (created_at, id);
+CREATE INDEX instances_status_created ON instances (status, created_at, id);
+CREATE INDEX instances_definition_created ON instances (definition, created_at, id);
+DROP INDEX instances_status;
+DROP INDEX instances_definition;
+"#,
 ];
 
 /// The SQLite store of one data directory.
@@ -528,7 +538,7 @@ fn apply_batch(
         // Most rows a batch writes keep their status and activity (a step of a running
         // instance). Such a row is updated without setting those columns: SQLite rewrites
         // an index's entry whenever an UPDATE sets one of its columns, even to the value
-        // it has, which cost two more pages per commit (`instances_status`,
+        // it has, which cost two more pages per commit (`instances_status_created`,
         // `instances_active`). A new row, or one whose status or activity changes,
         // matches nothing here and takes the upsert.
         let mut update_same_status = transaction.prepare_cached(
@@ -679,6 +689,40 @@ fn apply_batch(
         }
     }
     Ok(true)
+}
+
+/// The statement that lists instances for `query` (see [`InstanceQuery`]), and its
+/// values: a range of one of the indexes keyed by creation, read in order.
+fn listing_sql(query: &InstanceQuery) -> (String, Vec<rusqlite::types::Value>) {
+    let mut sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE 1 = 1");
+    let mut values: Vec<rusqlite::types::Value> = Vec::new();
+    if let Some(status) = &query.status {
+        values.push(status.clone().into());
+        sql.push_str(&format!(" AND status = ?{}", values.len()));
+    }
+    if let Some(definition) = &query.definition {
+        values.push(definition.clone().into());
+        sql.push_str(&format!(" AND definition = ?{}", values.len()));
+    }
+    // A cursor past every storable time (beyond i64) lets every row through.
+    let before = query
+        .before
+        .as_ref()
+        .and_then(|before| Some((i64::try_from(before.created_at).ok()?, &before.id)));
+    if let Some((created_at, id)) = before {
+        values.push(created_at.into());
+        values.push(id.clone().into());
+        let (created_at, id) = (values.len() - 1, values.len());
+        // A row value, which the index's range takes whole (an OR of the two
+        // comparisons is searched on `created_at` alone, then filtered).
+        sql.push_str(&format!(" AND (created_at, id) < (?{created_at}, ?{id})"));
+    }
+    values.push(i64::from(query.limit).into());
+    sql.push_str(&format!(
+        " ORDER BY created_at DESC, id DESC LIMIT ?{}",
+        values.len()
+    ));
+    (sql, values)
 }
 
 impl Store for SqliteStore {
@@ -1017,22 +1061,7 @@ impl Store for SqliteStore {
 
     fn instances(&self, query: &InstanceQuery) -> Result<Vec<InstanceRecord>, Error> {
         self.read(|connection| {
-            let mut sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE 1 = 1");
-            let mut values: Vec<rusqlite::types::Value> = Vec::new();
-            if let Some(status) = &query.status {
-                values.push(status.clone().into());
-                sql.push_str(&format!(" AND status = ?{}", values.len()));
-            }
-            if let Some(definition) = &query.definition {
-                values.push(definition.clone().into());
-                sql.push_str(&format!(" AND definition = ?{}", values.len()));
-            }
-            if let Some(after) = &query.after_id {
-                values.push(after.clone().into());
-                sql.push_str(&format!(" AND id > ?{}", values.len()));
-            }
-            values.push(i64::from(query.limit).into());
-            sql.push_str(&format!(" ORDER BY id LIMIT ?{}", values.len()));
+            let (sql, values) = listing_sql(query);
             let mut statement = connection.prepare_cached(&sql)?;
             let rows =
                 statement.query_map(rusqlite::params_from_iter(values), instance_from_row)?;
@@ -1304,7 +1333,7 @@ mod tests {
         };
         let check = |status: &str, active: bool, state: &str| {
             let by_status = format!(
-                "SELECT id FROM instances INDEXED BY instances_status WHERE status = '{status}'"
+                "SELECT id FROM instances INDEXED BY instances_status_created WHERE status = '{status}'"
             );
             assert_eq!(ids(&by_status), ["i-1"]);
             let active_ids = ids("SELECT id FROM instances INDEXED BY instances_active WHERE partition = 0 AND active = 1");
@@ -1435,6 +1464,167 @@ mod tests {
         assert_eq!(integrity, "ok");
     }
 
+    /// The WAL's frames, counted by the b-tree (table or index) their page belongs to.
+    fn wal_frames_by_btree(dir: &Path, store: &SqliteStore) -> HashMap<String, usize> {
+        const WAL_HEADER: usize = 32;
+        const FRAME_HEADER: usize = 24;
+        let wal = std::fs::read(dir.join(format!("{DATABASE_FILE}-wal"))).unwrap();
+        let page_size = u32::from_be_bytes(wal[8..12].try_into().unwrap()) as usize;
+        let owners: HashMap<u32, String> = store
+            .read(|c| {
+                let mut statement = c.prepare("SELECT pageno, name FROM dbstat")?;
+                let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                Ok(rows.collect::<Result<HashMap<u32, String>, _>>()?)
+            })
+            .unwrap();
+        let mut frames = HashMap::new();
+        for frame in wal[WAL_HEADER..].chunks(FRAME_HEADER + page_size) {
+            let page = u32::from_be_bytes(frame[..4].try_into().unwrap());
+            let owner = owners.get(&page).cloned().unwrap_or_default();
+            *frames.entry(owner).or_insert(0) += 1;
+        }
+        frames
+    }
+
+    #[test]
+    fn the_instances_started_and_ended_go_to_few_listing_index_pages_whatever_their_ids() {
+        // Goal: instances are listed through indexes keyed by creation, so a commit that
+        // starts and ends instances writes few of their pages even when the ids are random
+        // (a client's UUIDs); keyed by id, each entry took a page of its own. Method: 5,000
+        // running instances with random ids, then one commit that starts 250 more and ends
+        // the latest 250, counted in WAL frames by b-tree; then the listing, newest first.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), 1).unwrap();
+        let started = |ids: &[String], created_at: u64| -> Vec<InstanceRecord> {
+            ids.iter()
+                .enumerate()
+                .map(|(index, id)| InstanceRecord {
+                    created_at: created_at + index as u64,
+                    ..running(id)
+                })
+                .collect()
+        };
+        let ids: Vec<String> = (0..5_000).map(random_id).collect();
+        let mut seq = 0;
+        for (chunk_index, chunk) in ids.chunks(500).enumerate() {
+            let batch = PartitionBatch {
+                instances: started(chunk, 1_000 + chunk_index as u64 * 500),
+                ..one_event_each(seq, chunk)
+            };
+            assert_eq!(store.commit(&[batch]).unwrap(), vec![Ok(())]);
+            seq += chunk.len() as u64;
+        }
+        store
+            .write(|c| Ok(c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?))
+            .unwrap();
+        let new: Vec<String> = (5_000..5_250).map(random_id).collect();
+        let ending = &ids[4_750..];
+        let mut instances = started(&new, 10_000);
+        instances.extend(
+            started(ending, 1_000 + 4_750)
+                .into_iter()
+                .map(|row| InstanceRecord {
+                    status: "completed".into(),
+                    active: false,
+                    output: Some("{}".into()),
+                    ..row
+                }),
+        );
+        let both: Vec<String> = new.iter().chain(ending).cloned().collect();
+        let batch = PartitionBatch {
+            instances,
+            ..one_event_each(seq, &both)
+        };
+        assert_eq!(store.commit(&[batch]).unwrap(), vec![Ok(())]);
+        let frames = wal_frames_by_btree(dir.path(), &store);
+        let listing: usize = [
+            "instances_created",
+            "instances_status_created",
+            "instances_definition_created",
+        ]
+        .iter()
+        .map(|index| frames.get(*index).copied().unwrap_or(0))
+        .sum();
+        // 30 frames here; with the indexes by (status, id) and (definition, id), 141.
+        assert!(listing <= 40, "{listing} frames: {frames:?}");
+        let query = |status: Option<&str>| InstanceQuery {
+            status: status.map(String::from),
+            limit: 3,
+            ..InstanceQuery::default()
+        };
+        let listed = |query: InstanceQuery| -> Vec<String> {
+            store
+                .instances(&query)
+                .unwrap()
+                .into_iter()
+                .map(|row| row.id)
+                .collect()
+        };
+        assert_eq!(
+            listed(query(None)),
+            [new[249].clone(), new[248].clone(), new[247].clone()]
+        );
+        assert_eq!(
+            listed(query(Some("completed"))),
+            [ids[4_999].clone(), ids[4_998].clone(), ids[4_997].clone()]
+        );
+        assert_eq!(
+            listed(query(Some("running"))),
+            [new[249].clone(), new[248].clone(), new[247].clone()]
+        );
+    }
+
+    #[test]
+    fn the_listing_reads_an_index_in_order_whatever_the_filter_and_cursor() {
+        // Goal: a page of the listing costs a range of an index, not a sort of every
+        // instance that matches (a million completed ones, say). Method: the query plan
+        // of each combination of filters, with and without a cursor.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), 1).unwrap();
+        for status in [None, Some("running")] {
+            for definition in [None, Some("d")] {
+                for before in [
+                    None,
+                    Some(crate::ListCursor {
+                        created_at: 5,
+                        id: "a".into(),
+                    }),
+                ] {
+                    let query = InstanceQuery {
+                        status: status.map(String::from),
+                        definition: definition.map(String::from),
+                        before,
+                        limit: 10,
+                    };
+                    let (sql, values) = listing_sql(&query);
+                    let plan: Vec<String> = store
+                        .read(|c| {
+                            let mut statement = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                            let rows = statement
+                                .query_map(rusqlite::params_from_iter(values), |row| {
+                                    row.get::<_, String>(3)
+                                })?;
+                            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                        })
+                        .unwrap();
+                    assert_eq!(plan.len(), 1, "{query:?}: {plan:?}");
+                    assert!(
+                        plan[0].contains("USING INDEX instances_")
+                            && plan[0].contains("created")
+                            && !plan[0].contains("TEMP B-TREE"),
+                        "{query:?}: {plan:?}"
+                    );
+                    if query.before.is_some() {
+                        assert!(
+                            plan[0].contains("(created_at,id)<(?,?)"),
+                            "{query:?}: {plan:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_store_of_the_third_schema_is_migrated_with_every_history() {
         // Goal: a data directory written before events were indexed by their instance's
@@ -1494,6 +1684,36 @@ mod tests {
             })
             .unwrap();
         assert_eq!(indexes, ["events_instance_seq"]);
+        // The fifth migration lists instances through indexes keyed by creation.
+        let listed: Vec<String> = store
+            .instances(&InstanceQuery {
+                limit: 10,
+                ..InstanceQuery::default()
+            })
+            .unwrap()
+            .into_iter()
+            .map(|row| row.id)
+            .collect();
+        assert_eq!(listed, ["old-b", "old-a", "new"]);
+        let indexes: Vec<String> = store
+            .read(|c| {
+                let mut statement = c.prepare(
+                    "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'instances' ORDER BY name",
+                )?;
+                let rows = statement.query_map([], |row| row.get(0))?;
+                Ok(rows.collect::<Result<Vec<String>, _>>()?)
+            })
+            .unwrap();
+        assert_eq!(
+            indexes,
+            [
+                "instances_active",
+                "instances_created",
+                "instances_definition_created",
+                "instances_status_created",
+                "sqlite_autoindex_instances_1"
+            ]
+        );
     }
 
     #[test]

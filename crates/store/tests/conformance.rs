@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use weir_pgtest::PgServer;
 use weir_store::{
-    Announcement, Error, EventRecord, InstanceQuery, InstanceRecord, PartitionBatch,
+    Announcement, Error, EventRecord, InstanceQuery, InstanceRecord, ListCursor, PartitionBatch,
     PartitionSnapshot, PostgresOptions, PostgresStore, Refusal, SqliteStore, StepOutputRecord,
     Store, TaskRecord, TimerRecord, PARTITION_COUNT_MAX,
 };
@@ -75,7 +75,7 @@ on_both!(
     committed_state_survives_reopen,
     partition_count_is_fixed_at_creation,
     definitions_get_increasing_versions,
-    listing_filters_and_pages_in_byte_order,
+    listing_filters_and_pages_newest_first_then_in_byte_order,
     events_after_pages_the_log,
     membership_follows_heartbeats,
     leases_are_taken_renewed_and_released,
@@ -453,26 +453,28 @@ fn definitions_get_increasing_versions(place: Place) {
     );
 }
 
-fn listing_filters_and_pages_in_byte_order(place: Place) {
+fn listing_filters_and_pages_newest_first_then_in_byte_order(place: Place) {
     let store = place.open(1);
     let lease = store
         .acquire_lease(0, "a", wall_ms(), 60_000)
         .unwrap()
         .unwrap();
-    // Ids whose byte order differs from a linguistic one ("B" < "a", "a-2" < "a1").
+    // Three instances created at the same time, listed by id in byte order (descending),
+    // which differs from a linguistic one ("B" < "a", "a-2" < "a1").
     let rows = [
-        ("a1", "order", "running"),
-        ("B", "order", "completed"),
-        ("a-2", "refund", "running"),
-        ("b", "order", "failed"),
-        ("é", "refund", "running"),
-        ("a10", "order", "running"),
+        ("a1", "order", "running", 5),
+        ("B", "order", "completed", 7),
+        ("a-2", "refund", "running", 5),
+        ("b", "order", "failed", 3),
+        ("é", "refund", "running", 5),
+        ("a10", "order", "running", 9),
     ];
     let batch = PartitionBatch {
         instances: rows
             .iter()
-            .map(|(id, definition, status)| InstanceRecord {
+            .map(|(id, definition, status, created_at)| InstanceRecord {
                 definition: definition.to_string(),
+                created_at: *created_at,
                 ..instance(id, 0, status, *status == "running")
             })
             .collect(),
@@ -491,20 +493,20 @@ fn listing_filters_and_pages_in_byte_order(place: Place) {
         limit: 100,
         ..Default::default()
     };
-    assert_eq!(ids(all.clone()), ["B", "a-2", "a1", "a10", "b", "é"]);
+    assert_eq!(ids(all.clone()), ["a10", "B", "é", "a1", "a-2", "b"]);
     assert_eq!(
         ids(InstanceQuery {
             status: Some("running".into()),
             ..all.clone()
         }),
-        ["a-2", "a1", "a10", "é"]
+        ["a10", "é", "a1", "a-2"]
     );
     assert_eq!(
         ids(InstanceQuery {
             definition: Some("order".into()),
             ..all.clone()
         }),
-        ["B", "a1", "a10", "b"]
+        ["a10", "B", "a1", "b"]
     );
     assert_eq!(
         ids(InstanceQuery {
@@ -512,33 +514,71 @@ fn listing_filters_and_pages_in_byte_order(place: Place) {
             definition: Some("refund".into()),
             ..all.clone()
         }),
-        ["a-2", "é"]
+        ["é", "a-2"]
     );
-    // Paging with the cursor visits every row once.
-    let mut seen = Vec::new();
-    let mut after = None;
-    loop {
-        let page = ids(InstanceQuery {
-            after_id: after.clone(),
-            limit: 2,
-            ..Default::default()
-        });
-        if page.is_empty() {
-            break;
+    // Paging with the cursor visits every row once, whatever the filter.
+    for (status, definition) in [
+        (None, None),
+        (Some("running"), None),
+        (None, Some("order")),
+        (Some("running"), Some("refund")),
+    ] {
+        let filtered = InstanceQuery {
+            status: status.map(String::from),
+            definition: definition.map(String::from),
+            ..all.clone()
+        };
+        let mut seen = Vec::new();
+        let mut before = None;
+        loop {
+            let page = store
+                .instances(&InstanceQuery {
+                    before: before.clone(),
+                    limit: 2,
+                    ..filtered.clone()
+                })
+                .unwrap();
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 2);
+            let last = page.last().unwrap();
+            before = Some(ListCursor {
+                created_at: last.created_at,
+                id: last.id.clone(),
+            });
+            seen.extend(page.into_iter().map(|i| i.id));
         }
-        assert!(page.len() <= 2);
-        after = page.last().cloned();
-        seen.extend(page);
+        assert_eq!(seen, ids(filtered), "{status:?} {definition:?}");
     }
-    assert_eq!(seen, ids(all.clone()));
+    let before = |created_at: u64, id: &str| ListCursor {
+        created_at,
+        id: id.into(),
+    };
     assert_eq!(
         ids(InstanceQuery {
             status: Some("running".into()),
-            after_id: Some("a1".into()),
+            before: Some(before(5, "a1")),
             limit: 1,
             ..Default::default()
         }),
-        ["a10"]
+        ["a-2"]
+    );
+    assert_eq!(
+        ids(InstanceQuery {
+            before: Some(before(7, "B")),
+            ..all.clone()
+        }),
+        ["é", "a1", "a-2", "b"],
+        "a cursor at a time shared by others passes them by id"
+    );
+    assert_eq!(
+        ids(InstanceQuery {
+            before: Some(before(u64::MAX, "a")),
+            ..all.clone()
+        }),
+        ids(all.clone()),
+        "a cursor past every storable time"
     );
     assert!(ids(InstanceQuery {
         status: Some("nothing".into()),
@@ -554,16 +594,16 @@ fn listing_filters_and_pages_in_byte_order(place: Place) {
     .is_empty());
     assert!(ids(InstanceQuery {
         definition: Some("\0".into()),
-        ..all
+        ..all.clone()
     })
     .is_empty());
     assert_eq!(
         ids(InstanceQuery {
-            after_id: Some("a1\0z".into()),
+            before: Some(before(5, "a1\0z")),
             limit: 100,
             ..Default::default()
         }),
-        ["a10", "b", "é"]
+        ["a1", "a-2", "b"]
     );
     assert_eq!(
         store.instance("é").unwrap().unwrap().definition,
