@@ -477,7 +477,7 @@ impl Client {
         self.get(&["v1", "instances", id], &[]).await
     }
 
-    /// One page of instances matching `filter` (`GET /v1/instances`).
+    /// One page of instances matching `filter` (`GET /v1/instances`), newest first.
     pub async fn instances(&self, filter: &InstanceFilter) -> Result<InstancePage, Error> {
         let mut query: Vec<(&str, String)> = Vec::new();
         if let Some(status) = &filter.status {
