@@ -164,6 +164,19 @@ CREATE INDEX instances_definition_created ON instances (definition, created_at, 
 DROP INDEX instances_status;
 DROP INDEX instances_definition;
 "#,
+    // An instance's events are found by the seq of its first event in its partition, as
+    // on SQLite: keyed by random ids (a client's UUIDs), the index by instance id took a
+    // page of its own for nearly every event, and after each checkpoint a full-page
+    // image in the WAL. Events written before (or by a node of an earlier version, in a
+    // rolling upgrade) have no `instance_seq` and are found by id through the partial
+    // index, which no event of this version enters; nothing is rewritten.
+    r#"
+ALTER TABLE instances ADD COLUMN first_seq BIGINT;
+ALTER TABLE events ADD COLUMN instance_seq BIGINT;
+CREATE INDEX events_instance_seq ON events (partition, instance_seq) WHERE instance_seq IS NOT NULL;
+CREATE INDEX events_instance_unseq ON events (instance_id) WHERE instance_seq IS NULL;
+DROP INDEX events_instance;
+"#,
 ];
 
 const INSTANCE_COLUMNS: &str =
@@ -200,16 +213,20 @@ WITH expected AS (
     FROM unnest($1::bigint[], $2::bigint[]) AS u(partition, last_seq)
     WHERE p.partition = u.partition AND (SELECT ok FROM fence)
 ), appended AS (
-    INSERT INTO events (partition, seq, epoch, instance_id, at, type, payload)
-    SELECT * FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::text[], $7::bigint[],
-        $8::text[], $9::text[])
+    INSERT INTO events (partition, seq, epoch, instance_id, at, type, payload, instance_seq)
+    SELECT e.partition, e.seq, e.epoch, e.instance_id, e.at, e.type, e.payload,
+        CASE WHEN i.id IS NULL THEN f.first_seq ELSE i.first_seq END
+    FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::text[], $7::bigint[],
+        $8::text[], $9::text[]) AS e(partition, seq, epoch, instance_id, at, type, payload)
+    LEFT JOIN instances i ON i.id = e.instance_id
+    LEFT JOIN unnest($10::text[], $41::bigint[]) AS f(id, first_seq) ON f.id = e.instance_id
     WHERE (SELECT ok FROM fence)
 ), upserted AS (
     INSERT INTO instances (id, partition, definition, version, status, active, input, output,
-        error, created_at, updated_at, state)
+        error, created_at, updated_at, state, first_seq)
     SELECT * FROM unnest($10::text[], $11::bigint[], $12::text[], $13::bigint[], $14::text[],
         $15::boolean[], $16::text[], $17::text[], $18::text[], $19::bigint[], $20::bigint[],
-        $21::text[])
+        $21::text[], $41::bigint[])
     WHERE (SELECT ok FROM fence)
     ON CONFLICT (id) DO UPDATE SET status = excluded.status, active = excluded.active,
         output = excluded.output, error = excluded.error, updated_at = excluded.updated_at,
@@ -790,6 +807,10 @@ struct Writes<'a> {
     instance_created: Vec<i64>,
     instance_updated: Vec<i64>,
     instance_states: Vec<&'a str>,
+    /// The seq of each instance's first event in the group, for a new row (`None` for an
+    /// instance without events in it). A stored row keeps its own, which its events take
+    /// (the statement reads rows as they were before it).
+    instance_first_seqs: Vec<Option<i64>>,
     tasks_deleted: Vec<&'a str>,
     task_ids: Vec<&'a str>,
     task_partitions: Vec<i64>,
@@ -827,8 +848,13 @@ impl<'a> Writes<'a> {
         let mut tasks: BTreeMap<&str, Option<&TaskRecord>> = BTreeMap::new();
         let mut timers: BTreeMap<(&str, &str), Option<&TimerRecord>> = BTreeMap::new();
         let mut outputs: BTreeMap<(&str, &str), Option<&str>> = BTreeMap::new();
+        // Events come in seq order within a partition, and an instance is in one.
+        let mut first_seqs: HashMap<&str, i64> = HashMap::new();
         for batch in batches {
             for event in &batch.events {
+                first_seqs
+                    .entry(&event.instance_id)
+                    .or_insert(db_int(event.seq)?);
                 writes.event_partitions.push(i64::from(event.partition));
                 writes.event_seqs.push(db_int(event.seq)?);
                 writes.event_epochs.push(db_int(event.epoch)?);
@@ -889,6 +915,9 @@ impl<'a> Writes<'a> {
             writes.instance_errors.push(last.error.as_deref());
             writes.instance_updated.push(db_int(last.updated_at)?);
             writes.instance_states.push(&last.state);
+            writes
+                .instance_first_seqs
+                .push(first_seqs.get(first.id.as_str()).copied());
         }
         for (task_id, task) in tasks {
             match task {
@@ -920,7 +949,7 @@ impl<'a> Writes<'a> {
     }
 
     /// The parameters of [`COMMIT_IF_CURRENT`], in order.
-    fn params(&self) -> [&(dyn ToSql + Sync); 40] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 41] {
         [
             &self.partitions,
             &self.last_seqs,
@@ -962,6 +991,7 @@ impl<'a> Writes<'a> {
             &self.output_instances,
             &self.output_steps,
             &self.output_entries,
+            &self.instance_first_seqs,
         ]
     }
 }
@@ -1385,9 +1415,17 @@ impl Store for PostgresStore {
         }
         self.with(|connection| {
             rows(
+                // Through the row's first seq (see the fourth migration), and by id for
+                // the events written without one.
                 connection.query(
-                    "SELECT partition, seq, epoch, instance_id, at, type, payload FROM events
-                     WHERE instance_id = $1 AND partition = $2 ORDER BY seq",
+                    "SELECT e.partition, e.seq, e.epoch, e.instance_id, e.at, e.type, e.payload
+                     FROM instances i JOIN events e
+                         ON e.partition = i.partition AND e.instance_seq = i.first_seq
+                     WHERE i.id = $1 AND i.partition = $2 AND e.instance_id = $1
+                     UNION ALL
+                     SELECT partition, seq, epoch, instance_id, at, type, payload FROM events
+                     WHERE instance_id = $1 AND partition = $2 AND instance_seq IS NULL
+                     ORDER BY seq",
                     &[&instance_id, &i64::from(partition)],
                 )?,
                 event_from_row,
@@ -1412,5 +1450,152 @@ impl Store for PostgresStore {
                 event_from_row,
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EventRecord, PartitionBatch};
+    use weir_pgtest::PgServer;
+
+    fn running(id: &str) -> InstanceRecord {
+        InstanceRecord {
+            id: id.into(),
+            partition: 0,
+            definition: "d".into(),
+            version: 1,
+            status: "running".into(),
+            active: true,
+            input: "{}".into(),
+            output: None,
+            error: None,
+            created_at: 1,
+            updated_at: 1,
+            state: "{}".into(),
+        }
+    }
+
+    /// A batch of partition 0 with one event of each of `ids` and their rows.
+    fn one_event_each(seq_before: u64, ids: &[&str]) -> PartitionBatch {
+        PartitionBatch {
+            partition: 0,
+            seq_before,
+            events: ids
+                .iter()
+                .enumerate()
+                .map(|(index, id)| EventRecord {
+                    partition: 0,
+                    seq: seq_before + 1 + index as u64,
+                    epoch: 0,
+                    instance_id: id.to_string(),
+                    at: 1,
+                    event_type: "t".into(),
+                    payload: "{}".into(),
+                })
+                .collect(),
+            instances: ids.iter().map(|id| running(id)).collect(),
+            ..PartitionBatch::default()
+        }
+    }
+
+    #[test]
+    fn a_database_of_the_third_schema_is_migrated_and_every_history_found() {
+        // Goal: a database written before events were indexed by their instance's first
+        // seq is migrated without rewriting its events, and every history is found: the
+        // old instances' events, the ones committed after, and events a node of the
+        // previous version writes during a rolling upgrade (without `instance_seq`).
+        // Method: a database made with the first three migrations and rows written as
+        // that version did; then commits through the store, and an event put in as the
+        // previous version puts it.
+        let server = PgServer::shared();
+        let url = server.fresh_database();
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        for migration in &MIGRATIONS[..3] {
+            client.batch_execute(migration).unwrap();
+        }
+        client
+            .batch_execute(
+                r#"CREATE TABLE meta (key TEXT COLLATE "C" PRIMARY KEY, value TEXT NOT NULL);
+                 INSERT INTO meta (key, value) VALUES ('schema_version', '3'), ('partition_count', '1');
+                 INSERT INTO partitions (partition, last_seq) VALUES (0, 3);
+                 INSERT INTO instances (id, partition, definition, version, status, active,
+                     input, output, error, created_at, updated_at, state)
+                 VALUES ('old-b', 0, 'd', 1, 'running', true, '{}', NULL, NULL, 1, 1, '{}'),
+                        ('old-a', 0, 'd', 1, 'completed', false, '{}', '{}', NULL, 1, 1, '{}');
+                 INSERT INTO events (partition, seq, epoch, instance_id, at, type, payload)
+                 VALUES (0, 1, 0, 'old-b', 1, 't', '{}'), (0, 2, 0, 'old-a', 1, 't', '{}'),
+                        (0, 3, 0, 'old-b', 1, 't', '{}');"#,
+            )
+            .unwrap();
+        let store = PostgresStore::connect(&url, 1).unwrap();
+        let seqs = |id: &str| -> Vec<u64> {
+            store
+                .history(id, 0)
+                .unwrap()
+                .iter()
+                .map(|event| event.seq)
+                .collect()
+        };
+        assert_eq!(seqs("old-b"), [1, 3]);
+        assert_eq!(seqs("old-a"), [2]);
+        // One group commit of two batches: a new instance's first event in the first and
+        // its next in the second, beside an old instance's.
+        let first = one_event_each(3, &["old-b", "new"]);
+        let second = one_event_each(5, &["new", "old-b"]);
+        assert_eq!(
+            store.commit(&[first, second]).unwrap(),
+            vec![Ok(()), Ok(())]
+        );
+        assert_eq!(seqs("old-b"), [1, 3, 4, 7]);
+        assert_eq!(seqs("new"), [5, 6]);
+        assert_eq!(seqs("old-a"), [2]);
+        assert!(seqs("missing").is_empty());
+        // The new instance's events are keyed by its first seq, the old one's by id.
+        let keyed: Vec<(String, Option<i64>)> = client
+            .query(
+                "SELECT instance_id, instance_seq FROM events WHERE seq > 3 ORDER BY seq",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        assert_eq!(
+            keyed,
+            [
+                ("old-b".to_string(), None),
+                ("new".to_string(), Some(5)),
+                ("new".to_string(), Some(5)),
+                ("old-b".to_string(), None)
+            ]
+        );
+        // A node of the previous version, in a rolling upgrade, writes an event without
+        // `instance_seq` for the new instance.
+        client
+            .batch_execute(
+                "UPDATE partitions SET last_seq = 8;
+                 INSERT INTO events (partition, seq, epoch, instance_id, at, type, payload)
+                 VALUES (0, 8, 0, 'new', 1, 't', '{}');",
+            )
+            .unwrap();
+        assert_eq!(seqs("new"), [5, 6, 8]);
+        let indexes: Vec<String> = client
+            .query(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'events' ORDER BY indexname",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(
+            indexes,
+            [
+                "events_instance_seq",
+                "events_instance_unseq",
+                "events_pkey"
+            ]
+        );
     }
 }
