@@ -14,13 +14,12 @@ cd "$(dirname "$0")/.."
 INSTANCES=${1:-5000}
 CONCURRENCY=${2:-256}
 shift $(( $# < 2 ? $# : 2 ))
-PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)
+source bench/private-pg.sh
 cargo build --release -p weir --bin weir --bin weir-example-worker >/dev/null
 WEIR=$PWD/target/release/weir
 WORK=$(mktemp -d /tmp/weir-cluster-bench.XXXXXX)
 chmod 755 "$WORK"
 PIDS=()
-as_pg() { if [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 stop_nodes() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
@@ -28,18 +27,12 @@ stop_nodes() {
 }
 cleanup() {
   stop_nodes
-  as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -m fast stop >/dev/null 2>&1 || true
+  stop_private_pg
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-PG_PORT=$(free_port)
-mkdir -p "$WORK/pg"
-[[ $(id -u) == 0 ]] && chown postgres "$WORK/pg"
-as_pg "$PG_BIN/initdb" -D "$WORK/pg" -U postgres -A trust >/dev/null
-as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg/server.log" -w \
-  -o "-h 127.0.0.1 -p $PG_PORT -k $WORK/pg -c max_connections=200" start >/dev/null
+start_private_pg -c max_connections=200
 
 for nodes in ${NODE_COUNTS:-1 2 3}; do
   db="weir_$nodes"

@@ -17,29 +17,22 @@ STORED=${1:-1000000}
 shift $(( $# < 1 ? $# : 1 ))
 RUNS=("$@")
 [[ ${#RUNS[@]} -eq 0 ]] && RUNS=(random sequential)
-PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)
+source bench/private-pg.sh
 cargo build --release -p weir --bin weir --bin weir-example-worker >/dev/null
 WEIR=$PWD/target/release/weir
 WORK=$(mktemp -d /tmp/weir-pg-large.XXXXXX)
 chmod 755 "$WORK"
 NODE=
-as_pg() { if [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 stop_node() { if [[ -n $NODE ]]; then kill "$NODE" 2>/dev/null || true; wait "$NODE" 2>/dev/null || true; NODE=; fi; }
 cleanup() {
   stop_node
-  as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -m fast stop >/dev/null 2>&1 || true
+  stop_private_pg
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_ready() { for _ in $(seq 1 600); do curl -sf "$1/readyz" >/dev/null && return; sleep 0.1; done; echo "node not ready" >&2; exit 1; }
 
-PG_PORT=$(free_port)
-mkdir -p "$WORK/pg"
-[[ $(id -u) == 0 ]] && chown postgres "$WORK/pg"
-as_pg "$PG_BIN/initdb" -D "$WORK/pg" -U postgres -A trust >/dev/null
-as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg/server.log" -w \
-  -o "-h 127.0.0.1 -p $PG_PORT -k $WORK/pg" start >/dev/null
+start_private_pg
 psql_() { "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -qAt "$@"; }
 
 n=0

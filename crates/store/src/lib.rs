@@ -14,6 +14,8 @@ mod postgres;
 mod sqlite;
 mod sqlite_page_cache;
 mod sqlite_wal_writes;
+#[cfg(test)]
+mod test_rows;
 
 pub use crate::postgres::{PostgresOptions, PostgresStore, POOL_SIZE_DEFAULT, POOL_WAIT_DEFAULT};
 pub use latency::{LatencyHistogram, LatencySnapshot, LATENCY_BUCKETS_SECONDS};

@@ -1456,48 +1456,8 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{EventRecord, PartitionBatch};
+    use crate::test_rows::one_event_each;
     use weir_pgtest::PgServer;
-
-    fn running(id: &str) -> InstanceRecord {
-        InstanceRecord {
-            id: id.into(),
-            partition: 0,
-            definition: "d".into(),
-            version: 1,
-            status: "running".into(),
-            active: true,
-            input: "{}".into(),
-            output: None,
-            error: None,
-            created_at: 1,
-            updated_at: 1,
-            state: "{}".into(),
-        }
-    }
-
-    /// A batch of partition 0 with one event of each of `ids` and their rows.
-    fn one_event_each(seq_before: u64, ids: &[&str]) -> PartitionBatch {
-        PartitionBatch {
-            partition: 0,
-            seq_before,
-            events: ids
-                .iter()
-                .enumerate()
-                .map(|(index, id)| EventRecord {
-                    partition: 0,
-                    seq: seq_before + 1 + index as u64,
-                    epoch: 0,
-                    instance_id: id.to_string(),
-                    at: 1,
-                    event_type: "t".into(),
-                    payload: "{}".into(),
-                })
-                .collect(),
-            instances: ids.iter().map(|id| running(id)).collect(),
-            ..PartitionBatch::default()
-        }
-    }
 
     #[test]
     fn a_database_of_the_third_schema_is_migrated_and_every_history_found() {

@@ -1110,6 +1110,7 @@ mod tests {
     //! The SQLite-only behaviour; what every backend must do is checked on all of
     //! them in `tests/conformance.rs`.
     use super::*;
+    use crate::test_rows::{one_event_each, running};
 
     /// A batch of partition 0 (epoch 0) holding one event of instance `i`, the one after
     /// `seq_before`, and the instance's row.
@@ -1360,47 +1361,6 @@ mod tests {
         assert!(frames() - before > 1, "the status indexes change");
         check("completed", false, "ended");
         assert!(ids("SELECT id FROM instances WHERE status = 'running'").is_empty());
-    }
-
-    /// A running instance's row, as the engine writes it.
-    fn running(id: &str) -> InstanceRecord {
-        InstanceRecord {
-            id: id.into(),
-            partition: 0,
-            definition: "d".into(),
-            version: 1,
-            status: "running".into(),
-            active: true,
-            input: "{}".into(),
-            output: None,
-            error: None,
-            created_at: 1,
-            updated_at: 1,
-            state: "{}".into(),
-        }
-    }
-
-    /// A batch of partition 0 with one event of each of `ids` and their rows.
-    fn one_event_each(seq_before: u64, ids: &[String]) -> PartitionBatch {
-        PartitionBatch {
-            partition: 0,
-            seq_before,
-            events: ids
-                .iter()
-                .enumerate()
-                .map(|(index, id)| EventRecord {
-                    partition: 0,
-                    seq: seq_before + 1 + index as u64,
-                    epoch: 0,
-                    instance_id: id.clone(),
-                    at: 1,
-                    event_type: "t".into(),
-                    payload: "{}".into(),
-                })
-                .collect(),
-            instances: ids.iter().map(|id| running(id)).collect(),
-            ..PartitionBatch::default()
-        }
     }
 
     /// 32 hex digits that look random and are the same on every run.
@@ -1674,16 +1634,19 @@ mod tests {
         assert_eq!(seqs("old-b"), [1, 3, 4]);
         assert_eq!(seqs("new"), [5]);
         assert_eq!(seqs("old-a"), [2]);
-        let indexes: Vec<String> = store
-            .read(|c| {
-                let mut statement = c.prepare(
-                    "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'events'",
-                )?;
-                let rows = statement.query_map([], |row| row.get(0))?;
-                Ok(rows.collect::<Result<Vec<String>, _>>()?)
-            })
-            .unwrap();
-        assert_eq!(indexes, ["events_instance_seq"]);
+        let indexes = |table: &str| -> Vec<String> {
+            store
+                .read(|c| {
+                    let mut statement = c.prepare(
+                        "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = ?1
+                         ORDER BY name",
+                    )?;
+                    let rows = statement.query_map([table], |row| row.get(0))?;
+                    Ok(rows.collect::<Result<Vec<String>, _>>()?)
+                })
+                .unwrap()
+        };
+        assert_eq!(indexes("events"), ["events_instance_seq"]);
         // The fifth migration lists instances through indexes keyed by creation.
         let listed: Vec<String> = store
             .instances(&InstanceQuery {
@@ -1695,17 +1658,8 @@ mod tests {
             .map(|row| row.id)
             .collect();
         assert_eq!(listed, ["old-b", "old-a", "new"]);
-        let indexes: Vec<String> = store
-            .read(|c| {
-                let mut statement = c.prepare(
-                    "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'instances' ORDER BY name",
-                )?;
-                let rows = statement.query_map([], |row| row.get(0))?;
-                Ok(rows.collect::<Result<Vec<String>, _>>()?)
-            })
-            .unwrap();
         assert_eq!(
-            indexes,
+            indexes("instances"),
             [
                 "instances_active",
                 "instances_created",
