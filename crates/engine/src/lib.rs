@@ -252,10 +252,18 @@ struct Inner {
     shutdown: watch::Sender<bool>,
     /// Set when the node stops handing out tasks (before it stops).
     draining: watch::Sender<bool>,
+    /// How many times this node stopped partitions (handed over or dropped): a waiter
+    /// for an instance of a partition that left stops waiting for an end that another
+    /// node will announce.
+    released: watch::Sender<u64>,
     background: Mutex<Vec<JoinHandle<()>>>,
     /// Permits for API reads of the store (see [`STORE_READS_CONCURRENT_MAX`]).
     reads: tokio::sync::Semaphore,
 }
+
+/// How long a wait for an instance's end lasts on a node that does not own its
+/// partition, where no end will be announced (see [`Engine::wait_instance`]).
+const UNOWNED_WAIT: Duration = Duration::from_millis(100);
 
 /// One task completion of a batch ([`Engine::complete_tasks`]).
 #[derive(Debug, Clone)]
@@ -299,6 +307,7 @@ impl Engine {
         });
         let (shutdown, _) = watch::channel(false);
         let (draining, _) = watch::channel(false);
+        let (released, _) = watch::channel(0);
         let engine = Engine {
             inner: Arc::new(Inner {
                 config,
@@ -310,6 +319,7 @@ impl Engine {
                 ownership: tokio::sync::Mutex::new(()),
                 stopping: AtomicBool::new(false),
                 shutdown,
+                released,
                 draining,
                 background: Mutex::new(Vec::new()),
                 reads: tokio::sync::Semaphore::new(STORE_READS_CONCURRENT_MAX),
@@ -540,6 +550,7 @@ impl Engine {
             tracing::warn!(partition, epoch = owned.epoch, "{why}");
             owned.task.abort();
             self.inner.shared.board.remove_partition(partition);
+            self.inner.released.send_modify(|count| *count += 1);
         }
     }
 
@@ -563,6 +574,10 @@ impl Engine {
         for (partition, owned) in stopped {
             let _ = owned.task.await;
             leases.push((partition, owned.epoch));
+        }
+        // After the actors' last batches, whose ends their waiters were told of.
+        if !leases.is_empty() {
+            self.inner.released.send_modify(|count| *count += 1);
         }
         let owner = self.inner.config.node_id.clone();
         let released = leases.clone();
@@ -624,6 +639,15 @@ impl Engine {
             .filter(|node| **node == self.inner.config.node_id)
             .count();
         (self.owned_partitions(), placed)
+    }
+
+    /// Whether this node runs an actor for `partition`.
+    fn owns(&self, partition: u32) -> bool {
+        self.inner
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .contains_key(&partition)
     }
 
     /// The partitions this node runs an actor for, ascending.
@@ -1031,13 +1055,33 @@ impl Engine {
         wait: Duration,
     ) -> Result<Option<InstanceView>, Error> {
         let mut draining = self.inner.draining.subscribe();
+        let mut released = self.inner.released.subscribe();
+        let partition = partition_of(id, self.inner.partition_count);
+        if !self.owns(partition) {
+            // No end will be announced here (the partition moves, or this node's view
+            // is behind): the store's answer after a short pause, so that a caller
+            // asking again does not spin while the partition finds its owner.
+            tokio::time::sleep(wait.min(UNOWNED_WAIT)).await;
+            drop(waiter);
+            return self.instance(id).await;
+        }
+        let deadline = tokio::time::Instant::now() + wait.min(POLL_WAIT_MAX);
         let ending = match waiter.receiver.as_mut() {
             // `wait_for` also returns at once when the node already stops.
-            Some(receiver) => tokio::select! {
-                ended = tokio::time::timeout(wait.min(POLL_WAIT_MAX), receiver.wait_for(Option::is_some)) => {
-                    ended.ok().and_then(|ended| ended.ok().and_then(|view| view.clone()))
+            Some(receiver) => loop {
+                tokio::select! {
+                    ended = tokio::time::timeout_at(deadline, receiver.wait_for(Option::is_some)) => {
+                        break ended.ok().and_then(|ended| ended.ok().and_then(|view| view.clone()));
+                    }
+                    _ = draining.wait_for(|stopping| *stopping) => break None,
+                    // The instance's partition left this node: another node will end it,
+                    // and the caller, answered now, asks again there.
+                    changed = released.changed() => {
+                        if changed.is_err() || !self.owns(partition) {
+                            break None;
+                        }
+                    }
                 }
-                _ = draining.wait_for(|stopping| *stopping) => None,
             },
             None => None,
         };

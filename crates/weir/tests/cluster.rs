@@ -802,3 +802,52 @@ fn failover_timing() {
         node.process.terminate(Duration::from_secs(15));
     }
 }
+
+#[test]
+fn a_wait_for_an_instance_is_answered_when_its_partition_leaves_the_node() {
+    // Goal: a caller waiting on a node for an instance to end (`GET ?wait_ms=`) is
+    // answered when the instance's partition leaves that node, not at the end of its
+    // wait: the end will be announced on the next owner, and the caller asks again,
+    // there. Method: two nodes; an instance of a task step that no worker takes (it stays
+    // running) on a partition of node-1; a wait of 25 s on node-1; node-1 drained.
+    const WAIT_MS: u64 = 25_000;
+    let pg = PgServer::start();
+    let mut cluster = Cluster::start(&pg, "waiting", 2, &[]);
+    cluster.deploy();
+    let status = cluster.status().unwrap();
+    let partition = *held_by(&status, "node-1").iter().min().unwrap();
+    let id = (0..)
+        .map(|k| format!("waited-{k}"))
+        .find(|id| weir_engine::partition_of(id, 64) == partition)
+        .unwrap();
+    let (code, answer) = post_json(
+        &format!("{}/v1/instances", cluster.nodes[0].url()),
+        &json!({ "definition": "order", "id": id, "input": { "n": 1 } }),
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{answer}");
+    let url = format!(
+        "{}/v1/instances/{id}?wait_ms={WAIT_MS}",
+        cluster.nodes[0].url()
+    );
+    let waiting = std::thread::spawn(move || {
+        let asked = Instant::now();
+        let answer = ureq_get(&url);
+        (asked.elapsed(), answer)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, body) = post_json(
+        &format!("{}/v1/nodes/node-1/drain", cluster.nodes[1].url()),
+        &json!({}),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let (waited, answer) = waiting.join().unwrap();
+    let (code, view) = answer.unwrap();
+    assert_eq!((code, view["status"].clone()), (200, json!("running")));
+    assert!(
+        waited < Duration::from_millis(WAIT_MS - 5_000),
+        "the wait lasted {waited:?} after its partition left the node"
+    );
+    cluster.stop_gracefully();
+}
