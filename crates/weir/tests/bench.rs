@@ -118,3 +118,86 @@ fn seq_and_start_run_with_each_kind_of_ids() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--ids engine"), "{stderr}");
 }
+
+#[test]
+fn seq_runs_through_a_node_joining_the_cluster() {
+    // Goal: a run survives partitions moving under it, as in a rolling restart or upgrade:
+    // a node answers 503 for a partition that is moving, and the bench asks again (its
+    // starts name their instances, so asking again starts nothing twice). Method: one
+    // node on a private PostgreSQL runs 8,000 instances; a second node joins once the
+    // first hundreds have ended and takes partitions while the run goes on; every
+    // instance must end completed, once.
+    const INSTANCES: usize = 8000;
+    let pg = weir_pgtest::PgServer::shared();
+    let store = pg.fresh_database();
+    let dir = tempfile::tempdir().unwrap();
+    let first = Server::start(
+        &dir.path().join("first"),
+        free_port(),
+        &["--store", &store, "--node-id", "first"],
+    );
+    let pid = first.process.pid().expect("the node runs").to_string();
+    let instances = INSTANCES.to_string();
+    let mut run = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("--server")
+        .arg(first.url())
+        .arg("bench")
+        .args([
+            "--instances",
+            &instances,
+            "--steps",
+            "3",
+            "--concurrency",
+            "64",
+        ])
+        .args([
+            "--worker-concurrency",
+            "64",
+            "--server-pid",
+            &pid,
+            "--output",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running weir bench");
+    eventually(std::time::Duration::from_secs(60), || {
+        (list_all(&first.url(), "completed").ok()?.len() >= 200).then_some(())
+    })
+    .expect("the run ends instances");
+    let second = Server::start(
+        &dir.path().join("second"),
+        free_port(),
+        &["--store", &store, "--node-id", "second"],
+    );
+    eventually(std::time::Duration::from_secs(60), || {
+        let (_, status) = ureq_get(&format!("{}/v1/cluster", second.url())).ok()?;
+        let held = status["nodes"]
+            .as_array()?
+            .iter()
+            .find(|node| node["node_id"] == "second")?["partitions"]
+            .as_array()?
+            .len();
+        (held > 0).then_some(())
+    })
+    .expect("the second node takes partitions");
+    let ended_early = run.try_wait().unwrap().is_some();
+    let output = run.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "the run failed: {}\nfirst node:\n{}\nsecond node:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        first.log_tail(20),
+        second.log_tail(20)
+    );
+    assert!(
+        !ended_early,
+        "the run ended before the second node held partitions: it tests nothing"
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["failed"], 0, "{report}");
+    let completed = ids_of(&second, "completed", "bench-seq-3");
+    let unique: std::collections::HashSet<&String> = completed.iter().collect();
+    assert_eq!((completed.len(), unique.len()), (INSTANCES, INSTANCES));
+}

@@ -1,7 +1,7 @@
 //! The workloads' definitions, and how one instance is started and awaited over HTTP.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
@@ -11,6 +11,13 @@ const WAIT_MS: u64 = 30_000;
 
 /// Instances per page when counting the pending instances of a `start` run (the API's most).
 const LIST_PAGE: usize = 1000;
+
+/// How long a request that a node answers `503` (its partitions moving, as when a node
+/// joins or leaves the cluster) is asked again before the run fails.
+const UNAVAILABLE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The pause before such a request is asked again.
+const UNAVAILABLE_RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 /// The definition of `seq`: `steps` task steps in a row on queue `bench`.
 pub(super) fn seq_definition(steps: usize) -> (String, String) {
@@ -150,11 +157,24 @@ async fn start_waiting(
         Some(id) => json!({ "definition": name, "id": id, "input": { "n": n } }),
         None => json!({ "definition": name, "input": { "n": n } }),
     };
-    let mut request = client.post(format!("{node}/v1/instances")).json(&body);
-    if wait_ms > 0 {
-        request = request.query(&[("wait_ms", wait_ms)]);
-    }
-    let response = request.send().await?;
+    let started = Instant::now();
+    let response = loop {
+        let mut request = client.post(format!("{node}/v1/instances")).json(&body);
+        if wait_ms > 0 {
+            request = request.query(&[("wait_ms", wait_ms)]);
+        }
+        let response = request.send().await?;
+        // A start that names its instance is idempotent, so it is asked again while the
+        // instance's partition moves; one without an id is not, so it is not.
+        if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
+            && id.is_some()
+            && started.elapsed() < UNAVAILABLE_RETRY_MAX
+        {
+            tokio::time::sleep(UNAVAILABLE_RETRY_PAUSE).await;
+            continue;
+        }
+        break response;
+    };
     if !response.status().is_success() {
         bail!(
             "start answered {}: {}",
@@ -210,11 +230,27 @@ pub(super) async fn wait_end(
     node: &str,
     id: &str,
 ) -> anyhow::Result<String> {
+    let mut unavailable_since = None;
     loop {
         let response = client
             .get(format!("{node}/v1/instances/{id}?wait_ms={WAIT_MS}"))
             .send()
             .await?;
+        if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            let since = *unavailable_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < UNAVAILABLE_RETRY_MAX {
+                tokio::time::sleep(UNAVAILABLE_RETRY_PAUSE).await;
+                continue;
+            }
+        }
+        unavailable_since = None;
+        if !response.status().is_success() {
+            bail!(
+                "waiting for {id} answered {}: {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            );
+        }
         let answer = answer_of(&response.bytes().await?)?;
         // Not ended yet: the wait was over first.
         if !is_running(&answer.status) {
