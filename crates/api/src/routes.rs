@@ -736,7 +736,10 @@ async fn poll(
     let wait = Duration::from_millis(body.wait_ms.unwrap_or(0)).min(crate::POLL_WAIT_MAX);
     let _ = body.worker_id;
     let forwarded = headers.contains_key(crate::FORWARDED_HEADER);
-    if forwarded || state.engine.peer_urls().is_empty() {
+    // A node whose store no other node shares has no peers to ask. One that shares it
+    // asks its peers at every slice, even with none now: a node may join during the wait
+    // and take partitions whose tasks this poll would not see otherwise.
+    if forwarded || !state.engine.shares_its_store() {
         let offers = state.engine.poll(&body.queues, max_tasks, wait).await;
         return Ok(offers_response(&offers));
     }

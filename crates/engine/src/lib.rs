@@ -696,6 +696,12 @@ impl Engine {
         owned == self.inner.partition_count as usize
     }
 
+    /// Whether other nodes may share this node's store (PostgreSQL), so that peers may
+    /// join at any moment, even when there are none now.
+    pub fn shares_its_store(&self) -> bool {
+        !self.inner.shared.store.single_writer()
+    }
+
     /// URLs of the other live nodes that own partitions (for task polls).
     pub fn peer_urls(&self) -> Vec<String> {
         self.inner

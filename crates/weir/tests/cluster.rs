@@ -851,3 +851,56 @@ fn a_wait_for_an_instance_is_answered_when_its_partition_leaves_the_node() {
     );
     cluster.stop_gracefully();
 }
+
+#[test]
+fn a_long_poll_sees_the_tasks_of_a_node_that_joins_during_it() {
+    // Goal: a worker's long poll on a node that had no peers when it began is answered
+    // with a task of a node that joined during it, not at the end of its wait: a node
+    // whose store others may share asks its peers at every slice of a poll. Method: one
+    // node on PostgreSQL; a poll of 25 s on it; a second node joins and takes
+    // partitions; an instance started on one of them; its first task must come back.
+    const WAIT_MS: u64 = 25_000;
+    let pg = PgServer::start();
+    let mut cluster = Cluster::start(&pg, "joining", 1, &[]);
+    cluster.deploy();
+    let url = format!("{}/v1/tasks/poll", cluster.nodes[0].url());
+    let polling = std::thread::spawn(move || {
+        let asked = Instant::now();
+        let body = json!({ "queues": ["inventory"], "max_tasks": 1, "wait_ms": WAIT_MS });
+        let answer = post_json(&url, &body);
+        (asked.elapsed(), answer)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let dir = tempfile::tempdir().unwrap();
+    let args = cluster.node_args(1, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    cluster.nodes.push(Server::start(
+        &dir.path().join("node-2"),
+        free_port(),
+        &args,
+    ));
+    cluster.wait_balanced(Duration::from_secs(30));
+    let status = cluster.status().unwrap();
+    let partition = *held_by(&status, "node-2").iter().min().unwrap();
+    let id = (0..)
+        .map(|k| format!("joined-{k}"))
+        .find(|id| weir_engine::partition_of(id, 64) == partition)
+        .unwrap();
+    let (code, answer) = post_json(
+        &format!("{}/v1/instances", cluster.nodes[1].url()),
+        &json!({ "definition": "order", "id": id, "input": { "n": 1 } }),
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{answer}");
+    let (waited, answer) = polling.join().unwrap();
+    let (code, body) = answer.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let tasks = body["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 1, "{body}");
+    assert_eq!(tasks[0]["instance_id"], json!(id));
+    assert!(
+        waited < Duration::from_millis(WAIT_MS - 5_000),
+        "the poll lasted {waited:?}"
+    );
+    cluster.stop_gracefully();
+}
