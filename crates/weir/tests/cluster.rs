@@ -281,6 +281,14 @@ fn held_by(status: &Value, node: &str) -> HashSet<u32> {
         .collect()
 }
 
+/// The first id `{prefix}-{k}` (k = 0, 1, …) that falls on `partition` of 64.
+fn id_on(partition: u32, prefix: &str) -> String {
+    (0..)
+        .map(|k| format!("{prefix}-{k}"))
+        .find(|id| weir_engine::partition_of(id, 64) == partition)
+        .expect("some id falls on every partition")
+}
+
 /// Reads an integer column whatever its width.
 fn to_i64(row: &postgres::Row, index: usize) -> i64 {
     row.try_get::<_, i64>(index)
@@ -664,7 +672,6 @@ fn failover_timing() {
     )
     .unwrap();
     assert_eq!(code, 201, "{body}");
-    let partition_count = 64;
     let mut owned_after = Vec::new();
     let mut dispatched_after = Vec::new();
     for round in 0..kills {
@@ -679,10 +686,7 @@ fn failover_timing() {
         // One waiting probe task on each of the victim's partitions.
         let mut probes = HashSet::new();
         for &partition in &victim_partitions {
-            let id = (0..)
-                .map(|k| format!("probe-{round}-{partition}-{k}"))
-                .find(|id| weir_engine::partition_of(id, partition_count) == partition)
-                .unwrap();
+            let id = id_on(partition, &format!("probe-{round}-{partition}"));
             let body = json!({ "definition": "probe", "id": id, "input": {} });
             let (code, answer) = post_json(
                 &format!("{}/v1/instances", cluster.nodes[victim].url()),
@@ -816,10 +820,7 @@ fn a_wait_for_an_instance_is_answered_when_its_partition_leaves_the_node() {
     cluster.deploy();
     let status = cluster.status().unwrap();
     let partition = *held_by(&status, "node-1").iter().min().unwrap();
-    let id = (0..)
-        .map(|k| format!("waited-{k}"))
-        .find(|id| weir_engine::partition_of(id, 64) == partition)
-        .unwrap();
+    let id = id_on(partition, "waited");
     let (code, answer) = post_json(
         &format!("{}/v1/instances", cluster.nodes[0].url()),
         &json!({ "definition": "order", "id": id, "input": { "n": 1 } }),
@@ -882,10 +883,7 @@ fn a_long_poll_sees_the_tasks_of_a_node_that_joins_during_it() {
     cluster.wait_balanced(Duration::from_secs(30));
     let status = cluster.status().unwrap();
     let partition = *held_by(&status, "node-2").iter().min().unwrap();
-    let id = (0..)
-        .map(|k| format!("joined-{k}"))
-        .find(|id| weir_engine::partition_of(id, 64) == partition)
-        .unwrap();
+    let id = id_on(partition, "joined");
     let (code, answer) = post_json(
         &format!("{}/v1/instances", cluster.nodes[1].url()),
         &json!({ "definition": "order", "id": id, "input": { "n": 1 } }),
