@@ -50,6 +50,12 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
             syncs,
         );
     }
+    histogram(
+        &mut text,
+        "weir_task_dispatch_seconds",
+        "Time each task this node handed out waited on its board, from its offer (its row committed, or its lease expired) to a worker's lease.",
+        &state.engine.task_dispatch_waits(),
+    );
     single(
         &mut text,
         "gauge",

@@ -1622,14 +1622,25 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 async fn metrics_count_group_commits_and_wal_syncs(backend: Backend) {
     // Goal: `GET /metrics` counts each group commit, with well-formed cumulative
     // buckets, and on the embedded store at least one WAL sync per commit (none is
-    // reported on PostgreSQL, whose syncs another process makes).
-    // Method: three starts, each acknowledged only once committed, then a scrape.
+    // reported on PostgreSQL, whose syncs another process makes); it counts each task
+    // handed to a worker with the time it waited on the board.
+    // Method: three starts, each acknowledged only once committed, a poll that takes
+    // two of their tasks at least 50 ms after their offer, then a scrape.
     let h = Harness::start(backend).await;
     assert_eq!(h.deploy(ORDER).await.0, 201);
     for id in ["m-1", "m-2", "m-3"] {
         let start = json!({"definition": "order", "id": id, "input": {"sku": "a"}});
         assert_eq!(h.post("/v1/instances", start).await.0, 201);
     }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (status, polled) = h
+        .post(
+            "/v1/tasks/poll",
+            json!({"queues": ["inventory"], "worker_id": "w", "max_tasks": 2, "wait_ms": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{polled}");
+    assert_eq!(polled["tasks"].as_array().unwrap().len(), 2, "{polled}");
     let response = h
         .client
         .get(format!("{}/metrics", h.base))
@@ -1653,9 +1664,16 @@ async fn metrics_count_group_commits_and_wal_syncs(backend: Backend) {
         .filter(|line| line.starts_with("weir_commit_seconds_bucket"))
         .map(|line| line.rsplit(' ').next().unwrap().parse().unwrap())
         .collect();
-    assert_eq!(buckets.len(), 15);
+    assert_eq!(buckets.len(), 20);
     assert!(buckets.windows(2).all(|pair| pair[0] <= pair[1]), "{text}");
     assert!(sample(&text, "weir_commit_seconds_sum").unwrap() > 0.0);
+    assert_eq!(sample(&text, "weir_task_dispatch_seconds_count"), Some(2.0));
+    assert_eq!(
+        sample(&text, "weir_task_dispatch_seconds_bucket{le=\"0.02\"}"),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(sample(&text, "weir_task_dispatch_seconds_sum").unwrap() >= 0.1);
     assert!(sample(&text, "weir_commit_batches_total").unwrap() >= commits);
     assert_eq!(sample(&text, "weir_commit_failures_total"), Some(0.0));
     let syncs = sample(&text, "weir_store_wal_sync_seconds_count");

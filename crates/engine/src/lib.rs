@@ -1588,6 +1588,12 @@ impl Engine {
         self.inner.shared.board.len()
     }
 
+    /// How long the tasks this node handed out waited on its board, from their offer
+    /// (their row committed, or their lease expired) to a worker's lease.
+    pub fn task_dispatch_waits(&self) -> weir_store::LatencySnapshot {
+        self.inner.shared.board.dispatch_waits()
+    }
+
     /// The group commits so far, with the store's WAL syncs.
     pub fn commit_stats(&self) -> CommitStats {
         self.inner.committer.stats()

@@ -4,9 +4,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds of the buckets of every [`LatencyHistogram`], in seconds, from 50 µs
-/// (a fast disk's sync) to 1 s (a stalled one); one more bucket holds what is slower.
-pub const LATENCY_BUCKETS_SECONDS: [f64; 14] = [
+/// (a fast disk's sync, a task taken as soon as it is offered) to 60 s (a stalled disk,
+/// a task that waited for a worker); one more bucket holds what is slower.
+pub const LATENCY_BUCKETS_SECONDS: [f64; 19] = [
     0.000_05, 0.000_1, 0.000_2, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
+    2.0, 5.0, 10.0, 30.0, 60.0,
 ];
 
 /// Number of buckets: one per bound, and the last for everything slower.
@@ -78,13 +80,13 @@ mod tests {
         histogram.record(Duration::from_micros(50));
         histogram.record(Duration::from_micros(51));
         histogram.record(Duration::from_millis(3));
-        histogram.record(Duration::from_secs(5));
+        histogram.record(Duration::from_secs(100));
         let snapshot = histogram.snapshot();
         assert_eq!(snapshot.buckets[0], 1);
         assert_eq!(snapshot.buckets[1], 1);
         assert_eq!(snapshot.buckets[6], 1);
         assert_eq!(snapshot.buckets[BUCKETS - 1], 1);
         assert_eq!(snapshot.count(), 4);
-        assert!((snapshot.sum_seconds - 5.003_101).abs() < 1e-9);
+        assert!((snapshot.sum_seconds - 100.003_101).abs() < 1e-9);
     }
 }

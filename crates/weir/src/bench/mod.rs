@@ -15,8 +15,9 @@
 //!
 //! Task dispatch latency (the request that made a task due, to the task in a worker's hands)
 //! is only measured with `--inproc-worker`: the example worker process reports no per-task
-//! times, and timing across two processes' clocks would not be honest (see
-//! `workers::Dispatch`).
+//! times (see `workers::Dispatch`). With any worker, the servers' own histogram of how long
+//! each task waited on their boards, from its offer to a worker's lease
+//! (`weir_task_dispatch_seconds`), gives the run's dispatch waits (see `commits`).
 
 mod commits;
 mod report;
@@ -375,7 +376,7 @@ async fn execute(
     let commits = match commits_before {
         Some(before) => commits::scrape(&client, &nodes)
             .await
-            .and_then(|after| commits::between(before, after)),
+            .and_then(|after| commits::between(&before, &after)),
         None => None,
     };
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use super::commits::CommitFigures;
+use super::commits::{CommitFigures, DispatchWaits};
 use super::{Ids, Workload};
 use crate::cli::Output;
 
@@ -273,6 +273,9 @@ fn to_json(report: &Report) -> Value {
                 json!({ "count": count, "mean_ms": ms(mean) }),
             );
         }
+        if let Some(waits) = &commits.dispatch {
+            extra.insert("dispatch_wait_ms".into(), dispatch_waits_json(waits));
+        }
     }
     if let Some((cycle, beyond)) = report.commit_cycle() {
         extra.insert("commit_cycle_ms".into(), json!(ms(cycle)));
@@ -331,6 +334,19 @@ fn to_json(report: &Report) -> Value {
     }
     object.extend(extra);
     figures
+}
+
+/// The servers' dispatch waits (see [`DispatchWaits`]), in milliseconds.
+fn dispatch_waits_json(waits: &DispatchWaits) -> Value {
+    json!({
+        "tasks": waits.count,
+        "mean": ms(waits.mean),
+        "p50": ms(waits.p50),
+        "p90": ms(waits.p90),
+        "p99": ms(waits.p99),
+        "max_at_most": waits.max_at_most.map(ms),
+        "of": "a task's offer on the server's board (its row committed) to a worker's lease, from weir_task_dispatch_seconds; quantiles interpolated in its buckets",
+    })
 }
 
 /// What the dispatch figure of a workload measures.
@@ -438,6 +454,20 @@ pub(super) fn print(report: &Report, output: Output) {
         );
         if let Some((count, mean)) = commits.wal_syncs {
             println!("WAL syncs           {count} (mean {:.3} ms)", ms(mean));
+        }
+        if let Some(waits) = &commits.dispatch {
+            let max = match waits.max_at_most {
+                Some(max) => format!("max ≤ {:.3}", ms(max)),
+                None => "max > 60 s".to_string(),
+            };
+            println!(
+                "dispatch wait (ms)  p50 {:.3} p90 {:.3} p99 {:.3} {max} mean {:.3} ({} tasks, on the servers' boards)",
+                ms(waits.p50),
+                ms(waits.p90),
+                ms(waits.p99),
+                ms(waits.mean),
+                waits.count
+            );
         }
     }
     if let Some((cycle, beyond)) = report.commit_cycle() {
@@ -565,8 +595,19 @@ mod tests {
             batches_per_commit: 1.0,
             in_place: 3_900,
             wal_syncs: Some((4_100, Duration::from_micros(200))),
+            dispatch: Some(DispatchWaits {
+                count: 4_000,
+                mean: Duration::from_micros(40),
+                p50: Duration::from_micros(25),
+                p90: Duration::from_micros(80),
+                p99: Duration::from_micros(400),
+                max_at_most: None,
+            }),
         });
         let figures = to_json(&lone);
+        assert_eq!(figures["dispatch_wait_ms"]["tasks"], 4_000);
+        assert_eq!(figures["dispatch_wait_ms"]["p99"], 0.4);
+        assert_eq!(figures["dispatch_wait_ms"]["max_at_most"], Value::Null);
         assert_eq!(figures["commits"]["count"], 4_000);
         assert_eq!(figures["commits"]["mean_ms"], 0.3);
         assert_eq!(figures["commits"]["in_place"], 3_900);
