@@ -53,7 +53,7 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     histogram(
         &mut text,
         "weir_task_dispatch_seconds",
-        "Time each task this node handed out waited on its board, from its offer (its row committed, or its lease expired) to a worker's lease.",
+        "Time each task this node handed out waited on its board, from its offer (its row committed), its lease's expiry or its paused instance's resume, to a worker's lease.",
         &state.engine.task_dispatch_waits(),
     );
     single(

@@ -1589,7 +1589,8 @@ impl Engine {
     }
 
     /// How long the tasks this node handed out waited on its board, from their offer
-    /// (their row committed, or their lease expired) to a worker's lease.
+    /// (their row committed), their lease's expiry or their paused instance's resume, to a
+    /// worker's lease.
     pub fn task_dispatch_waits(&self) -> weir_store::LatencySnapshot {
         self.inner.shared.board.dispatch_waits()
     }

@@ -82,8 +82,9 @@ struct Lease {
 
 struct Entry {
     task: BoardTask,
-    /// Since when it waits for a worker: its offer, or its lease's expiry. Runtime time,
-    /// for the dispatch histogram only: no decision depends on it.
+    /// Since when it waits for a worker: its offer, its lease's expiry, or its
+    /// instance's resume. Runtime time, for the dispatch histogram only: no decision
+    /// depends on it.
     waiting_since: Instant,
     lease: Option<Lease>,
     /// When the queue timeout passes if nobody takes the task.
@@ -160,9 +161,9 @@ impl TaskBoard {
         }
     }
 
-    /// How long tasks waited on the board, from their offer (or their lease's expiry) to
-    /// a worker's lease: taken by a poll, or at once by a completion that asked for next
-    /// tasks.
+    /// How long tasks waited on the board, from their offer (or their lease's expiry,
+    /// or their paused instance's resume) to a worker's lease: taken by a poll, or at
+    /// once by a completion that asked for next tasks.
     pub fn dispatch_waits(&self) -> LatencySnapshot {
         self.dispatch.snapshot()
     }
@@ -519,8 +520,11 @@ impl TaskBoard {
             let mut inner = self.inner.lock().expect("board lock");
             let inner = &mut *inner;
             inner.paused.remove(instance_id);
+            let now = Instant::now();
             for task_id in inner.held.remove(instance_id).unwrap_or_default() {
-                if let Some(entry) = inner.entries.get(&task_id) {
+                if let Some(entry) = inner.entries.get_mut(&task_id) {
+                    // The pause is the operator's, not a wait for a worker.
+                    entry.waiting_since = now;
                     inner
                         .queues
                         .entry(entry.task.queue.clone())
@@ -713,6 +717,21 @@ mod tests {
             "a poll that takes nothing counts nothing"
         );
         assert_eq!(board.dispatch_waits().count(), 4);
+
+        // A paused instance's task waits from the resume: the pause is not a dispatch.
+        board.pause_instance("i");
+        board.offer("paused".into(), task("p"));
+        assert!(board
+            .poll(&["p".into()], 1, Duration::ZERO)
+            .await
+            .is_empty());
+        tokio::time::advance(Duration::from_secs(100)).await;
+        board.resume_instance("i");
+        tokio::time::advance(Duration::from_millis(15)).await;
+        assert_eq!(board.poll(&["p".into()], 1, Duration::ZERO).await.len(), 1);
+        let waits = board.dispatch_waits();
+        assert_eq!(waits.count(), 5);
+        assert_eq!(waits.buckets[bucket(0.015)], 1, "counted from the resume");
     }
 
     #[tokio::test(start_paused = true)]
