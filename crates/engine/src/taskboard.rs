@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::Notify;
-
 use tokio::time::Instant;
 use weir_store::{LatencyHistogram, LatencySnapshot};
 
@@ -520,11 +519,16 @@ impl TaskBoard {
             let mut inner = self.inner.lock().expect("board lock");
             let inner = &mut *inner;
             inner.paused.remove(instance_id);
+            // The pause was the operator's, not a wait for a worker: the instance's tasks
+            // wait from now, those held and those still on their queues alike.
             let now = Instant::now();
-            for task_id in inner.held.remove(instance_id).unwrap_or_default() {
-                if let Some(entry) = inner.entries.get_mut(&task_id) {
-                    // The pause is the operator's, not a wait for a worker.
+            for entry in inner.entries.values_mut() {
+                if entry.task.instance_id == instance_id && entry.lease.is_none() {
                     entry.waiting_since = now;
+                }
+            }
+            for task_id in inner.held.remove(instance_id).unwrap_or_default() {
+                if let Some(entry) = inner.entries.get(&task_id) {
                     inner
                         .queues
                         .entry(entry.task.queue.clone())
@@ -718,9 +722,11 @@ mod tests {
         );
         assert_eq!(board.dispatch_waits().count(), 4);
 
-        // A paused instance's task waits from the resume: the pause is not a dispatch.
+        // A paused instance's tasks wait from the resume: the pause is not a dispatch.
+        // One was held by a poll during the pause, the other still on its queue.
         board.pause_instance("i");
         board.offer("paused".into(), task("p"));
+        board.offer("unpolled".into(), task("u"));
         assert!(board
             .poll(&["p".into()], 1, Duration::ZERO)
             .await
@@ -729,9 +735,10 @@ mod tests {
         board.resume_instance("i");
         tokio::time::advance(Duration::from_millis(15)).await;
         assert_eq!(board.poll(&["p".into()], 1, Duration::ZERO).await.len(), 1);
+        assert_eq!(board.poll(&["u".into()], 1, Duration::ZERO).await.len(), 1);
         let waits = board.dispatch_waits();
-        assert_eq!(waits.count(), 5);
-        assert_eq!(waits.buckets[bucket(0.015)], 1, "counted from the resume");
+        assert_eq!(waits.count(), 6);
+        assert_eq!(waits.buckets[bucket(0.015)], 2, "counted from the resume");
     }
 
     #[tokio::test(start_paused = true)]
