@@ -1456,7 +1456,7 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_rows::one_event_each;
+    use crate::test_rows::{history_seqs, one_event_each};
     use weir_pgtest::PgServer;
 
     #[test]
@@ -1489,14 +1489,7 @@ mod tests {
             )
             .unwrap();
         let store = PostgresStore::connect(&url, 1).unwrap();
-        let seqs = |id: &str| -> Vec<u64> {
-            store
-                .history(id, 0)
-                .unwrap()
-                .iter()
-                .map(|event| event.seq)
-                .collect()
-        };
+        let seqs = |id: &str| history_seqs(&store, id);
         assert_eq!(seqs("old-b"), [1, 3]);
         assert_eq!(seqs("old-a"), [2]);
         // One group commit of two batches: a new instance's first event in the first and

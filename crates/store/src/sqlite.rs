@@ -1110,7 +1110,7 @@ mod tests {
     //! The SQLite-only behaviour; what every backend must do is checked on all of
     //! them in `tests/conformance.rs`.
     use super::*;
-    use crate::test_rows::{one_event_each, running};
+    use crate::test_rows::{history_seqs, one_event_each, running};
 
     /// A batch of partition 0 (epoch 0) holding one event of instance `i`, the one after
     /// `seq_before`, and the instance's row.
@@ -1616,14 +1616,7 @@ mod tests {
             transaction.commit().unwrap();
         }
         let store = SqliteStore::open(dir.path(), 1).unwrap();
-        let seqs = |id: &str| -> Vec<u64> {
-            store
-                .history(id, 0)
-                .unwrap()
-                .iter()
-                .map(|event| event.seq)
-                .collect()
-        };
+        let seqs = |id: &str| history_seqs(&store, id);
         assert_eq!(seqs("old-b"), [1, 3]);
         assert_eq!(seqs("old-a"), [2]);
         let ids = ["old-b".to_string(), "new".to_string()];

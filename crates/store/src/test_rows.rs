@@ -1,6 +1,6 @@
 //! Rows that the store's own tests write, on either backend.
 
-use crate::{EventRecord, InstanceRecord, PartitionBatch};
+use crate::{EventRecord, InstanceRecord, PartitionBatch, Store};
 
 /// A running instance's row in partition 0, as the engine writes it.
 pub(crate) fn running(id: &str) -> InstanceRecord {
@@ -41,4 +41,14 @@ pub(crate) fn one_event_each(seq_before: u64, ids: &[impl AsRef<str>]) -> Partit
         instances: ids.iter().map(|id| running(id.as_ref())).collect(),
         ..PartitionBatch::default()
     }
+}
+
+/// The seqs of the history of `id`, in partition 0, in the order the store reads them.
+pub(crate) fn history_seqs(store: &dyn Store, id: &str) -> Vec<u64> {
+    store
+        .history(id, 0)
+        .unwrap()
+        .iter()
+        .map(|event| event.seq)
+        .collect()
 }

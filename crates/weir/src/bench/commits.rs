@@ -155,8 +155,7 @@ pub(super) async fn scrape(client: &reqwest::Client, nodes: &[String]) -> Option
         wal_syncs: Some((0.0, 0.0)),
         ..CommitCounters::default()
     };
-    let mut first = true;
-    for node in nodes {
+    for (index, node) in nodes.iter().enumerate() {
         let response = client.get(format!("{node}/metrics")).send().await.ok()?;
         if !response.status().is_success() {
             return None;
@@ -166,12 +165,12 @@ pub(super) async fn scrape(client: &reqwest::Client, nodes: &[String]) -> Option
         total.commit_seconds += counters.commit_seconds;
         total.batches += counters.batches;
         total.in_place += counters.in_place;
-        total.dispatch = match (first, &total.dispatch, &counters.dispatch) {
-            (true, _, dispatch) => dispatch.clone(),
-            (false, Some(sum), Some(more)) => sum.plus(more, 1.0),
+        // Summed while every node has the histogram: its bounds are only known from one.
+        total.dispatch = match (index, &total.dispatch, &counters.dispatch) {
+            (0, _, dispatch) => dispatch.clone(),
+            (_, Some(sum), Some(more)) => sum.plus(more, 1.0),
             _ => None,
         };
-        first = false;
         total.wal_syncs = match (total.wal_syncs, counters.wal_syncs) {
             (Some((count, seconds)), Some((more, more_seconds))) => {
                 Some((count + more, seconds + more_seconds))
