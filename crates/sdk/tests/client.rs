@@ -25,6 +25,8 @@ enum Behaviour {
     Status(StatusCode),
     /// No answer for this long.
     Hang(Duration),
+    /// `307 Temporary Redirect` to the same path on this base URL.
+    Redirect(&'static str),
 }
 
 struct Fake {
@@ -90,6 +92,11 @@ async fn answer(
             tokio::time::sleep(duration).await;
             axum::Json(instance("late", "running")).into_response()
         }
+        Behaviour::Redirect(base) => (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(axum::http::header::LOCATION, format!("{base}{path}"))],
+        )
+            .into_response(),
     }
 }
 
@@ -196,6 +203,25 @@ async fn api_errors_come_back_as_they_are() {
     assert_eq!(error.code(), Some("conflict"));
     assert_eq!(conflicting.requests().len(), 1);
     assert!(good.requests().is_empty());
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    // A weir node never redirects: a `Location` comes from something else on the way, and
+    // following it would send a signal or a completion where the operator did not point.
+    let (target, target_url) = start_fake(Behaviour::Answer).await;
+    let target_url: &'static str = Box::leak(target_url.into_boxed_str());
+    let (redirecting, redirecting_url) = start_fake(Behaviour::Redirect(target_url)).await;
+    let client = Client::new(vec![redirecting_url]).expect("valid client");
+    let error = client
+        .signal("o-1", "go", &json!(1))
+        .await
+        .expect_err("a redirect is an answer, not followed");
+    assert_eq!(error.status(), Some(307));
+    let error = client.instance("o-1").await.expect_err("a read neither");
+    assert_eq!(error.status(), Some(307));
+    assert_eq!(redirecting.requests().len(), 2);
+    assert!(target.requests().is_empty());
 }
 
 #[tokio::test]

@@ -31,6 +31,12 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use weir_sdk::{Heartbeat, Task, TaskError, Worker, WorkerStats};
 
+/// mimalloc, as in the server: a worker allocates a few small short-lived objects per
+/// task (requests, JSON values), and glibc's allocator took about 10% of this worker's CPU
+/// at 16 instances in flight (BENCHMARKS.md, "Thirteenth optimisation pass").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A weir worker that echoes every task it gets.
 #[derive(Debug, Parser)]
 #[command(name = "weir-example-worker", version, about)]
