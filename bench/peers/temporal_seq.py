@@ -103,6 +103,13 @@ def main():
                    help="worker: run workflows without the Python SDK's sandbox")
     args = p.parse_args()
     asyncio.run(worker_main(args) if args.mode == "worker" else drive_main(args))
+    if args.mode == "drive":
+        # The result is printed. Leave without the interpreter's finalization, which
+        # crashed once with the SDK's native threads still running ("Fatal Python error:
+        # PyGILState_Release ... Python runtime state: finalizing") and lost a measured point.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
