@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use weir_sdk::{Client, Error, InstanceStatus};
 
 /// How a fake node answers every request.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Behaviour {
     /// 200 with an instance (201 for a restart).
     Answer,
@@ -26,7 +26,7 @@ enum Behaviour {
     /// No answer for this long.
     Hang(Duration),
     /// `307 Temporary Redirect` to the same path on this base URL.
-    Redirect(&'static str),
+    Redirect(String),
 }
 
 struct Fake {
@@ -65,7 +65,7 @@ async fn answer(
         .lock()
         .expect("requests lock")
         .push((path.clone(), body));
-    match fake.behaviour {
+    match &fake.behaviour {
         Behaviour::Answer => {
             let segments: Vec<&str> = path.split('/').collect();
             // /v1/instances/{id}/{action}...
@@ -86,10 +86,10 @@ async fn answer(
         }
         Behaviour::Status(status) => {
             let error = json!({"error": {"code": "conflict", "message": "no"}});
-            (status, axum::Json(error)).into_response()
+            (*status, axum::Json(error)).into_response()
         }
         Behaviour::Hang(duration) => {
-            tokio::time::sleep(duration).await;
+            tokio::time::sleep(*duration).await;
             axum::Json(instance("late", "running")).into_response()
         }
         Behaviour::Redirect(base) => (
@@ -210,7 +210,6 @@ async fn redirects_are_not_followed() {
     // A weir node never redirects: a `Location` comes from something else on the way, and
     // following it would send a signal or a completion where the operator did not point.
     let (target, target_url) = start_fake(Behaviour::Answer).await;
-    let target_url: &'static str = Box::leak(target_url.into_boxed_str());
     let (redirecting, redirecting_url) = start_fake(Behaviour::Redirect(target_url)).await;
     let client = Client::new(vec![redirecting_url]).expect("valid client");
     let error = client
