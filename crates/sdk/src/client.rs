@@ -61,7 +61,8 @@ pub struct NextTasks<'a> {
 /// not be opened or the node answered 503; after a timeout or a cut connection it may have
 /// taken effect, so the error is returned instead. The client does not sleep between
 /// nodes: callers that want to retry a failed call do so with their own backoff (the
-/// [`Worker`](crate::Worker) does).
+/// [`Worker`](crate::Worker) does). Redirects are not followed: a weir node never answers
+/// with one, so a 3xx comes back as [`Error::Api`] with its status.
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), weir_sdk::Error> {
