@@ -36,7 +36,7 @@ output: { shipped: "${ .steps.ship.output.id }", order: "${ .input.n }" }
 
 /// A cluster of nodes on one database.
 struct Cluster {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     store_url: String,
     nodes: Vec<Server>,
     workers: Vec<ProcessGuard>,
@@ -51,7 +51,7 @@ impl Cluster {
             nodes.push(Self::spawn_node(dir.path(), &store_url, i, extra));
         }
         let cluster = Cluster {
-            _dir: dir,
+            dir,
             store_url,
             nodes,
             workers: Vec::new(),
@@ -67,15 +67,17 @@ impl Cluster {
         Server::start(&dir.join(&node_id), free_port(), &args)
     }
 
-    fn node_args(&self, i: usize, extra: &[&str]) -> Vec<String> {
-        let mut args = vec![
-            "--store".to_string(),
-            self.store_url.clone(),
-            "--node-id".to_string(),
-            format!("node-{}", i + 1),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args
+    /// Starts one more node, `node-{n+1}`, with `extra` arguments; it joins the cluster.
+    fn join(&mut self, extra: &[&str]) {
+        let node = Self::spawn_node(self.dir.path(), &self.store_url, self.nodes.len(), extra);
+        self.nodes.push(node);
+    }
+
+    /// Starts node `i` again, with its first arguments, on its data directory and port.
+    fn restart_node(&mut self, i: usize) {
+        let node_id = format!("node-{}", i + 1);
+        let args = ["--store", self.store_url.as_str(), "--node-id", &node_id];
+        self.nodes[i].restart(&args);
     }
 
     fn urls(&self) -> Vec<String> {
@@ -331,9 +333,7 @@ fn crash_failover_keeps_every_instance_exactly_once() {
             victim + 1,
             started_at.elapsed()
         );
-        let args = cluster.node_args(victim, &[]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        cluster.nodes[victim].restart(&args);
+        cluster.restart_node(victim);
     }
     let start_failures = starter.join().unwrap();
     eprintln!(
@@ -456,9 +456,7 @@ fn rolling_restart_under_load_loses_nothing() {
         std::thread::sleep(Duration::from_millis(800));
         eprintln!("rolling restart of node-{}", i + 1);
         cluster.nodes[i].stop_gracefully(Duration::from_secs(15));
-        let args = cluster.node_args(i, &[]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        cluster.nodes[i].restart(&args);
+        cluster.restart_node(i);
         cluster.wait_balanced(Duration::from_secs(30));
     }
     let retried = starter.join().unwrap();
@@ -504,14 +502,7 @@ fn a_postgresql_restart_under_load_is_survived() {
 fn standby_takes_over_only_when_too_few_actives_live_and_drain_hands_over() {
     let pg = PgServer::start();
     let mut cluster = Cluster::start(&pg, "standby", 2, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let standby_args = cluster.node_args(2, &["--standby"]);
-    let standby_args: Vec<&str> = standby_args.iter().map(String::as_str).collect();
-    cluster.nodes.push(Server::start(
-        &dir.path().join("node-3"),
-        free_port(),
-        &standby_args,
-    ));
+    cluster.join(&["--standby"]);
     cluster.wait_balanced(Duration::from_secs(30));
     let held = |status: &Value, node: &str| held_by(status, node).len();
     let status = cluster.status().unwrap();
@@ -755,9 +746,7 @@ fn failover_timing() {
         );
         owned_after.push(owned);
         dispatched_after.push(dispatched);
-        let args = cluster.node_args(victim, &[]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        cluster.nodes[victim].restart(&args);
+        cluster.restart_node(victim);
         cluster.wait_balanced(Duration::from_secs(30));
     }
     owned_after.sort();
@@ -872,14 +861,7 @@ fn a_long_poll_sees_the_tasks_of_a_node_that_joins_during_it() {
         (asked.elapsed(), answer)
     });
     std::thread::sleep(Duration::from_millis(300));
-    let dir = tempfile::tempdir().unwrap();
-    let args = cluster.node_args(1, &[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    cluster.nodes.push(Server::start(
-        &dir.path().join("node-2"),
-        free_port(),
-        &args,
-    ));
+    cluster.join(&[]);
     cluster.wait_balanced(Duration::from_secs(30));
     let status = cluster.status().unwrap();
     let partition = *held_by(&status, "node-2").iter().min().unwrap();

@@ -62,7 +62,8 @@ impl Histogram {
         Some(Histogram { buckets, sum })
     }
 
-    /// This histogram's counts plus `other`'s, or `None` if their bounds differ.
+    /// This histogram's counts and sum plus `sign` times `other`'s (1 adds another node's,
+    /// −1 takes an earlier scrape's away), or `None` if their bounds differ.
     fn plus(&self, other: &Histogram, sign: f64) -> Option<Histogram> {
         if self.buckets.len() != other.buckets.len() {
             return None;
